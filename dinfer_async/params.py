@@ -1,0 +1,100 @@
+"""SamplingParams: how one request is denoised. A msgspec Struct, so it travels on the wire as is."""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from dinfer_async.errors import InvalidRequestError
+
+DECODERS = ("fixed", "threshold", "factor", "hierarchical", "credit")
+CACHES = ("none", "prefix", "dual", "vicinity")
+REMASKING = ("low_confidence", "random")
+
+
+class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Defaults are the fast configuration; `decoder="fixed", cache="none"` is LLaDA's sampler.
+
+    gen_length: tokens generated (EOS padding included), a multiple of block_length.
+    block_length: tokens denoised together; blocks run left to right (semi-autoregressive).
+    decoder / threshold: which masked positions are committed at each step.
+    steps: "fixed" only; total denoising steps over gen_length (LLaDA's `steps`), default gen_length.
+    cache: KV-cache policy. temperature: 0 is greedy; > 0 samples by Gumbel-max with `seed`.
+    remasking: "fixed" only; commit the most confident positions or random ones.
+    early_stop: stop after the first finished block that contains EOS; the rest is EOS.
+    cfg_scale: classifier-free guidance (the unconditional run masks the prompt); 0 disables.
+    suppress_eos: never predict EOS (the answer fills gen_length).
+    """
+
+    gen_length: int = 256
+    block_length: int = 32
+    decoder: str = "threshold"
+    threshold: float = 0.9
+    steps: int | None = None
+    cache: str = "dual"
+    temperature: float = 0.0
+    seed: int | None = None
+    remasking: str = "low_confidence"
+    early_stop: bool = True
+    cfg_scale: float = 0.0
+    suppress_eos: bool = False
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the "fixed" decoder over the whole generation."""
+        return self.gen_length if self.steps is None else self.steps
+
+    def validate(self, max_gen_length: int | None = None) -> "SamplingParams":
+        """Raise InvalidRequestError naming the first bad field; return self when all are fine."""
+        _int_at_least("gen_length", self.gen_length, 1)
+        _int_at_least("block_length", self.block_length, 1)
+        if max_gen_length is not None and self.gen_length > max_gen_length:
+            raise InvalidRequestError("gen_length", f"{self.gen_length} exceeds this model's limit of {max_gen_length}")
+        if self.gen_length % self.block_length:
+            raise InvalidRequestError(
+                "gen_length",
+                f"{self.gen_length} is not a multiple of block_length={self.block_length}; "
+                f"use e.g. gen_length={self.num_blocks * self.block_length or self.block_length}",
+            )
+        _choice("decoder", self.decoder, DECODERS)
+        _choice("cache", self.cache, CACHES)
+        _choice("remasking", self.remasking, REMASKING)
+        if not _is_number(self.threshold) or not 0.0 < self.threshold <= 1.0:
+            raise InvalidRequestError("threshold", f"{self.threshold!r} must be in (0, 1]")
+        if self.steps is not None:
+            _int_at_least("steps", self.steps, 1)
+            if self.steps % self.num_blocks:
+                raise InvalidRequestError(
+                    "steps",
+                    f"{self.steps} must be a multiple of the number of blocks "
+                    f"(gen_length / block_length = {self.num_blocks})",
+                )
+        if not _is_number(self.temperature) or self.temperature < 0 or not math.isfinite(self.temperature):
+            raise InvalidRequestError("temperature", f"{self.temperature!r} must be a finite number >= 0")
+        if not _is_number(self.cfg_scale) or self.cfg_scale < 0 or not math.isfinite(self.cfg_scale):
+            raise InvalidRequestError("cfg_scale", f"{self.cfg_scale!r} must be a finite number >= 0")
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**63):
+            raise InvalidRequestError("seed", f"{self.seed!r} must be an integer in [0, 2**63) or None")
+        for name in ("early_stop", "suppress_eos"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidRequestError(name, f"{getattr(self, name)!r} must be true or false")
+        return self
+
+
+def _is_number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _int_at_least(name: str, value, low: int) -> None:
+    if type(value) is not int or value < low:
+        raise InvalidRequestError(name, f"{value!r} must be an integer >= {low}")
+
+
+def _choice(name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise InvalidRequestError(name, f"{value!r} is not one of {', '.join(allowed)}")

@@ -1,0 +1,48 @@
+"""Plain-torch reference implementations of every kernel: the CPU path and the oracle for tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in at least fp32, cast back to the input dtype, then scaled."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    h = x.to(compute)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE. x: [B, H, L, D]; cos, sin: [B, 1, L, D] in the compute dtype."""
+    h = x.to(cos.dtype)
+    return (h * cos + rotate_half(h) * sin).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Bidirectional attention. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D]; key_mask: [B, Lk] bool
+    (True = attend). Grouped KV heads are shared by consecutive query heads."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 token and its softmax probability per position, without keeping a softmax tensor:
+    p(top1) = exp(max - logsumexp)."""
+    top, token = logits.max(dim=-1)
+    prob = torch.exp(top.double() - torch.logsumexp(logits.double(), dim=-1))
+    return token, prob

@@ -1,0 +1,120 @@
+"""Engine: the in-process, synchronous way to run a model (tests, benchmarks, the worker's core)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dinfer_async.errors import InvalidRequestError
+from dinfer_async.params import SamplingParams
+from workers.iteration import denoise
+from workers.loader import load_model, resolve_dtype
+from workers.tokenizer import chat_ids, load_tokenizer, text_ids
+
+
+@dataclass
+class Stats:
+    forwards: int  # model calls that still had masked positions of this request to fill
+    tokens: int  # answer tokens before the first EOS
+    committed: int  # positions committed by the decoder (EOS padding of decoded blocks included)
+    tokens_per_forward: float  # committed / forwards
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # the answer up to (not including) the first EOS
+    finish_reason: str  # "eos" or "length"
+    stats: Stats
+
+
+class Engine:
+    def __init__(self, model, tokenizer, name: str = "model", max_batch_size: int = 32):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.config = model.config
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path | None = None, device="cpu", dtype="float32", **kwargs) -> "Engine":
+        """Load a local Hugging Face directory; None loads the bundled model."""
+        if path is None:
+            from workers.bundled import MODEL_DIR as path
+        path = Path(path)
+        model = load_model(path, device=torch.device(device), dtype=resolve_dtype(dtype))
+        return cls(model, load_tokenizer(path), name=path.name, **kwargs)
+
+    @property
+    def max_prompt_length(self) -> int:
+        return self.config.max_sequence_length
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids for a raw-text prompt or for chat messages (the chat template applied)."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("prompt", "give exactly one of prompt (raw text) or messages")
+        if messages is not None:
+            _check_messages(messages)
+            return chat_ids(self.tokenizer, messages)
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequestError("prompt", "must be a non-empty string")
+        return text_ids(self.tokenizer, prompt)
+
+    def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None) -> list[GenerationResult]:
+        """Generate for each prompt (token ids, or raw text) with the same params."""
+        params = (params or SamplingParams()).validate()
+        ids = [self.encode(prompt=p) if isinstance(p, str) else list(p) for p in prompts]
+        for i, p in enumerate(ids):
+            self.check_prompt(p, params, f"prompts[{i}]")
+        seed_rng = random.Random(params.seed)
+        seeds = [params.seed if params.seed is not None else seed_rng.randrange(2**63) for _ in ids]
+        results: list[GenerationResult] = []
+        for lo in range(0, len(ids), self.max_batch_size):
+            chunk = ids[lo : lo + self.max_batch_size]
+            for state in denoise(self.model, chunk, params, seeds[lo : lo + self.max_batch_size]):
+                results.append(self._result(state))
+        return results
+
+    def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
+        if not ids:
+            raise InvalidRequestError(field, "is empty; give at least one token")
+        if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in ids):
+            raise InvalidRequestError(field, f"token ids must be integers in [0, {self.config.vocab_size})")
+        if len(ids) + params.gen_length > self.config.max_sequence_length:
+            raise InvalidRequestError(
+                field,
+                f"prompt of {len(ids)} tokens + gen_length {params.gen_length} exceeds the model's "
+                f"max_sequence_length {self.config.max_sequence_length}; shorten one of them",
+            )
+
+    def _result(self, state) -> GenerationResult:
+        eos = self.config.eos_token_id
+        window = state.window
+        answer = window[: window.index(eos)] if eos in window else window
+        stats = Stats(
+            forwards=state.forwards,
+            tokens=len(answer),
+            committed=state.committed,
+            tokens_per_forward=state.committed / max(state.forwards, 1),
+            seconds=state.seconds,
+        )
+        text = self.tokenizer.decode(answer, skip_special_tokens=True)
+        return GenerationResult(text=text, token_ids=answer, finish_reason=state.finish_reason, stats=stats)
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(f"messages[{i}]", "must be an object with a string 'content'")
+        if m.get("role") not in ROLES:
+            raise InvalidRequestError(f"messages[{i}].role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}")

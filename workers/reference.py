@@ -1,0 +1,109 @@
+"""LLaDA's published sampler, rewritten to be obviously correct: the slow oracle for every fast path.
+
+Block-wise semi-autoregressive: the answer window is split into blocks decoded left to right;
+`steps` is split evenly over blocks and as evenly as possible over the steps of a block (earlier
+steps take the remainder). Each step runs the model over the whole sequence, predicts every
+masked position (argmax, or Gumbel-max in float64 with temperature), and commits the
+`k` most confident predictions of the current block (or `k` random ones); among equal scores
+the leftmost wins (torch.topk leaves ties unspecified).
+
+Randomness is per request, so a request's tokens do not depend on its batch: at each step of each
+block, request i's generator is seeded with step_seed(seeds[i], block, step) and draws, in this
+order, a (block_length, vocab)
+float64 uniform tensor for the Gumbel noise (only when temperature > 0) and a block_length
+float64 uniform vector (only for random remasking).
+
+Two choices beyond the published code, shared with the engine: the mask token is never
+predicted (its logit is -inf), and `suppress_eos` sets EOS's logit to -inf as well.
+Prompts of different lengths are left-padded; padding is hidden from attention and RoPE
+positions start at each prompt's first token, so each row sees exactly what it would alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.sampling import step_seed
+
+
+def transfer_counts(masked: int, steps: int) -> list[int]:
+    """How many positions each of `steps` steps commits, `masked` in all (LLaDA's schedule)."""
+    base, extra = divmod(masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+@torch.no_grad()
+def reference_generate(
+    model,
+    prompts: list[list[int]],
+    *,
+    mask_id: int,
+    eos_id: int,
+    gen_length: int = 128,
+    block_length: int = 128,
+    steps: int = 128,
+    temperature: float = 0.0,
+    cfg_scale: float = 0.0,
+    remasking: str = "low_confidence",
+    suppress_eos: bool = False,
+    seeds: list[int] | None = None,
+) -> tuple[list[list[int]], int]:
+    """Return each prompt's generated window (gen_length ids) and the number of model calls."""
+    assert gen_length % block_length == 0, "gen_length must be a multiple of block_length"
+    num_blocks = gen_length // block_length
+    assert steps % num_blocks == 0, "steps must be a multiple of the number of blocks"
+    steps_per_block = steps // num_blocks
+    device = model.lm_head_weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    L = P + gen_length
+
+    x = torch.full((B, L), mask_id, dtype=torch.long, device=device)
+    real = torch.zeros(B, L, dtype=torch.bool, device=device)
+    positions = torch.zeros(B, L, dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        pad = P - len(prompt)
+        x[i, pad:P] = torch.tensor(prompt, device=device)
+        real[i, pad:] = True
+        positions[i, pad:] = torch.arange(L - pad, device=device)
+    is_prompt = real.clone()
+    is_prompt[:, P:] = False
+    seeds = seeds or [0] * B
+    generators = [torch.Generator(device=device) for _ in range(B)]
+
+    forwards = 0
+    for block in range(num_blocks):
+        start, end = P + block * block_length, P + (block + 1) * block_length
+        counts = transfer_counts(block_length, steps_per_block)
+        for step in range(steps_per_block):
+            if cfg_scale > 0:
+                unconditional = torch.where(is_prompt, mask_id, x)
+                both = model(torch.cat([x, unconditional]), positions.repeat(2, 1), real.repeat(2, 1)).double()
+                cond, uncond = both.chunk(2)
+                logits = uncond + (cfg_scale + 1) * (cond - uncond)
+            else:
+                logits = model(x, positions, real).double()
+            forwards += 1
+            logits[..., mask_id] = -torch.inf
+            if suppress_eos:
+                logits[..., eos_id] = -torch.inf
+            for i in range(B):
+                generators[i].manual_seed(step_seed(seeds[i], block, step))
+                block_logits = logits[i, start:end]  # [block_length, vocab]
+                if temperature > 0:
+                    u = torch.rand(block_logits.shape, generator=generators[i], dtype=torch.float64, device=device)
+                    prediction = (block_logits - temperature * torch.log(-torch.log(u))).argmax(-1)
+                else:
+                    prediction = block_logits.argmax(-1)
+                if remasking == "low_confidence":
+                    probs = torch.softmax(block_logits, dim=-1)
+                    score = probs.gather(-1, prediction[:, None])[:, 0]
+                elif remasking == "random":
+                    score = torch.rand(block_length, generator=generators[i], dtype=torch.float64, device=device)
+                else:
+                    raise ValueError(f"remasking={remasking!r}")
+                still_masked = x[i, start:end] == mask_id
+                score = torch.where(still_masked, score, -torch.inf)
+                k = min(counts[step], int(still_masked.sum()))
+                chosen = torch.sort(-score, stable=True).indices[:k]  # ties: leftmost first
+                x[i, start + chosen] = prediction[chosen]
+    return [row[P:].tolist() for row in x], forwards
