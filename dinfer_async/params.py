@@ -25,6 +25,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     early_stop: stop after the first finished block that contains EOS; the rest is EOS.
     cfg_scale: classifier-free guidance (the unconditional run masks the prompt); 0 disables.
     suppress_eos: never predict EOS (the answer fills gen_length).
+    factor: "factor" decoder's f: commit the largest n with (n + 1)(1 - c_n) < f.
+    low_threshold: "hierarchical" decoder: a contiguous run of masks commits its best above this.
+    credit_alpha, credit_gamma, credit_beta: "credit" decoder: decode on
+        logits + alpha * log(1 + credit), credit <- beta * credit + p^gamma at each prediction.
+    prefix_look, after_look: "vicinity" cache: tokens recomputed before and after the block.
+    soft_diffusion: feed still-masked positions E[mask] + w * E[softmax(logits)] at the next step.
     """
 
     gen_length: int = 256
@@ -39,6 +45,14 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     early_stop: bool = True
     cfg_scale: float = 0.0
     suppress_eos: bool = False
+    factor: float = 1.0
+    low_threshold: float = 0.6
+    credit_alpha: float = 0.7
+    credit_gamma: float = 0.2
+    credit_beta: float = 0.8
+    prefix_look: int = 16
+    after_look: int = 16
+    soft_diffusion: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -66,6 +80,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _choice("remasking", self.remasking, REMASKING)
         if not _is_number(self.threshold) or not 0.0 < self.threshold <= 1.0:
             raise InvalidRequestError("threshold", f"{self.threshold!r} must be in (0, 1]")
+        if not _is_number(self.low_threshold) or not 0.0 < self.low_threshold <= 1.0:
+            raise InvalidRequestError("low_threshold", f"{self.low_threshold!r} must be in (0, 1]")
+        for name in ("factor", "credit_alpha", "credit_gamma"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < math.inf:
+                raise InvalidRequestError(name, f"{value!r} must be a finite number > 0")
+        if not _is_number(self.credit_beta) or not 0.0 <= self.credit_beta <= 1.0:
+            raise InvalidRequestError("credit_beta", f"{self.credit_beta!r} must be in [0, 1]")
+        _int_at_least("prefix_look", self.prefix_look, 0)
+        _int_at_least("after_look", self.after_look, 0)
         if self.steps is not None:
             _int_at_least("steps", self.steps, 1)
             if self.steps % self.num_blocks:
@@ -80,7 +104,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidRequestError("cfg_scale", f"{self.cfg_scale!r} must be a finite number >= 0")
         if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**63):
             raise InvalidRequestError("seed", f"{self.seed!r} must be an integer in [0, 2**63) or None")
-        for name in ("early_stop", "suppress_eos"):
+        for name in ("early_stop", "suppress_eos", "soft_diffusion"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidRequestError(name, f"{getattr(self, name)!r} must be true or false")
         return self

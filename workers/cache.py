@@ -4,6 +4,9 @@
   prefix  step 0 of a block runs the whole sequence and fills the cache (its logits decode that
           step); later steps run the block and everything after it over the cached prefix.
   dual    same refresh; later steps run only the block over the cached prefix and suffix.
+  vicinity  dInfer's refresh: dual, but each step recomputes the block plus `prefix_look` tokens
+          before and `after_look` after it, attending with that window fresh without writing it
+          back (the cache keeps the refresh's values).
 
 The cache is preallocated for the largest batch and written in place with post-RoPE keys; the
 fed tokens overwrite their own slots, so a step attends over the cache as it now stands.
@@ -29,6 +32,19 @@ class KVCache:
         self.k[layer, :rows, :, start:end] = k
         self.v[layer, :rows, :, start:end] = v
         return self.k[layer, :rows], self.v[layer, :rows]
+
+
+class Overlay:
+    """The cache as seen with a window of fresh keys/values in place, leaving the cache untouched."""
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        rows, end = k.shape[0], start + k.shape[2]
+        K, V = self.kv.k[layer, :rows], self.kv.v[layer, :rows]
+        return (torch.cat([K[:, :, :start], k, K[:, :, end:]], dim=2),
+                torch.cat([V[:, :, :start], v, V[:, :, end:]], dim=2))
 
 
 class NoCache:
@@ -62,10 +78,26 @@ class DualCache(_RefreshingCache):
         return end
 
 
-CACHES = {"none": NoCache, "prefix": PrefixCache, "dual": DualCache}
+class VicinityCache(_RefreshingCache):
+    def __init__(self, before: int, after: int):
+        super().__init__()
+        self.before, self.after = before, after
+
+    def block_logits(self, run, seq, start, end, step):
+        if step == 0:
+            return super().block_logits(run, seq, start, end, step)
+        lo, hi = max(0, start - self.before), min(seq.length, end + self.after)
+        logits = run(seq.ids[:, lo:hi], seq.positions[:, lo:hi], seq.real, Overlay(self.kv), lo)
+        return logits[:, start - lo : end - lo]
 
 
 def make_cache(params):
-    if params.cache not in CACHES:
-        raise NotImplementedError(f"cache={params.cache!r} is not implemented yet; available: {sorted(CACHES)}")
-    return CACHES[params.cache]()
+    if params.cache == "none":
+        return NoCache()
+    if params.cache == "prefix":
+        return PrefixCache()
+    if params.cache == "dual":
+        return DualCache()
+    if params.cache == "vicinity":
+        return VicinityCache(params.prefix_look, params.after_look)
+    raise ValueError(f"cache={params.cache!r}")

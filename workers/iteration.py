@@ -50,25 +50,53 @@ class Batch:
             self.ids[i, pad:P] = torch.tensor(prompt, device=device)
             self.real[i, pad:] = True
             self.positions[i, pad:] = torch.arange(self.length - pad, device=device)
+        self.soft: tuple[int, torch.Tensor] | None = None  # (block start, [B, K, d] input embeddings)
 
     @property
     def rows(self) -> int:
         return self.ids.shape[0]
 
     def forward(self, ids, positions, real, cache=None, start: int = 0) -> torch.Tensor:
-        if self.params.cfg_scale <= 0:
-            return self.model(ids, positions, real, cache=cache, start=start)
-        in_prompt = torch.arange(start, start + ids.shape[1], device=ids.device) < self.prompt_length
-        unconditional = torch.where(in_prompt & real[:, start : start + ids.shape[1]], self.mask_id, ids)
-        both = self.model(torch.cat([ids, unconditional]), positions.repeat(2, 1), real.repeat(2, 1), cache=cache, start=start)
-        cond, uncond = both.chunk(2)
+        """Logits for `ids`, which sit at sequence offset `start` (guidance and soft inputs applied)."""
+        guided = self.params.cfg_scale > 0
+        if guided:
+            in_prompt = torch.arange(start, start + ids.shape[1], device=ids.device) < self.prompt_length
+            unconditional = torch.where(in_prompt & real[:, start : start + ids.shape[1]], self.mask_id, ids)
+            ids, positions, real = torch.cat([ids, unconditional]), positions.repeat(2, 1), real.repeat(2, 1)
+        embeds = self._soft_embeds(ids, start)
+        logits = self.model(ids, positions, real, cache=cache, start=start, inputs_embeds=embeds)
+        if not guided:
+            return logits
+        cond, uncond = logits.chunk(2)
         return uncond + (self.params.cfg_scale + 1) * (cond - uncond)
+
+    def set_soft(self, start: int, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
+        """Soft diffusion: a still-masked block position's next input is
+        E[mask] + w * sum_v softmax(logits)_v E[v], with w = min(0.15 + 0.02 step, 0.3)."""
+        table = self.model.embed_weight
+        vocab = logits.shape[-1]
+        probs = torch.softmax(logits.to(table.dtype), dim=-1)
+        soft = table[self.mask_id] + min(0.15 + 0.02 * step, 0.3) * probs @ table[:vocab]
+        plain = table[self.ids[:, start : start + logits.shape[1]]]
+        self.soft = (start, torch.where(still_masked[..., None], soft, plain))
+
+    def _soft_embeds(self, ids: torch.Tensor, start: int) -> torch.Tensor | None:
+        if self.soft is None:
+            return None
+        block_start, soft = self.soft
+        soft = soft.repeat(ids.shape[0] // soft.shape[0], 1, 1)
+        embeds = self.model.embed(ids)
+        lo, hi = max(block_start, start), min(block_start + soft.shape[1], start + ids.shape[1])
+        if lo < hi:
+            embeds[:, lo - start : hi - start] = soft[:, lo - block_start : hi - block_start]
+        return embeds
 
     def new_cache(self) -> KVCache:
         rows = self.rows * (2 if self.params.cfg_scale > 0 else 1)
         return KVCache(self.model.config, rows, self.length, self.ids.device, self.model.lm_head_weight.dtype)
 
     def keep(self, rows: torch.Tensor) -> None:
+        assert self.soft is None, "rows leave only at block boundaries"
         self.ids, self.real, self.positions = self.ids[rows], self.real[rows], self.positions[rows]
 
 
@@ -102,9 +130,13 @@ def denoise(model, prompts: list[list[int]], params, seeds: list[int]) -> list[R
             for s, w, n in zip(active, worked, committed):
                 s.forwards += w  # a forward counts for a request only if it still had masks to fill
                 s.committed += n
-            step += 1
-            if decoder.block_done(step, masked & ~commit):
+            if decoder.block_done(step + 1, masked & ~commit):
                 break
+            if params.soft_diffusion:
+                batch.set_soft(start, logits, masked & ~commit, step)
+            step += 1
+        decoder.end_block()
+        batch.soft = None
         has_eos = (batch.ids[:, start:end] == eos_id).any(-1).tolist()
         last = block == params.num_blocks - 1
         keep = []

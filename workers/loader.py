@@ -85,7 +85,10 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         with safe_open(file, framework="pt", device=str(device)) as f:
+            present = set(f.keys())
             for name in names:
+                if name not in present:
+                    raise ModelLoadError(f"{file.name}: tensor {name!r} is not in this shard, though {INDEX} says it is")
                 tensor = f.get_tensor(name)
                 want = tuple(expected[name].shape)
                 if tuple(tensor.shape) != want:
@@ -109,6 +112,8 @@ def save_model(model: torch.nn.Module, path: str | Path, config: dict, max_shard
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    for stale in [path / SINGLE, path / INDEX, *path.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # a leftover index would otherwise win over new weights
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tensors = {n: (p.detach().to(dtype) if dtype else p.detach()).contiguous().cpu() for n, p in model.named_parameters()}
     if max_shard_bytes is None:

@@ -71,6 +71,8 @@ class LLaDAConfig:
                 f"config.json: d_model={d_model}, n_heads={n_heads}, n_kv_heads={n_kv_heads}: "
                 "d_model must divide by n_heads and n_heads by n_kv_heads"
             )
+        if (d_model // n_heads) % 2:
+            raise ModelConfigError(f"config.json: head dimension d_model / n_heads = {d_model // n_heads} must be even for RoPE")
         mlp = raw.get("mlp_hidden_size") or int(need("mlp_ratio")) * d_model
         vocab = int(need("vocab_size"))
         return cls(
@@ -173,6 +175,10 @@ class LLaDAModel(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         t = self.model.transformer
         return t["wte"].weight if self.config.weight_tying else t["ff_out"].weight
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.model.transformer["wte"].weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.transformer["wte"](input_ids)
