@@ -8,7 +8,7 @@ import torch
 
 from dinfer_async import SamplingParams
 from tests.tiny_models import random_prompts, tiny_model
-from workers.iteration import denoise
+from workers.scheduler import denoise
 
 MASK, EOS = 39, 1
 

@@ -8,7 +8,7 @@ from tests.tiny_models import random_prompts, tiny_model
 from workers.bundled import MODEL_DIR
 from workers.cache import KVCache
 from workers.engine import Engine
-from workers.iteration import denoise
+from workers.scheduler import denoise
 from workers.reference import reference_generate
 from workers.tokenizer import load_tokenizer
 
@@ -78,7 +78,9 @@ def test_refresh_through_the_cache_equals_the_full_forward():
         ids[i, 9 - len(p):9] = torch.tensor(p)
         real[i, 9 - len(p):] = True
         pos[i, 9 - len(p):] = torch.arange(17 - 9 + len(p))
-    cache = KVCache(model.config, 2, 17, "cpu", torch.float64)
+    cache = KVCache(model.config, "cpu", torch.float64)
+    cache.reserve(rows=3, length=20)  # larger than needed: views must cut it to the batch
+    cache.reserve(rows=2, length=17)
     assert torch.equal(model(ids, pos, real, cache=cache, start=0), model(ids, pos, real))
     # a later step feeding only the block attends over the cache: with nothing changed since the
     # refresh it must reproduce the full forward's block logits
@@ -89,14 +91,15 @@ def test_refresh_through_the_cache_equals_the_full_forward():
 def test_threshold_commits_everything_confident_and_at_least_one():
     from workers.decoders import ThresholdDecoder
 
-    dec = ThresholdDecoder(SamplingParams(threshold=0.5))
+    dec = ThresholdDecoder([SamplingParams(threshold=0.5), SamplingParams(threshold=0.5)], "cpu")
+    gens = [torch.Generator(), torch.Generator()]
     logits = torch.log(torch.tensor([[[0.6, 0.4], [0.3, 0.7], [0.45, 0.55], [0.9, 0.1]],
                                      [[0.4, 0.6], [0.5, 0.5], [0.45, 0.55], [0.52, 0.48]]], dtype=torch.float64))
     masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    token, commit = dec.select(logits, masked, 0, [])
+    token, commit = dec.select(logits, masked, 0, gens)
     assert commit.tolist() == [[True, True, True, False], [True, True, True, True]]
-    dec.tau = 0.65
-    token, commit = dec.select(logits, masked, 0, [])
+    dec.tau = torch.tensor([[0.65], [0.65]], dtype=torch.float64)
+    token, commit = dec.select(logits, masked, 0, gens)
     assert commit.tolist() == [[False, True, False, False], [True, False, False, False]]
     assert token[0].tolist()[:3] == [0, 1, 1]
 

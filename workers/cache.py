@@ -18,20 +18,30 @@ import torch
 
 
 class KVCache:
-    """Per-layer keys and values [layers, rows, kv_heads, length, head_dim], used by the first
-    `rows` rows of whatever batch is running (finished requests leave, the rest move up)."""
+    """Per-layer keys and values [layers, rows, kv_heads, length, head_dim], allocated once and
+    grown only when a round needs more rows or a longer sequence than any before it."""
 
-    def __init__(self, config, rows: int, length: int, device, dtype):
-        shape = (config.n_layers, rows, config.n_kv_heads, length, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+    def __init__(self, config, device, dtype):
+        self.config, self.device, self.dtype = config, device, dtype
+        self.k = self.v = None
+        self.rows = self.length = 0
+
+    def reserve(self, rows: int, length: int) -> None:
+        if self.k is None or self.k.shape[1] < rows or self.k.shape[3] < length:
+            c = self.config
+            cap_rows = max(rows, 0 if self.k is None else self.k.shape[1])
+            cap_len = max(length, 0 if self.k is None else self.k.shape[3])
+            shape = (c.n_layers, cap_rows, c.n_kv_heads, cap_len, c.head_dim)
+            self.k = torch.empty(shape, device=self.device, dtype=self.dtype)
+            self.v = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.rows, self.length = rows, length
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Write the fed tokens' k, v at [start, start + len) and return the whole cache to attend over."""
-        rows, end = k.shape[0], start + k.shape[2]
-        self.k[layer, :rows, :, start:end] = k
-        self.v[layer, :rows, :, start:end] = v
-        return self.k[layer, :rows], self.v[layer, :rows]
+        """Write the fed tokens' k, v at [start, start + n) and return the cache to attend over."""
+        end = start + k.shape[2]
+        self.k[layer, : self.rows, :, start:end] = k
+        self.v[layer, : self.rows, :, start:end] = v
+        return self.k[layer, : self.rows, :, : self.length], self.v[layer, : self.rows, :, : self.length]
 
 
 class Overlay:
@@ -42,62 +52,63 @@ class Overlay:
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         rows, end = k.shape[0], start + k.shape[2]
-        K, V = self.kv.k[layer, :rows], self.kv.v[layer, :rows]
+        K = self.kv.k[layer, :rows, :, : self.kv.length]
+        V = self.kv.v[layer, :rows, :, : self.kv.length]
         return (torch.cat([K[:, :, :start], k, K[:, :, end:]], dim=2),
                 torch.cat([V[:, :, :start], v, V[:, :, end:]], dim=2))
 
 
 class NoCache:
-    def block_logits(self, run, seq, start, end, step):
-        return run(seq.ids, seq.positions, seq.real)[:, start:end]
+    def block_logits(self, run, batch, start, end, step):
+        return run(batch.ids, batch.positions, batch.real)[:, start:end]
 
 
 class _RefreshingCache:
-    """Step 0 of each block refreshes the whole cache; later steps feed seq[start:self._feed_end(...)]."""
+    """Step 0 of each block refreshes the whole cache; later steps feed batch[start:self._feed_end(...)]."""
 
-    def __init__(self):
-        self.kv: KVCache | None = None
+    def __init__(self, kv: KVCache):
+        self.kv = kv
 
-    def block_logits(self, run, seq, start, end, step):
+    def block_logits(self, run, batch, start, end, step):
         if step == 0:
-            if self.kv is None or self.kv.k.shape[1] < seq.rows or self.kv.k.shape[3] != seq.length:
-                self.kv = seq.new_cache()
-            return run(seq.ids, seq.positions, seq.real, self.kv, 0)[:, start:end]
-        stop = self._feed_end(seq, end)
-        logits = run(seq.ids[:, start:stop], seq.positions[:, start:stop], seq.real, self.kv, start)
+            self.kv.reserve(batch.cache_rows, batch.length)
+            return run(batch.ids, batch.positions, batch.real, self.kv, 0)[:, start:end]
+        stop = self._feed_end(batch, end)
+        logits = run(batch.ids[:, start:stop], batch.positions[:, start:stop], batch.real, self.kv, start)
         return logits[:, : end - start]
 
 
 class PrefixCache(_RefreshingCache):
-    def _feed_end(self, seq, end):
-        return seq.length
+    def _feed_end(self, batch, end):
+        return batch.length
 
 
 class DualCache(_RefreshingCache):
-    def _feed_end(self, seq, end):
+    def _feed_end(self, batch, end):
         return end
 
 
 class VicinityCache(_RefreshingCache):
-    def __init__(self, before: int, after: int):
-        super().__init__()
+    def __init__(self, kv: KVCache, before: int, after: int):
+        super().__init__(kv)
         self.before, self.after = before, after
 
-    def block_logits(self, run, seq, start, end, step):
+    def block_logits(self, run, batch, start, end, step):
         if step == 0:
-            return super().block_logits(run, seq, start, end, step)
-        lo, hi = max(0, start - self.before), min(seq.length, end + self.after)
-        logits = run(seq.ids[:, lo:hi], seq.positions[:, lo:hi], seq.real, Overlay(self.kv), lo)
+            return super().block_logits(run, batch, start, end, step)
+        lo, hi = max(0, start - self.before), min(batch.length, end + self.after)
+        logits = run(batch.ids[:, lo:hi], batch.positions[:, lo:hi], batch.real, Overlay(self.kv), lo)
         return logits[:, start - lo : end - lo]
 
 
-def make_cache(params):
+def make_cache(params, kv: KVCache):
+    """The policy `params.cache` names, using the preallocated `kv` where it needs one."""
     if params.cache == "none":
         return NoCache()
     if params.cache == "prefix":
-        return PrefixCache()
+        return PrefixCache(kv)
     if params.cache == "dual":
-        return DualCache()
+        return DualCache(kv)
     if params.cache == "vicinity":
-        return VicinityCache(params.prefix_look, params.after_look)
+        return VicinityCache(kv, params.prefix_look, params.after_look)
     raise ValueError(f"cache={params.cache!r}")

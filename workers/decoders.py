@@ -1,7 +1,9 @@
 """Decoders: which masked positions of the current block to commit at each step.
 
-A decoder sees a block's logits [B, K, V] and which positions are still masked [B, K], and
-returns the predicted tokens and a commit mask, using tensor ops only (no host sync).
+A decoder serves the rows of a batch that chose it, each row with its own parameters (held as
+[rows, 1] tensors). `select` sees the rows' block logits [B, K, V] and which positions are still
+masked [B, K], and returns predicted tokens and a commit mask using tensor ops only (no host
+sync). `done` says which rows have finished the block.
 """
 
 from __future__ import annotations
@@ -20,11 +22,31 @@ def _rank(scores: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-class Decoder:
-    """A block ends when no position is masked; `end_block` frees per-block state."""
+def _column(values, device, dtype=torch.float64) -> torch.Tensor:
+    return torch.tensor(values, device=device, dtype=dtype)[:, None]
 
-    def block_done(self, step: int, masked_left: torch.Tensor) -> bool:
-        return not bool(masked_left.any())
+
+def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Positions with conf >= tau, and always the most confident: tau_eff = min(tau, best) makes
+    progress without a branch (conf is -inf where nothing may be committed)."""
+    best = conf.max(dim=-1, keepdim=True).values
+    return conf >= torch.minimum(tau, best)
+
+
+class Decoder:
+    def __init__(self, params: list, device):
+        self.temperatures = [p.temperature for p in params]
+
+    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
+        """[rows] bool: which rows finished the block after `step` steps."""
+        return ~masked_left.any(-1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` (indices into this decoder's rows) stay in the batch."""
+        self.temperatures = [self.temperatures[i] for i in rows.tolist()]
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[rows])
 
     def end_block(self) -> None:
         pass
@@ -33,45 +55,50 @@ class Decoder:
 class FixedDecoder(Decoder):
     """LLaDA's rule: a fixed number of commits per step, the most confident (or random) first."""
 
-    def __init__(self, params):
-        self.steps_per_block = params.total_steps // params.num_blocks
-        self.counts = transfer_counts(params.block_length, self.steps_per_block)
-        self.temperature, self.remasking = params.temperature, params.remasking
+    def __init__(self, params, device):
+        super().__init__(params, device)
+        K = params[0].block_length
+        per_block = [p.total_steps // p.num_blocks for p in params]
+        width = max(per_block)
+        self.counts = torch.tensor([transfer_counts(K, n) + [0] * (width - n) for n in per_block], device=device)
+        self.steps = torch.tensor(per_block, device=device)
+        self.random = torch.tensor([p.remasking == "random" for p in params], device=device)
 
-    def block_done(self, step: int, masked_left: torch.Tensor) -> bool:
-        return step >= self.steps_per_block
+    def done(self, step, masked_left):
+        return self.steps <= step
 
     def select(self, logits, masked, step, generators):
-        token, score = predict(logits, self.temperature, generators)
-        if self.remasking == "random":
-            score = random_scores(masked.shape, generators, masked.device)
+        token, score = predict(logits, self.temperatures, generators)
+        if bool(self.random.any()):
+            score = torch.where(self.random[:, None], random_scores(masked.shape[1], generators, masked.device), score)
         score = torch.where(masked, score, -torch.inf)
-        return token, masked & (_rank(score) < self.counts[step])
+        count = self.counts[:, step : step + 1] if step < self.counts.shape[1] else torch.zeros_like(self.counts[:, :1])
+        return token, masked & (_rank(score) < count)
 
 
 class ThresholdDecoder(Decoder):
-    """Commit every masked position whose confidence is >= tau, and always the most confident one:
-    tau_eff = min(tau, best) makes progress without a branch."""
+    """Commit every masked position whose confidence is >= tau, and at least the most confident."""
 
-    def __init__(self, params):
-        self.tau, self.temperature = params.threshold, params.temperature
+    def __init__(self, params, device):
+        super().__init__(params, device)
+        self.tau = _column([p.threshold for p in params], device)
 
     def select(self, logits, masked, step, generators):
-        token, conf = predict(logits, self.temperature, generators)
+        token, conf = predict(logits, self.temperatures, generators)
         conf = torch.where(masked, conf, -torch.inf)
-        best = conf.max(dim=-1, keepdim=True).values
-        return token, masked & (conf >= torch.clamp(best, max=self.tau))
+        return token, masked & _best_or_above(conf, self.tau)
 
 
 class FactorDecoder(Decoder):
     """Fast-dLLM's factor rule: with the block's confidences sorted c_1 >= c_2 >= ..., commit the
     largest n such that (n + 1)(1 - c_n) < f; always at least one."""
 
-    def __init__(self, params):
-        self.f, self.temperature = params.factor, params.temperature
+    def __init__(self, params, device):
+        super().__init__(params, device)
+        self.f = _column([p.factor for p in params], device)
 
     def select(self, logits, masked, step, generators):
-        token, conf = predict(logits, self.temperature, generators)
+        token, conf = predict(logits, self.temperatures, generators)
         conf = torch.where(masked, conf, -torch.inf)
         ordered = torch.sort(conf, dim=-1, descending=True).values
         n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=conf.dtype)
@@ -85,11 +112,13 @@ class HierarchicalDecoder(Decoder):
     each run's most confident position if it is >= low_threshold, every position >= tau, and the
     block's most confident position."""
 
-    def __init__(self, params):
-        self.tau, self.low, self.temperature = params.threshold, params.low_threshold, params.temperature
+    def __init__(self, params, device):
+        super().__init__(params, device)
+        self.tau = _column([p.threshold for p in params], device)
+        self.low = _column([p.low_threshold for p in params], device)
 
     def select(self, logits, masked, step, generators):
-        token, conf = predict(logits, self.temperature, generators)
+        token, conf = predict(logits, self.temperatures, generators)
         conf = torch.where(masked, conf, -torch.inf)
         B, K = masked.shape
         starts = masked.clone()
@@ -102,8 +131,7 @@ class HierarchicalDecoder(Decoder):
         first = torch.full((B, K + 1), K, dtype=torch.long, device=conf.device)
         first.scatter_reduce_(1, run, torch.where(is_best, index, K), reduce="amin")
         run_pick = is_best & (index == first.gather(1, run)) & (conf >= self.low)
-        best = conf.max(dim=-1, keepdim=True).values
-        return token, masked & (run_pick | (conf >= torch.clamp(best, max=self.tau)))
+        return token, masked & (run_pick | _best_or_above(conf, self.tau))
 
 
 class CreditDecoder(Decoder):
@@ -111,20 +139,25 @@ class CreditDecoder(Decoder):
     across steps; each step credit <- beta * credit + p^gamma at every masked position's predicted
     token, and the threshold rule runs on logits + alpha * log(1 + credit)."""
 
-    def __init__(self, params):
-        self.alpha, self.gamma, self.beta = params.credit_alpha, params.credit_gamma, params.credit_beta
-        self.threshold = ThresholdDecoder(params)
+    def __init__(self, params, device):
+        super().__init__(params, device)
+        self.tau = _column([p.threshold for p in params], device)
+        self.alpha = _column([p.credit_alpha for p in params], device)[..., None]
+        self.gamma = _column([p.credit_gamma for p in params], device)
+        self.beta = _column([p.credit_beta for p in params], device)[..., None]
         self.credit: torch.Tensor | None = None
 
     def select(self, logits, masked, step, generators):
         if self.credit is None:
             self.credit = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
-        token, prob = predict(logits, 0.0, generators)
+        token, prob = predict(logits, [0.0] * len(generators), generators)
         self.credit.mul_(self.beta)
         gain = torch.where(masked, prob.pow(self.gamma), 0.0)
         self.credit.scatter_add_(-1, token[..., None], gain[..., None])
         boosted = logits.double() + self.alpha * torch.log1p(self.credit)
-        return self.threshold.select(boosted, masked, step, generators)
+        token, conf = predict(boosted, self.temperatures, generators)
+        conf = torch.where(masked, conf, -torch.inf)
+        return token, masked & _best_or_above(conf, self.tau)
 
     def end_block(self) -> None:
         self.credit = None
@@ -139,5 +172,33 @@ DECODERS = {
 }
 
 
-def make_decoder(params) -> Decoder:
-    return DECODERS[params.decoder](params)
+class DecoderSet:
+    """The decoders of a batch: rows grouped by decoder name, each group decoded by one object."""
+
+    def __init__(self, params: list, device):
+        self.device = device
+        names = sorted({p.decoder for p in params})
+        self.groups = []
+        for name in names:
+            rows = [i for i, p in enumerate(params) if p.decoder == name]
+            index = torch.tensor(rows, device=device)
+            self.groups.append((index, DECODERS[name]([params[i] for i in rows], device)))
+
+    def select(self, logits, masked, step, generators):
+        token = torch.empty(masked.shape, dtype=torch.long, device=masked.device)
+        commit = torch.zeros_like(masked)
+        for index, decoder in self.groups:
+            gens = [generators[i] for i in index.tolist()]
+            t, c = decoder.select(logits[index], masked[index], step, gens)
+            token[index], commit[index] = t, c
+        return token, commit
+
+    def done(self, step, masked_left) -> torch.Tensor:
+        out = torch.zeros(masked_left.shape[0], dtype=torch.bool, device=masked_left.device)
+        for index, decoder in self.groups:
+            out[index] = decoder.done(step, masked_left[index])
+        return out
+
+    def end_block(self) -> None:
+        for _, decoder in self.groups:
+            decoder.end_block()

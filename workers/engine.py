@@ -10,7 +10,7 @@ import torch
 
 from dinfer_async.errors import InvalidRequestError
 from dinfer_async.params import SamplingParams
-from workers.iteration import denoise
+from workers.scheduler import denoise
 from workers.loader import load_model, resolve_dtype
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
 
@@ -73,12 +73,7 @@ class Engine:
             self.check_prompt(p, params, f"prompts[{i}]")
         seed_rng = random.Random(params.seed)
         seeds = [params.seed if params.seed is not None else seed_rng.randrange(2**63) for _ in ids]
-        results: list[GenerationResult] = []
-        for lo in range(0, len(ids), self.max_batch_size):
-            chunk = ids[lo : lo + self.max_batch_size]
-            for state in denoise(self.model, chunk, params, seeds[lo : lo + self.max_batch_size]):
-                results.append(self._result(state))
-        return results
+        return [self._result(seq) for seq in denoise(self.model, ids, params, seeds, self.max_batch_size)]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
         if not ids:

@@ -1,159 +1,172 @@
-"""The iteration manager: block-wise semi-autoregressive denoising of a batch of requests.
+"""The iteration manager: one block of semi-autoregressive denoising over a batch of requests.
 
-One loop for every configuration: the decoder picks what to commit, the cache manager picks
-what goes through the model; this file only walks blocks and steps, stops early at EOS, and lets
-finished requests leave the batch at block boundaries.
+A `BlockRound` lays the running requests out so their current blocks share columns, then steps:
+the cache manager picks what goes through the model, the decoders pick what to commit, until
+every row has finished its block. Rows may be at different blocks of different windows, with
+different prompts and decoding parameters; only the block length and cache policy are shared.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from workers.cache import KVCache, make_cache
-from workers.decoders import make_decoder
+from workers.decoders import DecoderSet
 from workers.sampling import forbid_tokens, step_seed
 
 
 @dataclass
-class RequestState:
-    index: int  # position in the caller's list
+class Sequence:
+    """One request's state across rounds."""
+
+    id: object
+    prompt: list[int]
+    params: object  # SamplingParams, validated
     seed: int
+    window: list[int]  # gen_length ids; mask until committed
     generator: torch.Generator
+    block: int = 0  # the block the next round decodes
     forwards: int = 0
     committed: int = 0
-    window: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    admitted_at: float = 0.0
     seconds: float = 0.0
+    aborted: bool = False
+    extra: dict = field(default_factory=dict)
 
 
 class Batch:
-    """Requests that share parameters, left-padded to one length.
+    """The round's token layout: row i = left padding, prompt and decided blocks, the current
+    block at columns [C, C + K), the rest of the window, right padding. RoPE positions start at
+    0 on each row's first real token and padding is hidden from attention, so every row computes
+    what it would alone."""
 
-    ids [B, P + G]: prompt, then the answer window (mask tokens until committed). RoPE positions
-    start at 0 on each row's first real token and padding is hidden from attention, so a row
-    computes what it would alone. With classifier-free guidance each forward also runs the
-    unconditional copy (prompt masked) as extra rows.
-    """
-
-    def __init__(self, model, prompts: list[list[int]], params, mask_id: int, device):
-        self.model, self.params, self.mask_id = model, params, mask_id
-        B, P = len(prompts), max(len(p) for p in prompts)
-        self.prompt_length, self.length = P, P + params.gen_length
-        self.ids = torch.full((B, self.length), mask_id, dtype=torch.long, device=device)
+    def __init__(self, model, seqs: list[Sequence], mask_id: int, pad_id: int, device):
+        self.model, self.mask_id = model, mask_id
+        K = seqs[0].params.block_length
+        lefts = [s.prompt + s.window[: s.block * K] for s in seqs]
+        rights = [s.window[(s.block + 1) * K :] for s in seqs]
+        C, S = max(map(len, lefts)), max(map(len, rights))
+        self.block_start, self.block_end, self.length = C, C + K, C + K + S
+        B = len(seqs)
+        self.ids = torch.full((B, self.length), pad_id, dtype=torch.long, device=device)
         self.real = torch.zeros(B, self.length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(B, self.length, dtype=torch.long, device=device)
-        for i, prompt in enumerate(prompts):
-            pad = P - len(prompt)
-            self.ids[i, pad:P] = torch.tensor(prompt, device=device)
-            self.real[i, pad:] = True
-            self.positions[i, pad:] = torch.arange(self.length - pad, device=device)
-        self.soft: tuple[int, torch.Tensor] | None = None  # (block start, [B, K, d] input embeddings)
+        self.in_prompt = torch.zeros(B, self.length, dtype=torch.bool, device=device)
+        for i, (s, left, right) in enumerate(zip(seqs, lefts, rights)):
+            lo, hi = C - len(left), C + K + len(right)
+            row = left + s.window[s.block * K : (s.block + 1) * K] + right
+            self.ids[i, lo:hi] = torch.tensor(row, device=device)
+            self.real[i, lo:hi] = True
+            self.positions[i, lo:] = torch.arange(self.length - lo, device=device)
+            self.in_prompt[i, lo : lo + len(s.prompt)] = True
+        scales = [s.params.cfg_scale for s in seqs]
+        self.guided = torch.tensor([i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device)
+        self.scales = torch.tensor([c for c in scales if c > 0], device=device)[:, None, None]
+        self.soft_rows = torch.tensor([s.params.soft_diffusion for s in seqs], device=device)
+        self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
 
     @property
     def rows(self) -> int:
         return self.ids.shape[0]
 
     def forward(self, ids, positions, real, cache=None, start: int = 0) -> torch.Tensor:
-        """Logits for `ids`, which sit at sequence offset `start` (guidance and soft inputs applied)."""
-        guided = self.params.cfg_scale > 0
-        if guided:
-            in_prompt = torch.arange(start, start + ids.shape[1], device=ids.device) < self.prompt_length
-            unconditional = torch.where(in_prompt & real[:, start : start + ids.shape[1]], self.mask_id, ids)
-            ids, positions, real = torch.cat([ids, unconditional]), positions.repeat(2, 1), real.repeat(2, 1)
-        embeds = self._soft_embeds(ids, start)
-        logits = self.model(ids, positions, real, cache=cache, start=start, inputs_embeds=embeds)
-        if not guided:
+        """Logits for `ids`, which sit at columns [start, start + n): guided rows also run their
+        unconditional copy (prompt masked) as extra rows; soft inputs replace masked block inputs."""
+        n, g = ids.shape[1], self.guided
+        if len(g):
+            uncond = torch.where(self.in_prompt[g, start : start + n], self.mask_id, ids[g])
+            ids, positions, real = torch.cat([ids, uncond]), torch.cat([positions, positions[g]]), torch.cat([real, real[g]])
+        logits = self.model(ids, positions, real, cache=cache, start=start, inputs_embeds=self._inputs(ids, start))
+        if not len(g):
             return logits
-        cond, uncond = logits.chunk(2)
-        return uncond + (self.params.cfg_scale + 1) * (cond - uncond)
+        logits, uncond = logits[: self.rows], logits[self.rows :]
+        logits[g] = uncond + (self.scales + 1) * (logits[g] - uncond)
+        return logits
 
-    def set_soft(self, start: int, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
+    def set_soft(self, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
         """Soft diffusion: a still-masked block position's next input is
         E[mask] + w * sum_v softmax(logits)_v E[v], with w = min(0.15 + 0.02 step, 0.3)."""
         table = self.model.embed_weight
-        vocab = logits.shape[-1]
         probs = torch.softmax(logits.to(table.dtype), dim=-1)
-        soft = table[self.mask_id] + min(0.15 + 0.02 * step, 0.3) * probs @ table[:vocab]
-        plain = table[self.ids[:, start : start + logits.shape[1]]]
-        self.soft = (start, torch.where(still_masked[..., None], soft, plain))
+        soft = table[self.mask_id] + min(0.15 + 0.02 * step, 0.3) * (probs @ table[: logits.shape[-1]])
+        plain = table[self.ids[:, self.block_start : self.block_end]]
+        use = still_masked & self.soft_rows[:, None]
+        self.soft = torch.where(use[..., None], soft, plain)
 
-    def _soft_embeds(self, ids: torch.Tensor, start: int) -> torch.Tensor | None:
+    def _inputs(self, ids: torch.Tensor, start: int) -> torch.Tensor | None:
         if self.soft is None:
             return None
-        block_start, soft = self.soft
-        soft = soft.repeat(ids.shape[0] // soft.shape[0], 1, 1)
+        soft = torch.cat([self.soft, self.soft[self.guided]]) if len(self.guided) else self.soft
         embeds = self.model.embed(ids)
-        lo, hi = max(block_start, start), min(block_start + soft.shape[1], start + ids.shape[1])
+        lo, hi = max(self.block_start, start), min(self.block_end, start + ids.shape[1])
         if lo < hi:
-            embeds[:, lo - start : hi - start] = soft[:, lo - block_start : hi - block_start]
+            embeds[:, lo - start : hi - start] = soft[:, lo - self.block_start : hi - self.block_start]
         return embeds
 
-    def new_cache(self) -> KVCache:
-        rows = self.rows * (2 if self.params.cfg_scale > 0 else 1)
-        return KVCache(self.model.config, rows, self.length, self.ids.device, self.model.lm_head_weight.dtype)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        assert self.soft is None, "rows leave only at block boundaries"
-        self.ids, self.real, self.positions = self.ids[rows], self.real[rows], self.positions[rows]
+    @property
+    def cache_rows(self) -> int:
+        return self.rows + len(self.guided)
 
 
-@torch.no_grad()
-def denoise(model, prompts: list[list[int]], params, seeds: list[int]) -> list[RequestState]:
-    """Generate the answer window of every prompt under `params` (already validated)."""
-    cfg = model.config
-    mask_id, eos_id = cfg.mask_token_id, cfg.eos_token_id
-    device = model.lm_head_weight.device
-    begin = time.perf_counter()
-    batch = Batch(model, prompts, params, mask_id, device)
-    states = [RequestState(i, s, torch.Generator(device=device)) for i, s in enumerate(seeds)]
-    active = list(states)
-    decoder, cache = make_decoder(params), make_cache(params)
-    P, K = batch.prompt_length, params.block_length
+@dataclass
+class StepUpdate:
+    """What one step changed for one request."""
 
-    for block in range(params.num_blocks):
-        start, end = P + block * K, P + (block + 1) * K
-        generators = [s.generator for s in active]
-        step = 0
-        while True:
-            for s in active:
-                s.generator.manual_seed(step_seed(s.seed, block, step))
-            logits = cache.block_logits(batch.forward, batch, start, end, step)
-            logits = forbid_tokens(logits, mask_id, eos_id, params.suppress_eos)
-            masked = batch.ids[:, start:end] == mask_id
-            token, commit = decoder.select(logits, masked, step, generators)
-            batch.ids[:, start:end] = torch.where(commit, token, batch.ids[:, start:end])
-            worked = masked.any(-1).tolist()
-            committed = commit.sum(-1).tolist()
-            for s, w, n in zip(active, worked, committed):
-                s.forwards += w  # a forward counts for a request only if it still had masks to fill
-                s.committed += n
-            if decoder.block_done(step + 1, masked & ~commit):
-                break
-            if params.soft_diffusion:
-                batch.set_soft(start, logits, masked & ~commit, step)
-            step += 1
-        decoder.end_block()
-        batch.soft = None
-        has_eos = (batch.ids[:, start:end] == eos_id).any(-1).tolist()
-        last = block == params.num_blocks - 1
-        keep = []
-        for row, s in enumerate(active):
-            if last or (params.early_stop and has_eos[row]):
-                window = batch.ids[row, P:].tolist()
-                if params.early_stop and eos_id in window[: end - P]:
-                    cut = window.index(eos_id)
-                    window = window[:cut] + [eos_id] * (len(window) - cut)
-                s.window = window
-                s.finish_reason = "eos" if eos_id in window else "length"
-                s.seconds = time.perf_counter() - begin
-            else:
-                keep.append(row)
-        if len(keep) < len(active):
-            active = [active[r] for r in keep]
-            if not active:
-                break
-            batch.keep(torch.tensor(keep, device=device))
-    return states
+    seq: Sequence
+    block_tokens: list[int]
+    newly_committed: list[int]  # offsets inside the block
+    block_final: bool
+
+
+class BlockRound:
+    """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`."""
+
+    def __init__(self, model, seqs: list[Sequence], cache):
+        cfg = model.config
+        self.model, self.seqs = model, seqs
+        self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
+        device = model.lm_head_weight.device
+        self.batch = Batch(model, seqs, self.mask_id, self.eos_id, device)
+        self.decoders = DecoderSet([s.params for s in seqs], device)
+        self.cache = cache  # a policy from workers.cache.make_cache
+        self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
+        self.row_done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+        self.step_index = 0
+        self.finished = False
+
+    def step(self) -> list[StepUpdate]:
+        batch, seqs, t = self.batch, self.seqs, self.step_index
+        lo, hi = batch.block_start, batch.block_end
+        for s in seqs:
+            s.generator.manual_seed(step_seed(s.seed, s.block, t))
+        logits = self.cache.block_logits(batch.forward, batch, lo, hi, t)
+        logits = forbid_tokens(logits, self.mask_id, self.eos_id, self.suppress_eos)
+        masked = batch.ids[:, lo:hi] == self.mask_id
+        token, commit = self.decoders.select(logits, masked, t, [s.generator for s in seqs])
+        commit &= ~self.row_done[:, None]
+        batch.ids[:, lo:hi] = torch.where(commit, token, batch.ids[:, lo:hi])
+        working = (~self.row_done).tolist()
+        self.row_done |= self.decoders.done(t + 1, masked & ~commit)
+        self.finished = bool(self.row_done.all())
+        if not self.finished and bool(batch.soft_rows.any()):
+            batch.set_soft(logits, masked & ~commit, t)
+        self.step_index += 1
+
+        block = batch.ids[:, lo:hi].tolist()
+        commits = commit.tolist()
+        updates = []
+        for s, work, row, c in zip(seqs, working, block, commits):
+            if not work and not self.finished:
+                continue
+            s.forwards += work  # a forward counts for a request only while it still had work
+            newly = [j for j, flag in enumerate(c) if flag]
+            s.committed += len(newly)
+            updates.append(StepUpdate(s, row, newly, block_final=self.finished))
+        if self.finished:
+            self.decoders.end_block()
+            K = seqs[0].params.block_length
+            for s, row in zip(seqs, block):
+                s.window[s.block * K : (s.block + 1) * K] = row
+        return updates

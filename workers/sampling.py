@@ -22,28 +22,31 @@ def step_seed(seed: int, block: int, step: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
-def forbid_tokens(logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos: bool) -> torch.Tensor:
+def forbid_tokens(logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos: torch.Tensor) -> torch.Tensor:
+    """Never predict the mask token; never predict EOS on rows whose `suppress_eos` [B] is set."""
     logits[..., mask_id] = -torch.inf
-    if suppress_eos:
-        logits[..., eos_id] = -torch.inf
+    if bool(suppress_eos.any()):
+        logits[suppress_eos, :, eos_id] = -torch.inf
     return logits
 
 
-def predict(logits: torch.Tensor, temperature: float, generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, K, V] -> (token [B, K], probability of that token [B, K] float64)."""
-    if temperature == 0:
-        return kernels.confidence(logits)
-    tokens = []
-    for row, gen in zip(logits, generators, strict=True):
-        u = torch.rand(row.shape, generator=gen, dtype=torch.float64, device=row.device)
-        tokens.append((row.double() - temperature * torch.log(-torch.log(u))).argmax(-1))
-    token = torch.stack(tokens)
+def predict(logits: torch.Tensor, temperatures: list[float], generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, K, V] -> (token [B, K], probability of that token [B, K] float64).
+
+    Rows with temperature 0 take the argmax; the others Gumbel-max in float64 from their generator."""
+    token, prob = kernels.confidence(logits)
     compute = torch.promote_types(logits.dtype, torch.float32)
-    lse = torch.logsumexp(logits.to(compute), dim=-1)
-    prob = torch.exp(logits.gather(-1, token[..., None])[..., 0].to(compute) - lse).double()
+    for i, (t, gen) in enumerate(zip(temperatures, generators, strict=True)):
+        if t == 0:
+            continue
+        row = logits[i]
+        u = torch.rand(row.shape, generator=gen, dtype=torch.float64, device=row.device)
+        token[i] = (row.double() - t * torch.log(-torch.log(u))).argmax(-1)
+        lse = torch.logsumexp(row.to(compute), dim=-1)
+        prob[i] = torch.exp(row.gather(-1, token[i][:, None])[:, 0].to(compute) - lse).double()
     return token, prob
 
 
-def random_scores(shape, generators: list[torch.Generator], device) -> torch.Tensor:
+def random_scores(width: int, generators: list[torch.Generator], device) -> torch.Tensor:
     """Random remasking's scores: one float64 uniform per position, per request generator."""
-    return torch.stack([torch.rand(shape[1], generator=g, dtype=torch.float64, device=device) for g in generators])
+    return torch.stack([torch.rand(width, generator=g, dtype=torch.float64, device=device) for g in generators])

@@ -1,0 +1,86 @@
+"""Continuous batching: mixed requests share forwards, join at block boundaries, leave when done,
+and never change each other's tokens."""
+
+import torch
+
+from dinfer_async import SamplingParams
+from tests.tiny_models import random_prompts, tiny_model
+from workers.scheduler import Finished, Scheduler, denoise
+
+MASK, EOS = 11, 1
+
+
+def model():
+    return tiny_model(31, vocab_size=12, embedding_size=16, mask_token_id=MASK, std=0.7)
+
+
+MIXED = [
+    SamplingParams(gen_length=24, block_length=8, decoder="threshold", threshold=0.5, cache="dual"),
+    SamplingParams(gen_length=16, block_length=8, decoder="fixed", steps=8, cache="dual", temperature=0.8, early_stop=False),
+    SamplingParams(gen_length=32, block_length=8, decoder="credit", threshold=0.6, cache="dual", cfg_scale=0.5),
+    SamplingParams(gen_length=24, block_length=8, decoder="hierarchical", cache="dual", soft_diffusion=True, suppress_eos=True),
+    SamplingParams(gen_length=16, block_length=8, decoder="factor", cache="dual", remasking="random"),
+    SamplingParams(gen_length=16, block_length=4, decoder="threshold", cache="none"),  # another group
+]
+
+
+def test_mixed_requests_batched_equal_each_alone():
+    m = model()
+    prompts = random_prompts(31, [5, 9, 2, 7, 3, 6], MASK, MASK)
+    seeds = [5, 6, 7, 8, 9, 10]
+    params = [p.validate() for p in MIXED]
+    together = [s.window for s in denoise(m, prompts, params, seeds)]
+    alone = [denoise(m, [p], [q], [s])[0].window for p, q, s in zip(prompts, params, seeds)]
+    assert together == alone
+
+
+def test_rounds_share_one_forward_and_finished_requests_leave():
+    m = model()
+    calls = []
+    original = m.forward
+    m.forward = lambda ids, *a, **k: (calls.append(ids.shape[0]), original(ids, *a, **k))[1]
+    sched = Scheduler(m, max_batch_size=8)
+    params = [SamplingParams(gen_length=32, block_length=8, decoder="fixed", steps=16, cache="none", early_stop=e).validate()
+              for e in (False, False, True)]
+    prompts = random_prompts(35, [4, 6, 3], MASK, MASK)  # the third stops at EOS in its first block
+    seqs = [sched.add(i, p, q, 0) for i, (p, q) in enumerate(zip(prompts, params))]
+    finished = []
+    while sched.has_work():
+        finished += [u.seq.id for u in sched.step() if isinstance(u, Finished)]
+    assert sorted(finished) == [0, 1, 2]
+    assert calls[0] == 3, "all three requests run in the first forward"
+    assert len(calls) == 16, "the fixed schedule: 4 steps per block, 4 blocks"
+    assert EOS in seqs[2].window[:8] and seqs[2].forwards == 4
+    assert calls[4] == 2, "the early-stopped request left the batch after its first block"
+    assert [s.forwards for s in seqs[:2]] == [16, 16]
+
+
+def test_a_request_joining_mid_run_is_unaffected():
+    m = model()
+    p = SamplingParams(gen_length=24, block_length=8, threshold=0.4, cache="dual", temperature=0.5).validate()
+    prompts = random_prompts(33, [5, 8], MASK, MASK)
+    sched = Scheduler(m)
+    first = sched.add("first", prompts[0], p, 1)
+    for _ in range(3):
+        sched.step()
+    late = sched.add("late", prompts[1], p, 2)
+    while sched.has_work():
+        sched.step()
+    assert first.window == denoise(m, [prompts[0]], p, [1])[0].window
+    assert late.window == denoise(m, [prompts[1]], p, [2])[0].window
+    assert late.finish_reason and first.finish_reason
+
+
+def test_aborted_request_leaves_and_sends_nothing_more():
+    m = model()
+    p = SamplingParams(gen_length=32, block_length=8, decoder="fixed", steps=32, cache="dual", early_stop=False).validate()
+    sched = Scheduler(m)
+    a = sched.add("a", [3, 4, 5], p, 0)
+    b = sched.add("b", [6, 7], p, 0)
+    sched.step()
+    sched.abort(a)
+    seen = set()
+    while sched.has_work():
+        seen |= {u.seq.id for u in sched.step()}
+    assert seen == {"b"} and b.finish_reason == "length"
+    assert a.finish_reason is None and sched.active == 0
