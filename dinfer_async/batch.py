@@ -91,8 +91,9 @@ def read_jobs(stream: IO[str], defaults: dict) -> Iterator[Job | LineError]:
         yield item
 
 
-def run_group(engine, jobs: list[Job]) -> list[dict]:
-    """Generate for jobs that share params; a job whose prompt is rejected becomes an error record."""
+def run_jobs(engine, jobs: list[Job]) -> dict[int, dict]:
+    """Generate for jobs (each with its own params, sharing the engine's batches); a job whose
+    prompt is rejected becomes an error record. Returns line number -> output record."""
     records: dict[int, dict] = {}
     ready: list[tuple[Job, list[int]]] = []
     for job in jobs:
@@ -103,7 +104,7 @@ def run_group(engine, jobs: list[Job]) -> list[dict]:
         except (InvalidRequestError, ValueError) as e:
             records[job.line] = LineError(job.line, job.id, str(e)).record()
     if ready:
-        results = engine.generate([ids for _, ids in ready], ready[0][0].params)
+        results = engine.generate([ids for _, ids in ready], [job.params for job, _ in ready])
         for (job, _), r in zip(ready, results, strict=True):
             stats = r.stats
             records[job.line] = {
@@ -118,7 +119,7 @@ def run_group(engine, jobs: list[Job]) -> list[dict]:
                     "seconds": round(stats.seconds, 4),
                 },
             }
-    return [records[j.line] for j in jobs]
+    return records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("output", help="JSONL output file, or - for stdout")
     ap.add_argument("--model", default=None, help="local Hugging Face model directory (default: the bundled model)")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--max-concurrency", type=int, default=32, help="requests generated together")
+    ap.add_argument("--max-concurrency", type=int, default=32, help="requests in the running batch at once")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     for name, kind in [("decoder", str), ("threshold", float), ("steps", int), ("cache", str), ("gen-length", int),
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from workers import Engine  # torch is imported here, never by `import dinfer_async`
 
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_concurrency)
     source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     sink = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
     done = failed = tokens = 0
@@ -161,14 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def flush():
         nonlocal done, failed, tokens
-        groups: dict[bytes, list[Job]] = {}
-        for item in pending:
-            if isinstance(item, Job):
-                groups.setdefault(msgspec.json.encode(item.params), []).append(item)
-        records = {}
-        for jobs in groups.values():
-            for job, record in zip(jobs, run_group(engine, jobs)):
-                records[job.line] = record
+        records = run_jobs(engine, [item for item in pending if isinstance(item, Job)])
         for item in pending:
             record = records[item.line] if isinstance(item, Job) else item.record()
             failed += "error" in record
@@ -183,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for item in read_jobs(source, defaults):
             pending.append(item)
-            if len(pending) >= args.max_concurrency:
+            if len(pending) >= 4 * args.max_concurrency:  # a chunk keeps the batch refilled as requests finish
                 flush()
         if pending:
             flush()

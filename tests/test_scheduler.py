@@ -42,7 +42,7 @@ def test_rounds_share_one_forward_and_finished_requests_leave():
     sched = Scheduler(m, max_batch_size=8)
     params = [SamplingParams(gen_length=32, block_length=8, decoder="fixed", steps=16, cache="none", early_stop=e).validate()
               for e in (False, False, True)]
-    prompts = random_prompts(35, [4, 6, 3], MASK, MASK)  # the third stops at EOS in its first block
+    prompts = random_prompts(43, [4, 6, 3], MASK, MASK)  # the third stops at EOS in its first block
     seqs = [sched.add(i, p, q, 0) for i, (p, q) in enumerate(zip(prompts, params))]
     finished = []
     while sched.has_work():

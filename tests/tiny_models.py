@@ -7,18 +7,43 @@ import torch
 
 from workers.models.llada import LLaDAConfig, LLaDAModel
 
-BASE = dict(
-    model_type="llada", d_model=48, n_heads=6, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
-    vocab_size=40, embedding_size=48, mask_token_id=39, eos_token_id=1, rope_theta=10000.0,
-)
+
+def tiny_raw_config(**overrides) -> dict:
+    """The raw config.json dict of a tiny LLaDA model; keyword arguments replace fields."""
+    raw = dict(
+        model_type="llada",
+        d_model=48,
+        n_heads=6,
+        n_kv_heads=2,
+        n_layers=2,
+        mlp_hidden_size=64,
+        vocab_size=40,
+        embedding_size=48,
+        mask_token_id=39,
+        eos_token_id=1,
+        rope_theta=10000.0,
+    )
+    raw.update(overrides)
+    return raw
+
+
+def random_model(raw: dict, seed: int = 0, std: float = 0.3, dtype=torch.float64) -> LLaDAModel:
+    """A LLaDAModel for `raw` whose parameters are all drawn from a seeded normal distribution.
+
+    Norm weights are drawn around 1 (1 + std * N(0, 1)) so they are neither trivial nor near zero.
+    """
+    model = LLaDAModel(LLaDAConfig.from_dict(raw)).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * std
+            p.copy_(noise + 1.0 if name.endswith("norm.weight") or "ln_f" in name else noise)
+    return model.eval().requires_grad_(False)
 
 
 def tiny_model(seed: int = 0, dtype=torch.float64, std: float = 0.5, **overrides) -> LLaDAModel:
-    torch.manual_seed(seed)
-    model = LLaDAModel(LLaDAConfig.from_dict({**BASE, **overrides}))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=std)
-    return model.to(dtype).eval().requires_grad_(False)
+    """random_model of tiny_raw_config(**overrides)."""
+    return random_model(tiny_raw_config(**overrides), seed=seed, std=std, dtype=dtype)
 
 
 def random_prompts(seed: int, lengths: list[int], vocab: int, mask_id: int) -> list[list[int]]:

@@ -65,15 +65,19 @@ class Engine:
             raise InvalidRequestError("prompt", "must be a non-empty string")
         return text_ids(self.tokenizer, prompt)
 
-    def generate(self, prompts: list[list[int] | str], params: SamplingParams | None = None) -> list[GenerationResult]:
-        """Generate for each prompt (token ids, or raw text) with the same params."""
-        params = (params or SamplingParams()).validate()
+    def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
+        """Generate for each prompt (token ids, or raw text), with one params for all or one each.
+        All requests go through one scheduler, so different params still share forwards."""
+        per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise InvalidRequestError("params", f"{len(per_prompt)} params for {len(prompts)} prompts")
+        per_prompt = [p.validate() for p in per_prompt]
         ids = [self.encode(prompt=p) if isinstance(p, str) else list(p) for p in prompts]
-        for i, p in enumerate(ids):
-            self.check_prompt(p, params, f"prompts[{i}]")
-        seed_rng = random.Random(params.seed)
-        seeds = [params.seed if params.seed is not None else seed_rng.randrange(2**63) for _ in ids]
-        return [self._result(seq) for seq in denoise(self.model, ids, params, seeds, self.max_batch_size)]
+        for i, (p, q) in enumerate(zip(ids, per_prompt)):
+            self.check_prompt(p, q, f"prompts[{i}]")
+        draw = random.Random()
+        seeds = [q.seed if q.seed is not None else draw.randrange(2**63) for q in per_prompt]
+        return [self._result(seq) for seq in denoise(self.model, ids, per_prompt, seeds, self.max_batch_size)]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
         if not ids:

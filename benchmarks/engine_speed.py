@@ -1,0 +1,149 @@
+"""Every decoder x cache configuration on the bundled model against two baselines in the same run.
+
+    python benchmarks/engine_speed.py --prompts 100 --gen-length 256 --block-length 32
+
+Baselines: (a) LLaDA's reference sampler with steps = gen_length and no cache; (b) Fast-dLLM's
+setting re-implemented here as Fast-dLLM runs it: dual cache refreshed at each block start,
+threshold 0.9 with at least one commit per step, a float32 softmax over the whole vocabulary at
+every block position, and no early stop. Tokens/s counts answer tokens before EOS. Batch 1
+throughout, then the fastest configuration at batch 16 (aggregate tokens/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import torch
+
+from dinfer_async import SamplingParams
+from workers import Engine
+from workers.bundled import tasks
+from workers.cache import KVCache
+from workers.reference import reference_generate
+
+
+def answer_of(window: list[int], eos: int) -> list[int]:
+    return window[: window.index(eos)] if eos in window else window
+
+
+@torch.no_grad()
+def fast_dllm_dual(model, prompt: list[int], gen_length: int, block_length: int, tau: float = 0.9):
+    """Fast-dLLM's dual-cache threshold decoding for one prompt; returns (window, forwards)."""
+    cfg = model.config
+    x = torch.tensor([prompt + [cfg.mask_token_id] * gen_length])
+    L, P = x.shape[1], len(prompt)
+    positions = torch.arange(L)[None]
+    cache = KVCache(cfg, x.device, model.lm_head_weight.dtype)
+    forwards = 0
+    for b in range(gen_length // block_length):
+        lo, hi = P + b * block_length, P + (b + 1) * block_length
+        cache.reserve(1, L)
+        logits = model(x, positions, None, cache=cache, start=0)[:, lo:hi]
+        forwards += 1
+        while True:
+            masked = x[:, lo:hi] == cfg.mask_token_id
+            probs = torch.softmax(logits.float(), dim=-1)
+            conf, token = probs.max(dim=-1)
+            conf = torch.where(masked, conf, -torch.inf)
+            commit = conf > tau
+            commit[0, conf[0].argmax()] = True
+            x[:, lo:hi] = torch.where(commit & masked, token, x[:, lo:hi])
+            if not bool((x[:, lo:hi] == cfg.mask_token_id).any()):
+                break
+            logits = model(x[:, lo:hi], positions[:, lo:hi], None, cache=cache, start=lo)
+            forwards += 1
+    return x[0, P:].tolist(), forwards
+
+
+def measure(name, examples, run_one, eos, tokenizer):
+    """run_one(prompt_index) -> (window, forwards). Returns a result row."""
+    texts, forwards, tokens, committed = [], 0, 0, 0
+    begin = time.perf_counter()
+    for i in range(len(examples)):
+        window, n, c = run_one(i)
+        answer = answer_of(window, eos)
+        texts.append(tokenizer.decode(answer, skip_special_tokens=True))
+        forwards += n
+        committed += c
+        tokens += len(answer)
+    seconds = time.perf_counter() - begin
+    table = tasks.accuracy_table(examples, texts)
+    ok, total = table["all"]
+    return dict(name=name, acc=100 * ok / total, forwards=forwards / len(examples),
+                tpf=committed / max(forwards, 1), tps=tokens / seconds, seconds=seconds)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--prompts", type=int, default=100, help="held-out prompts (spread over the tasks)")
+    ap.add_argument("--gen-length", type=int, default=256)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default="all", help="'all' or comma list like threshold:dual,credit:vicinity")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    engine = Engine.from_pretrained(args.model, dtype="float32")
+    cfg, tok = engine.config, engine.tokenizer
+    per_task = -(-args.prompts // len(tasks.TASKS))
+    examples = tasks.held_out(per_task)
+    prompts = [engine.encode(messages=ex.messages) for ex in examples]
+    G, K = args.gen_length, args.block_length
+    eos = cfg.eos_token_id
+    print(f"bundled model, {len(examples)} held-out prompts, gen_length {G}, block_length {K}, batch 1, "
+          f"float32, {args.threads} CPU threads\n", flush=True)
+
+    def reference(i):
+        out, n = reference_generate(engine.model, [prompts[i]], mask_id=cfg.mask_token_id, eos_id=eos,
+                                    gen_length=G, block_length=K, steps=G)
+        return out[0], n, G
+
+    def fast_dllm(i):
+        window, n = fast_dllm_dual(engine.model, prompts[i], G, K)
+        return window, n, G
+
+    def engine_run(params):
+        def run(i):
+            [r] = engine.generate([prompts[i]], params)
+            window = r.token_ids + [eos] * (G - len(r.token_ids))
+            return window, r.stats.forwards, r.stats.committed
+        return run
+
+    rows = [measure("reference: fixed, steps=gen_length, no cache", examples, reference, eos, tok),
+            measure("Fast-dLLM: threshold 0.9, dual cache, no early stop", examples, fast_dllm, eos, tok)]
+    ref, fast = rows
+    print(f"baselines measured: reference {ref['tps']:.1f} tok/s, Fast-dLLM {fast['tps']:.1f} tok/s", flush=True)
+    if args.configs == "all":
+        combos = list(itertools.product(["fixed", "threshold", "factor", "hierarchical", "credit"],
+                                        ["none", "prefix", "dual", "vicinity"]))
+    else:
+        combos = [tuple(c.split(":")) for c in args.configs.split(",")]
+    for decoder, cache in combos:
+        params = SamplingParams(gen_length=G, block_length=K, decoder=decoder, cache=cache)
+        rows.append(measure(f"{decoder} + {cache}", examples, engine_run(params), eos, tok))
+        print(f"  {decoder} + {cache}: {rows[-1]['tps']:.1f} tok/s", flush=True)
+
+    print("\n| configuration | accuracy | forwards/prompt | tokens/forward | tokens/s | vs reference | vs Fast-dLLM |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['acc']:.1f}% | {r['forwards']:.1f} | {r['tpf']:.2f} | {r['tps']:.1f} | "
+              f"{r['tps'] / ref['tps']:.1f}x | {r['tps'] / fast['tps']:.1f}x |")
+
+    best = max(rows[2:], key=lambda r: r["tps"] if r["acc"] >= ref["acc"] - 1 else 0)
+    decoder, cache = best["name"].split(" + ")
+    params = SamplingParams(gen_length=G, block_length=K, decoder=decoder, cache=cache)
+    engine.max_batch_size = 16  # continuous batching: up to 16 running, the rest join as others finish
+    begin = time.perf_counter()
+    results = engine.generate(prompts, params)
+    seconds = time.perf_counter() - begin
+    tokens = sum(r.stats.tokens for r in results)
+    acc = tasks.accuracy_table(examples, [r.text for r in results])["all"]
+    print(f"\nbatch 16, {best['name']}: {tokens / seconds:.1f} tokens/s aggregate vs {best['tps']:.1f} at batch 1 "
+          f"({tokens / seconds / best['tps']:.1f}x); accuracy {100 * acc[0] / acc[1]:.1f}%")
+
+
+if __name__ == "__main__":
+    main()
