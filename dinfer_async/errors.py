@@ -12,3 +12,15 @@ class InvalidRequestError(DinferError, ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.reason = message
+
+
+class WorkerDiedError(DinferError):
+    """The worker serving this request exited; the client restarts it, so a retry can succeed."""
+
+
+class WorkerError(DinferError):
+    """The worker failed while running this request (not the request's fault)."""
+
+
+class ClientClosedError(DinferError):
+    """The client was closed while this request was running."""

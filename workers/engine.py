@@ -44,11 +44,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device="cpu", dtype="float32", **kwargs) -> "Engine":
         """Load a local Hugging Face directory; None loads the bundled model."""
+        name = "dinfer-bundled" if path is None else Path(path).name
         if path is None:
             from workers.bundled import MODEL_DIR as path
         path = Path(path)
         model = load_model(path, device=torch.device(device), dtype=resolve_dtype(dtype))
-        return cls(model, load_tokenizer(path), name=path.name, **kwargs)
+        return cls(model, load_tokenizer(path), name=name, **kwargs)
 
     @property
     def max_prompt_length(self) -> int:

@@ -115,6 +115,7 @@ class StepUpdate:
     """What one step changed for one request."""
 
     seq: Sequence
+    block: int
     block_tokens: list[int]
     newly_committed: list[int]  # offsets inside the block
     block_final: bool
@@ -163,7 +164,7 @@ class BlockRound:
             s.forwards += work  # a forward counts for a request only while it still had work
             newly = [j for j, flag in enumerate(c) if flag]
             s.committed += len(newly)
-            updates.append(StepUpdate(s, row, newly, block_final=self.finished))
+            updates.append(StepUpdate(s, s.block, row, newly, block_final=self.finished))
         if self.finished:
             self.decoders.end_block()
             K = seqs[0].params.block_length
