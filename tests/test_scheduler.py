@@ -84,3 +84,26 @@ def test_aborted_request_leaves_and_sends_nothing_more():
         seen |= {u.seq.id for u in sched.step()}
     assert seen == {"b"} and b.finish_reason == "length"
     assert a.finish_reason is None and sched.active == 0
+
+
+def test_abort_mid_block_drops_the_row_before_the_next_step():
+    """The others keep their tokens; the next forward has fewer rows (cache rows compacted)."""
+    m = model()
+    calls = []
+    original = m.forward
+    m.forward = lambda ids, *a, **k: (calls.append(ids.shape[0]), original(ids, *a, **k))[1]
+    params = [SamplingParams(gen_length=16, block_length=16, decoder=d, steps=16, cache=c, early_stop=False, cfg_scale=g).validate()
+              for d, c, g in [("fixed", "dual", 0.0), ("credit", "dual", 0.5), ("fixed", "dual", 0.3), ("hierarchical", "dual", 0.0)]]
+    prompts = random_prompts(36, [4, 6, 3, 5], MASK, MASK)
+    sched = Scheduler(m)
+    seqs = [sched.add(i, p, q, 7) for i, (p, q) in enumerate(zip(prompts, params))]
+    for _ in range(3):
+        sched.step()
+    sched.abort(seqs[1])
+    sched.step()
+    assert calls[-1] == 3 + 1, "three rows left, one of them guided"
+    while sched.has_work():
+        sched.step()
+    for i in (0, 2, 3):
+        assert seqs[i].window == denoise(m, [prompts[i]], params[i], [7])[0].window
+    assert seqs[1].finish_reason is None

@@ -36,6 +36,13 @@ class KVCache:
             self.v = torch.empty(shape, device=self.device, dtype=self.dtype)
         self.rows, self.length = rows, length
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Compact the cache to `rows` (in that order) in place; the rest is free for reuse."""
+        n = len(rows)
+        self.k[:, :n] = self.k[:, rows]
+        self.v[:, :n] = self.v[:, rows]
+        self.rows = n
+
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         """Write the fed tokens' k, v at [start, start + n) and return the cache to attend over."""
         end = start + k.shape[2]
@@ -62,12 +69,18 @@ class NoCache:
     def block_logits(self, run, batch, start, end, step):
         return run(batch.ids, batch.positions, batch.real)[:, start:end]
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        pass
+
 
 class _RefreshingCache:
     """Step 0 of each block refreshes the whole cache; later steps feed batch[start:self._feed_end(...)]."""
 
     def __init__(self, kv: KVCache):
         self.kv = kv
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        self.kv.keep_rows(rows)
 
     def block_logits(self, run, batch, start, end, step):
         if step == 0:

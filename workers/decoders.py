@@ -48,6 +48,13 @@ class Decoder:
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value[rows])
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` (indices into this decoder's rows) stay: slice every per-row tensor."""
+        self.temperatures = [self.temperatures[i] for i in rows.tolist()]
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[rows])
+
     def end_block(self) -> None:
         pass
 
@@ -202,3 +209,16 @@ class DecoderSet:
     def end_block(self) -> None:
         for _, decoder in self.groups:
             decoder.end_block()
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only batch `rows` stay (in that order); groups renumber their rows."""
+        new_position = {r: i for i, r in enumerate(rows.tolist())}
+        groups = []
+        for index, decoder in self.groups:
+            local = [j for j, r in enumerate(index.tolist()) if r in new_position]
+            if not local:
+                continue
+            decoder.keep(torch.tensor(local, device=self.device))
+            remapped = [new_position[index[j].item()] for j in local]
+            groups.append((torch.tensor(remapped, device=self.device), decoder))
+        self.groups = groups

@@ -61,11 +61,26 @@ class Batch:
             self.real[i, lo:hi] = True
             self.positions[i, lo:] = torch.arange(self.length - lo, device=device)
             self.in_prompt[i, lo : lo + len(s.prompt)] = True
+        self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
+        self._row_options(seqs)
+
+    def _row_options(self, seqs: list[Sequence]) -> None:
+        device = self.ids.device
         scales = [s.params.cfg_scale for s in seqs]
         self.guided = torch.tensor([i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device)
         self.scales = torch.tensor([c for c in scales if c > 0], device=device)[:, None, None]
         self.soft_rows = torch.tensor([s.params.soft_diffusion for s in seqs], device=device)
-        self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
+
+    def keep(self, rows: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Only `rows` stay (mid-block, e.g. after an abort). Returns the cache rows to keep:
+        the kept rows, then their unconditional copies."""
+        cache_rows = torch.cat([rows, self.rows + torch.nonzero(torch.isin(self.guided, rows))[:, 0]])
+        self.ids, self.real = self.ids[rows], self.real[rows]
+        self.positions, self.in_prompt = self.positions[rows], self.in_prompt[rows]
+        if self.soft is not None:
+            self.soft = self.soft[rows]
+        self._row_options(seqs)
+        return cache_rows
 
     @property
     def rows(self) -> int:
@@ -137,6 +152,17 @@ class BlockRound:
         self.step_index = 0
         self.finished = False
 
+    def drop(self, leaving: set[int]) -> None:
+        """Remove the rows at `leaving` before the next step; their cache rows are released."""
+        rows = torch.tensor([i for i in range(len(self.seqs)) if i not in leaving], dtype=torch.long, device=self.row_done.device)
+        self.seqs = [self.seqs[i] for i in rows.tolist()]
+        cache_rows = self.batch.keep(rows, self.seqs)
+        self.cache.keep_rows(cache_rows)
+        self.decoders.keep(rows)
+        self.suppress_eos, self.row_done = self.suppress_eos[rows], self.row_done[rows]
+        if self.seqs and bool(self.row_done.all()):
+            self._finish()
+
     def step(self) -> list[StepUpdate]:
         batch, seqs, t = self.batch, self.seqs, self.step_index
         lo, hi = batch.block_start, batch.block_end
@@ -166,8 +192,14 @@ class BlockRound:
             s.committed += len(newly)
             updates.append(StepUpdate(s, s.block, row, newly, block_final=self.finished))
         if self.finished:
-            self.decoders.end_block()
-            K = seqs[0].params.block_length
-            for s, row in zip(seqs, block):
-                s.window[s.block * K : (s.block + 1) * K] = row
+            self._finish()
         return updates
+
+    def _finish(self) -> None:
+        """Every row has finished the block: write the blocks back into the requests' windows."""
+        self.finished = True
+        self.decoders.end_block()
+        lo, hi = self.batch.block_start, self.batch.block_end
+        K = hi - lo
+        for s, row in zip(self.seqs, self.batch.ids[:, lo:hi].tolist()):
+            s.window[s.block * K : (s.block + 1) * K] = row

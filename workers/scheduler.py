@@ -61,12 +61,24 @@ class Scheduler:
 
     def step(self) -> list[StepUpdate | Finished]:
         """One forward for the current round (starting one if needed)."""
+        if self.round is not None and any(s.aborted for s in self.round.seqs):
+            self._drop_aborted()  # aborted requests leave before the next step, not at the block's end
+            if self.round is not None and self.round.finished:
+                return self._end_round()
         if self.round is None and not self._start_round():
             return []
         updates: list[StepUpdate | Finished] = [u for u in self.round.step() if not u.seq.aborted]
         if self.round.finished:
             updates += self._end_round()
         return updates
+
+    def _drop_aborted(self) -> None:
+        key = self.round_key
+        self.round.drop({i for i, s in enumerate(self.round.seqs) if s.aborted})
+        self.running[key] = [s for s in self.running[key] if not s.aborted]
+        if not self.running[key]:
+            del self.running[key]
+            self.round = self.round_key = None
 
     def _admit(self) -> None:
         while self.waiting and sum(map(len, self.running.values())) < self.max_batch_size:

@@ -20,6 +20,7 @@ import zmq
 from dinfer_async import protocol as wire
 from dinfer_async.errors import InvalidRequestError
 from workers.engine import Engine
+from workers.iteration import StepUpdate
 from workers.scheduler import Finished, Scheduler
 
 
@@ -93,8 +94,10 @@ class Worker:
                 continue
             if isinstance(u, Finished):
                 chunk = chunks.get(u.seq.id)
-                if chunk is not None:
-                    chunk.finish_reason, chunk.stats = u.seq.finish_reason, self.stats(u.seq)
+                if chunk is None:  # it finished without a step of its own (its batch-mates' abort ended the block)
+                    chunk = self.final_chunk(live)
+                    by_client.setdefault(live.client, []).append(chunk)
+                chunk.finish_reason, chunk.stats = u.seq.finish_reason, self.stats(u.seq)
                 del self.live[u.seq.id]
                 continue
             chunk = self.chunk(live, u)
@@ -184,6 +187,11 @@ class Worker:
             final=u.block_final,
             stable_text=new,
         )
+
+    def final_chunk(self, live: Live) -> wire.Chunk:
+        seq = live.seq
+        K, block = seq.params.block_length, seq.block - 1
+        return self.chunk(live, StepUpdate(seq, block, seq.window[block * K : (block + 1) * K], [], True))
 
     def block_text(self, tokens: list[int]) -> str:
         """The block's text with each undecided position shown as MASK_TEXT."""
