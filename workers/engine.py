@@ -17,14 +17,12 @@ from workers.tokenizer import chat_ids, load_tokenizer, text_ids
 
 @dataclass
 class Stats:
-    forwards: int  # model calls that still had masked positions of this request to fill
+    forwards: int  # model calls that still had masked positions of this request
     tokens: int  # answer tokens before the first EOS
-    committed: int  # positions committed by the decoder (EOS padding of decoded blocks included)
+    committed: int  # positions committed (EOS padding of decoded blocks included)
     tokens_per_forward: float  # committed / forwards
-    seconds: float
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    seconds: float  # from submission to the end
+    tokens_per_second: float  # tokens / seconds
 
 
 @dataclass
@@ -92,19 +90,10 @@ class Engine:
                 f"max_sequence_length {self.config.max_sequence_length}; shorten one of them",
             )
 
-    def _result(self, state) -> GenerationResult:
-        eos = self.config.eos_token_id
-        window = state.window
-        answer = window[: window.index(eos)] if eos in window else window
-        stats = Stats(
-            forwards=state.forwards,
-            tokens=len(answer),
-            committed=state.committed,
-            tokens_per_forward=state.committed / max(state.forwards, 1),
-            seconds=state.seconds,
-        )
+    def _result(self, seq) -> GenerationResult:
+        answer = seq.answer(self.config.eos_token_id)
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
-        return GenerationResult(text=text, token_ids=answer, finish_reason=state.finish_reason, stats=stats)
+        return GenerationResult(text, answer, seq.finish_reason, Stats(**seq.stats(self.config.eos_token_id)))
 
 
 ROLES = ("system", "user", "assistant", "tool")

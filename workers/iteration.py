@@ -8,7 +8,7 @@ different prompts and decoding parameters; only the block length and cache polic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +33,21 @@ class Sequence:
     admitted_at: float = 0.0
     seconds: float = 0.0
     aborted: bool = False
-    extra: dict = field(default_factory=dict)
+
+    def answer(self, eos_id: int) -> list[int]:
+        """The window up to (not including) the first EOS."""
+        return self.window[: self.window.index(eos_id)] if eos_id in self.window else list(self.window)
+
+    def stats(self, eos_id: int) -> dict:
+        tokens = len(self.answer(eos_id))
+        return {
+            "forwards": self.forwards,  # model calls that still had masked positions of this request
+            "tokens": tokens,  # answer tokens before the first EOS
+            "committed": self.committed,  # positions committed (EOS padding of decoded blocks included)
+            "tokens_per_forward": self.committed / max(self.forwards, 1),
+            "seconds": self.seconds,
+            "tokens_per_second": tokens / max(self.seconds, 1e-9),
+        }
 
 
 class Batch:

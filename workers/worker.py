@@ -97,7 +97,7 @@ class Worker:
                 if chunk is None:  # it finished without a step of its own (its batch-mates' abort ended the block)
                     chunk = self.final_chunk(live)
                     by_client.setdefault(live.client, []).append(chunk)
-                chunk.finish_reason, chunk.stats = u.seq.finish_reason, self.stats(u.seq)
+                chunk.finish_reason, chunk.stats = u.seq.finish_reason, u.seq.stats(self.eos_id)
                 del self.live[u.seq.id]
                 continue
             chunk = self.chunk(live, u)
@@ -200,19 +200,6 @@ class Worker:
             run = list(group)
             parts.append(wire.MASK_TEXT * len(run) if is_mask else self.engine.tokenizer.decode(run, skip_special_tokens=True))
         return "".join(parts)
-
-    def stats(self, seq) -> dict:
-        window = seq.window
-        tokens = window.index(self.eos_id) if self.eos_id in window else len(window)
-        return {
-            "forwards": seq.forwards,
-            "tokens": tokens,
-            "committed": seq.committed,
-            "tokens_per_forward": seq.committed / max(seq.forwards, 1),
-            "seconds": seq.seconds,
-            "tokens_per_second": tokens / max(seq.seconds, 1e-9),
-        }
-
 
 def run_worker(model: str | None, endpoint: str, device: str, dtype: str, max_batch_size: int, secret: str) -> None:
     engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=max_batch_size)

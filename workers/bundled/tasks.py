@@ -37,23 +37,23 @@ class Example:
 
 
 def _add(rng: random.Random) -> Example:
-    a, b = rng.randrange(1000), rng.randrange(1000)
-    return Example("add", f"add {a:03d}+{b:03d}", f"{a + b:04d}")
+    a, b = rng.randrange(100), rng.randrange(100)
+    return Example("add", f"add {a:02d}+{b:02d}", f"{a + b:03d}")
 
 
 def _reverse(rng: random.Random) -> Example:
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 10)))
+    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8)))
     return Example("reverse", f"reverse {word}", word[::-1])
 
 
 def _sort(rng: random.Random) -> Example:
-    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 8)))
+    digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 6)))
     return Example("sort", f"sort {digits}", "".join(sorted(digits)))
 
 
 def _count(rng: random.Random) -> Example:
     alphabet = rng.sample(LETTERS, 4)
-    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 14)))
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(4, 12)))
     letter = rng.choice(alphabet)
     return Example("count", f"count {letter} in {text}", str(text.count(letter)))
 
