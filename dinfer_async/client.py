@@ -166,7 +166,8 @@ class Client:
             if os.path.exists(path):
                 os.unlink(path)
             cmd = [sys.executable, "-m", "workers.main", "--endpoint", worker.endpoint, "--device", self.device,
-                   "--dtype", self.dtype, "--max-batch-size", str(self.max_batch_size), "--threads", str(self.threads)]
+                   "--dtype", self.dtype, "--max-batch-size", str(self.max_batch_size), "--threads", str(self.threads),
+                   "--exit-with-parent"]
             if self.model is not None:
                 cmd += ["--model", str(self.model)]
             worker.process = await anyio.open_process(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None)

@@ -1,16 +1,32 @@
-"""dinfer-batch on the bundled model: one output line per input line, errors keyed by line number."""
+"""dinfer-batch through worker processes on the bundled model: one output line per input line,
+errors keyed by line number, input order, crash-safe resume, bounded memory."""
 
 import json
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
+
+import anyio
 
 from dinfer_async.batch import main
 
-FAST = ["--gen-length", "32", "--block-length", "32"]
+FAST = ["--gen-length", "32", "--block-length", "32", "--threads", "1"]
+CLI = [sys.executable, "-m", "dinfer_async.batch"]
 
 
 def write_lines(path, lines):
     path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+
+
+def read_records(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def ask(i):
+    return {"id": f"q{i}", "messages": [{"role": "user", "content": f"reverse word{chr(97 + i % 26)}x"}]}
 
 
 def test_bad_lines_get_error_records_and_the_run_goes_on(tmp_path):
@@ -24,18 +40,19 @@ def test_bad_lines_get_error_records_and_the_run_goes_on(tmp_path):
         {"id": "d", "messages": [{"role": "robot", "content": "hi"}]},
         [1, 2],
         {"id": 7, "messages": [{"role": "user", "content": "count a in aab"}], "decoder": "fixed", "steps": 32, "cache": "none"},
+        {"id": "long", "prompt": "x" * 3000},
     ])
     assert main([str(src), str(dst)] + FAST) == 1
-    out = [json.loads(l) for l in dst.read_text().splitlines()]
-    assert len(out) == 8
-    assert [o.get("id") for o in out] == ["a", None, "b", "c", "a", "d", None, 7]
+    out = read_records(dst)
+    assert [o.get("id") for o in out] == ["a", None, "b", "c", "a", "d", None, 7, "long"]
     errors = {o["error"]["line"]: o["error"]["message"] for o in out if "error" in o}
-    assert sorted(errors) == [2, 3, 4, 5, 6, 7]
+    assert sorted(errors) == [2, 3, 4, 5, 6, 7, 9]
     assert "invalid JSON" in errors[2]
     assert "prompt" in errors[3] and "messages" in errors[3]
     assert "gen_length" in errors[4]
     assert "duplicate id" in errors[5]
     assert "messages[0].role" in errors[6]
+    assert "max_sequence_length" in errors[9]
     for good in (out[0], out[7]):
         assert set(good) == {"id", "text", "token_ids", "finish_reason", "stats"}
         assert set(good["stats"]) == {"forwards", "tokens", "tokens_per_forward", "seconds"}
@@ -43,18 +60,121 @@ def test_bad_lines_get_error_records_and_the_run_goes_on(tmp_path):
     assert out[7]["stats"]["forwards"] == 32  # per-line params override the flags
 
 
-def test_stdin_to_stdout_and_exit_code_zero(tmp_path):
-    lines = [{"id": i, "messages": [{"role": "user", "content": f"copy word{i}"}]} for i in range(3)]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dinfer_async.batch", "-", "-"] + FAST,
-        input="".join(json.dumps(l) + "\n" for l in lines), capture_output=True, text=True, timeout=120,
-    )
+def test_stdin_to_stdout_in_input_order_and_exit_code_zero():
+    lines = [ask(i) for i in range(12)]
+    proc = subprocess.run(CLI + ["-", "-", "--max-concurrency", "4"] + FAST,
+                          input="".join(json.dumps(l) + "\n" for l in lines), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(l) for l in proc.stdout.splitlines()]
-    assert [o["id"] for o in out] == [0, 1, 2] and all("text" in o for o in out)
-    assert "3 lines, 0 errors" in proc.stderr
+    assert [o["id"] for o in out] == [l["id"] for l in lines]
+    assert "12 lines, 0 errors" in proc.stderr and "tokens per forward" in proc.stderr
 
 
-def test_bad_flag_is_refused_before_loading_anything(tmp_path, capsys):
+def test_openai_batch_lines(tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(src, [
+        {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "x", "messages": [{"role": "user", "content": "reverse abc"}], "max_tokens": 20}},
+        {"custom_id": "c2", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+    ])
+    assert main([str(src), str(dst)] + FAST) == 1
+    ok, bad = read_records(dst)
+    assert ok["custom_id"] == "c1" and ok["error"] is None and ok["response"]["status_code"] == 200
+    body = ok["response"]["body"]
+    assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert isinstance(body["choices"][0]["message"]["content"], str)
+    assert bad["custom_id"] == "c2" and bad["response"] is None and "url" in bad["error"]["message"]
+
+
+def test_bad_flag_is_refused_before_starting_anything(capsys):
     assert main(["in", "out", "--decoder", "greedy"]) == 2
     assert "decoder" in capsys.readouterr().err
+
+
+def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_line_per_id(tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [ask(i) for i in range(40)]
+    lines[5] = {"id": "broken"}  # an error record must survive resumes too
+    write_lines(src, lines)
+    rng = random.Random(1)
+    sizes = []
+    for attempt in range(4):
+        proc = subprocess.Popen(CLI + [str(src), str(dst), "--max-concurrency", "8"] + FAST,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.5, 7.0))
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 5
+        while any(os.path.exists(f"/proc/{w}") and _alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(os.path.exists(f"/proc/{w}") and _alive(w) for w in workers), "orphaned workers must exit"
+        sizes.append(len(dst.read_bytes()) if dst.exists() else 0)
+    assert sizes == sorted(sizes)
+    final = subprocess.run(CLI + [str(src), str(dst), "--max-concurrency", "8"] + FAST, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 1, final.stderr  # the broken line failed
+    text = dst.read_text()
+    assert any(0 < size < len(text.encode()) for size in sizes), f"no kill landed mid-run: {sizes}"
+    assert text.endswith("\n")
+    out = [json.loads(l) for l in text.splitlines()]
+    assert [o["id"] for o in out] == [l["id"] for l in lines], "one record per line, in input order"
+    assert "error" in out[5] and all("text" in o for i, o in enumerate(out) if i != 5)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid):
+    """Worker processes whose parent was `pid` (a SIGKILLed CLI cannot stop its workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def test_memory_stays_bounded_on_a_long_input(tmp_path):
+    """100,000 lines stream through: peak memory grows by far less than the file's size would."""
+    def peak(n):
+        src, dst = tmp_path / f"in{n}.jsonl", tmp_path / f"out{n}.jsonl"
+        with open(src, "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"id": i, "prompt": "", "padding": "p" * 200}) + "\n")
+        code = ("import resource, sys; from dinfer_async.batch import main; "
+                f"rc = main([{str(src)!r}, {str(dst)!r}, '--threads', '1']); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert len(dst.read_text().splitlines()) == n, proc.stderr
+        return int(proc.stdout.split()[-1]) / 1024  # MiB
+
+    small, large = peak(1_000), peak(100_000)
+    assert large - small < 40, f"peak RSS {small:.0f} MiB for 1k lines, {large:.0f} MiB for 100k (input {100_000 * 230 / 2**20:.0f} MiB)"
+
+
+def test_output_file_cuts_a_partial_last_line_and_remembers_what_is_done(tmp_path):
+    from dinfer_async.output import InOrder, OutputFile
+
+    path = tmp_path / "out.jsonl"
+    good = [{"id": "a", "text": "x"}, {"id": None, "error": {"line": 4, "message": "bad"}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"id": "b", "te')
+    out = OutputFile(str(path))
+    assert out.done == {'id:"a"', "line:4"} and out.errors_before == 1
+    order = InOrder(out, window=4)
+    slots = [anyio.run(order.reserve) for _ in range(3)]
+    order.put(slots[2], {"id": "z"})
+    order.put(slots[0], {"id": "x"})
+    assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == ["a", None, "x"]
+    order.put(slots[1], {"id": "y"})
+    out.close()
+    assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == ["a", None, "x", "y", "z"]

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     ap.add_argument("--allow-remote", action="store_true")
     ap.add_argument("--secret-env", default="DINFER_SECRET", help="environment variable holding the shared secret")
+    ap.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process is gone")
     args = ap.parse_args(argv)
     secret = os.environ.get(args.secret_env, "")
     problem = check_endpoint(args.endpoint, args.allow_remote, secret)
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_worker(args.model, args.endpoint, args.device, args.dtype, args.max_batch_size, secret)
+    run_worker(args.model, args.endpoint, args.device, args.dtype, args.max_batch_size, secret, args.exit_with_parent)
     return 0
 
 

@@ -60,11 +60,25 @@ class Worker:
 
     # ---- the loop ------------------------------------------------------------------------------
 
-    def serve(self) -> None:
-        while True:
+    def serve(self, parent: int | None = None) -> None:
+        """Loop forever; with `parent`, return once that process is gone (a SIGKILLed client
+        cannot stop its workers, so they watch it)."""
+        while parent is None or os.getppid() == parent:
             self.drain(timeout_ms=0 if self.scheduler.has_work() else 100)
             if self.scheduler.has_work():
                 self.step()
+
+    def close(self) -> None:
+        endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket.close(linger=0)
+        self.context.term()
+        if endpoint.startswith("ipc://"):
+            path = endpoint[len("ipc://") :]
+            for leftover in (path, os.path.dirname(path)):
+                try:
+                    os.unlink(leftover) if leftover == path else os.rmdir(leftover)
+                except OSError:
+                    pass
 
     def drain(self, timeout_ms: int) -> None:
         while self.socket.poll(timeout_ms):
@@ -201,8 +215,13 @@ class Worker:
             parts.append(wire.MASK_TEXT * len(run) if is_mask else self.engine.tokenizer.decode(run, skip_special_tokens=True))
         return "".join(parts)
 
-def run_worker(model: str | None, endpoint: str, device: str, dtype: str, max_batch_size: int, secret: str) -> None:
+def run_worker(model: str | None, endpoint: str, device: str, dtype: str, max_batch_size: int, secret: str,
+               exit_with_parent: bool = False) -> None:
+    parent = os.getppid() if exit_with_parent else None
     engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
     worker = Worker(engine, endpoint, secret)
     print(f"dinfer-worker: serving {engine.name} on {endpoint}", file=sys.stderr, flush=True)
-    worker.serve()
+    try:
+        worker.serve(parent)
+    finally:
+        worker.close()
