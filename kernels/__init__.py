@@ -1,20 +1,33 @@
 """Kernels of a diffusion step, chosen by device in one place.
 
-Every op has a plain-torch reference (kernels.reference). Triton versions plug in through
-`_triton_impl`; until an op has one, CUDA tensors use the reference too. Nothing outside this
-package branches on the device.
+Every op has a plain-torch reference (kernels.reference), used on CPU; CUDA tensors go to the
+Triton kernels of kernels.triton_ops where an op has one (attention does not yet). Nothing
+outside this package branches on the device.
 """
 
 from __future__ import annotations
 
 from kernels import reference
 
-_TRITON: dict[str, object] = {}  # op name -> Triton implementation, registered by kernels.triton_*
+_TRITON: dict[str, object] | None = None  # op name -> Triton kernel; loaded on the first CUDA tensor
+
+
+def _triton() -> dict[str, object]:
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from kernels.triton_ops import KERNELS
+        except ImportError:  # no triton installed: the references run on CUDA too
+            KERNELS = {}
+        _TRITON = dict(KERNELS)
+    return _TRITON
 
 
 def _pick(name: str, tensor):
-    if tensor.is_cuda and name in _TRITON:
-        return _TRITON[name]
+    if tensor.is_cuda:
+        kernel = _triton().get(name)
+        if kernel is not None:
+            return kernel
     return getattr(reference, name)
 
 

@@ -1,0 +1,191 @@
+"""Triton kernels for the hot path of a diffusion step. Registered with the dispatcher
+(kernels/__init__.py) for CUDA tensors; each has a torch reference in kernels/reference.py and a
+test against it (tests/test_kernels.py, run under TRITON_INTERPRET=1 on CPU).
+
+Shapes follow the references: rows are flattened leading dimensions, the last dimension is
+contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# ---- RMSNorm (optionally fused with the residual add) -----------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    keep = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=keep, other=0.0)
+    if HAS_RES:
+        x = x + tl.load(res_ptr + row * n_cols + cols, mask=keep, other=0.0)
+        tl.store(sum_ptr + row * n_cols + cols, x, mask=keep)
+    h = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=keep, other=0.0)
+    tl.store(out_ptr + row * n_cols + cols, w * (h * inv).to(x.dtype), mask=keep)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, out=None):
+    """RMSNorm of x (or of x + residual, returning (normed, x + residual)). `out` may be given
+    (tests pass NaN-filled ones to catch unwritten elements)."""
+    rows = _rows(x)
+    out = torch.empty_like(rows) if out is None else out.view(rows.shape)
+    total = torch.empty_like(rows) if residual is not None else out
+    res = _rows(residual) if residual is not None else rows
+    block = triton.next_power_of_2(rows.shape[1])
+    _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, total, rows.shape[1], eps,
+                                       HAS_RES=residual is not None, BLOCK=block)
+    out = out.view(x.shape)
+    return out if residual is None else (out, total.view(x.shape))
+
+
+# ---- SwiGLU -------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = offs < n
+    g = tl.load(gate_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=keep, other=0.0)
+    tl.store(out_ptr + offs, (g * tl.sigmoid(g)).to(u.dtype) * u, mask=keep)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(up) if out is None else out
+    n = up.numel()
+    block = 4096
+    _swiglu_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block)
+    return out
+
+
+# ---- RoPE (rotate-half) ------------------------------------------------------------------------
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, length, half, BLOCK: tl.constexpr):
+    # one program per (batch, head, position); cos/sin are [B, 1, L, D]
+    pid = tl.program_id(0)
+    pos = pid % length
+    b = pid // (length * heads)
+    cols = tl.arange(0, BLOCK)
+    keep = cols < half
+    base = pid * 2 * half
+    trig = (b * length + pos) * 2 * half
+    x1 = tl.load(x_ptr + base + cols, mask=keep, other=0.0)
+    x2 = tl.load(x_ptr + base + half + cols, mask=keep, other=0.0)
+    c1 = tl.load(cos_ptr + trig + cols, mask=keep, other=0.0)
+    c2 = tl.load(cos_ptr + trig + half + cols, mask=keep, other=0.0)
+    s1 = tl.load(sin_ptr + trig + cols, mask=keep, other=0.0)
+    s2 = tl.load(sin_ptr + trig + half + cols, mask=keep, other=0.0)
+    h1, h2 = x1.to(c1.dtype), x2.to(c1.dtype)
+    tl.store(out_ptr + base + cols, (h1 * c1 - h2 * s1).to(x1.dtype), mask=keep)
+    tl.store(out_ptr + base + half + cols, (h2 * c2 + h1 * s2).to(x1.dtype), mask=keep)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> torch.Tensor:
+    """x [B, H, L, D]; cos, sin [B, 1, L, D] (the compute dtype)."""
+    B, H, L, D = x.shape
+    x = x.contiguous()
+    cos, sin = cos.expand(B, 1, L, D).contiguous(), sin.expand(B, 1, L, D).contiguous()
+    out = torch.empty_like(x) if out is None else out
+    _rope_kernel[(B * H * L,)](x, cos, sin, out, H, L, D // 2, BLOCK=triton.next_power_of_2(D // 2))
+    return out
+
+
+# ---- confidence: top-1 token and its probability in one pass over the vocabulary ---------------
+
+
+@triton.jit
+def _confidence_kernel(logits_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, vocab, exclude,
+                       CHUNK: tl.constexpr):
+    """Online over vocabulary chunks: running max m, sum of exp(l - m) s, sum of exp(l - m) * l
+    (for the entropy) and the runner-up; never holds more than one chunk of a row."""
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * vocab
+    m = -float("inf")
+    second = -float("inf")
+    s = 0.0
+    sl = 0.0
+    best = 0
+    for start in range(0, vocab, CHUNK):
+        cols = start + tl.arange(0, CHUNK)
+        keep = (cols < vocab) & (cols != exclude)
+        x = tl.load(base + cols, mask=keep, other=-float("inf")).to(tl.float32)
+        cmax = tl.max(x, axis=0)
+        carg = tl.argmax(x, axis=0) + start
+        # runner-up inside this chunk: the max once the chunk's argmax is removed
+        csecond = tl.max(tl.where(cols == carg, -float("inf"), x), axis=0)
+        new_m = tl.maximum(m, cmax)
+        finite = new_m > -float("inf")  # False only while every logit so far is -inf
+        scale = tl.where(finite, tl.exp(m - new_m), 0.0)
+        e = tl.where(x > -float("inf"), tl.exp(x - new_m), 0.0)
+        s = s * scale + tl.sum(e, axis=0)
+        sl = sl * scale + tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
+        second = tl.maximum(tl.maximum(second, csecond), tl.minimum(m, cmax))
+        best = tl.where(cmax > m, carg, best)
+        m = new_m
+    lse = m + tl.log(s)
+    tl.store(token_ptr + row, best)
+    tl.store(prob_ptr + row, tl.exp(m - lse))
+    tl.store(margin_ptr + row, tl.exp(m - lse) - tl.exp(second - lse))
+    tl.store(entropy_ptr + row, lse - sl / s)
+
+
+def confidence_stats(logits: torch.Tensor, exclude: int = -1, chunk: int = 2048, fill=None):
+    """Per position: (top-1 token, its probability, top-1 minus top-2 probability, entropy),
+    the token `exclude` left out; probabilities in float32. `fill` pre-fills the outputs."""
+    rows = _rows(logits)
+    n = rows.shape[0]
+    token = torch.full((n,), -1 if fill is None else int(fill), dtype=torch.long, device=rows.device)
+    prob, margin, entropy = (torch.full((n,), float("nan") if fill is None else fill, dtype=torch.float32, device=rows.device)
+                             for _ in range(3))
+    _confidence_kernel[(n,)](rows, token, prob, margin, entropy, rows.shape[1], exclude, CHUNK=chunk)
+    shape = logits.shape[:-1]
+    return token.view(shape), prob.view(shape), margin.view(shape), entropy.view(shape)
+
+
+def confidence(logits: torch.Tensor):
+    """Dispatcher signature: (token, probability as float64)."""
+    token, prob, _, _ = confidence_stats(logits)
+    return token, prob.double()
+
+
+# ---- commit selection: threshold rule on [B, K] ------------------------------------------------
+
+
+@triton.jit
+def _threshold_commit_kernel(conf_ptr, masked_ptr, tau_ptr, commit_ptr, K, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    keep = cols < K
+    masked = tl.load(masked_ptr + row * K + cols, mask=keep, other=0) != 0
+    conf = tl.load(conf_ptr + row * K + cols, mask=keep, other=-float("inf"))
+    conf = tl.where(masked, conf, -float("inf"))
+    best = tl.max(conf, axis=0)
+    tau = tl.minimum(tl.load(tau_ptr + row), best)
+    tl.store(commit_ptr + row * K + cols, (masked & (conf >= tau)).to(tl.int8), mask=keep)
+
+
+def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """conf [B, K] float64, masked [B, K] bool, tau [B, 1] -> commit [B, K] int8 (1 = commit):
+    positions at or above tau, and always each row's most confident masked position."""
+    B, K = conf.shape
+    commit = torch.full((B, K), 7, dtype=torch.int8, device=conf.device)  # not 0/1: unwritten shows
+    _threshold_commit_kernel[(B,)](conf.contiguous(), masked.to(torch.int8).contiguous(), tau.reshape(B).to(conf.dtype).contiguous(),
+                                   commit, K, BLOCK=triton.next_power_of_2(K))
+    return commit
+
+
+KERNELS = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence}

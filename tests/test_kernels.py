@@ -1,0 +1,96 @@
+"""Each Triton kernel against its torch reference, run by Triton's interpreter on CPU.
+
+Fresh random inputs of ragged sizes, fp32 and fp16; every output is passed in filled with NaN
+(or an impossible value), so an element a kernel fails to write fails the comparison."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels import triton_ops as tk
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter evaluates both sides of tl.where
+
+
+def nan_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,cols", [(1, 48), (7, 100), (3, 257)])
+def test_rms_norm(dtype, rows, cols):
+    g = torch.Generator().manual_seed(rows * cols)
+    x = torch.randn(rows, cols, generator=g).to(dtype)
+    r = torch.randn(rows, cols, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(cols, generator=g)).to(dtype)
+    torch.testing.assert_close(tk.rms_norm(x, w, 1e-5, out=nan_like(x)), reference.rms_norm(x, w, 1e-5), rtol=2e-3, atol=2e-3)
+    normed, total = tk.rms_norm(x, w, 1e-5, residual=r, out=nan_like(x))
+    torch.testing.assert_close(total, x + r, rtol=0, atol=0)
+    torch.testing.assert_close(normed, reference.rms_norm(x + r, w, 1e-5), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_swiglu(dtype):
+    g = torch.Generator().manual_seed(1)
+    gate, up = (torch.randn(5, 3, 999, generator=g).to(dtype) for _ in range(2))
+    torch.testing.assert_close(tk.swiglu(gate, up, out=nan_like(up)), reference.swiglu(gate, up), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope(dtype):
+    from workers.models.llada import Rotary
+
+    g = torch.Generator().manual_seed(2)
+    B, H, L, D = 2, 3, 5, 16
+    x = torch.randn(B, H, L, D, generator=g).to(dtype)
+    positions = torch.randint(0, 300, (B, L), generator=g)
+    cos, sin = Rotary(D, 10000.0)(positions, dtype)
+    torch.testing.assert_close(tk.rope(x, cos, sin, out=nan_like(x)), reference.rope(x, cos, sin), rtol=2e-3, atol=2e-3)
+
+
+def reference_stats(logits, exclude):
+    x = logits.double()
+    if exclude >= 0:
+        x[..., exclude] = -torch.inf
+    p = torch.softmax(x, -1)
+    top = p.topk(2, dim=-1)
+    entropy = -(torch.where(p > 0, p * p.log(), 0.0)).sum(-1)
+    return top.indices[..., 0], top.values[..., 0], top.values[..., 0] - top.values[..., 1], entropy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab,chunk", [(1000, 256), (4097, 1024), (126_464, 8192)])
+def test_confidence(dtype, vocab, chunk):
+    g = torch.Generator().manual_seed(vocab)
+    rows = 3 if vocab > 100_000 else 6
+    logits = (4 * torch.randn(rows, vocab, generator=g)).to(dtype)
+    exclude = vocab - 3
+    logits[0, exclude] = 1e4 if dtype == torch.float32 else 6e4  # the excluded token would win
+    logits[1, : vocab // 2] = -torch.inf  # forbidden tokens
+    token, prob, margin, entropy = tk.confidence_stats(logits, exclude=exclude, chunk=chunk)  # outputs start as NaN / -1
+    ref_token, ref_prob, ref_margin, ref_entropy = reference_stats(logits, exclude)
+    assert torch.equal(token, ref_token)
+    torch.testing.assert_close(prob.double(), ref_prob, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(margin.double(), ref_margin, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
+    t2, p2 = tk.confidence(logits)  # the dispatcher's signature: nothing excluded, float64 probabilities
+    r2, rp2 = reference.confidence(logits)
+    assert torch.equal(t2, r2) and p2.dtype == torch.float64
+    torch.testing.assert_close(p2, rp2, rtol=1e-4, atol=1e-6)
+
+
+def test_threshold_commit_matches_the_decoder_rule():
+    from workers.decoders import _best_or_above
+
+    g = torch.Generator().manual_seed(3)
+    conf = torch.rand(5, 37, generator=g, dtype=torch.float64)
+    masked = torch.rand(5, 37, generator=g) < 0.6
+    masked[4] = False
+    tau = torch.tensor([[0.9], [0.5], [0.99], [0.1], [0.5]], dtype=torch.float64)
+    expected = masked & _best_or_above(torch.where(masked, conf, -torch.inf), tau)
+    commit = tk.threshold_commit(conf, masked, tau)  # starts as 7 everywhere
+    assert torch.equal(commit, expected.to(torch.int8))
