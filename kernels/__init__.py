@@ -51,4 +51,8 @@ def confidence(logits):
     return _pick("confidence", logits)(logits)
 
 
-__all__ = ["attention", "confidence", "reference", "rms_norm", "rope", "swiglu"]
+def threshold_commit(conf, masked, tau):
+    return _pick("threshold_commit", conf)(conf, masked, tau).bool()
+
+
+__all__ = ["attention", "confidence", "reference", "rms_norm", "rope", "swiglu", "threshold_commit"]

@@ -46,3 +46,11 @@ def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top, token = logits.max(dim=-1)
     prob = torch.exp(top.double() - torch.logsumexp(logits.double(), dim=-1))
     return token, prob
+
+
+def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """conf [B, K], masked [B, K] bool, tau [B, 1] -> commit [B, K] bool: every masked position
+    with conf >= tau, and always each row's most confident one (tau_eff = min(tau, best))."""
+    conf = torch.where(masked, conf, -torch.inf)
+    best = conf.max(dim=-1, keepdim=True).values
+    return masked & (conf >= torch.minimum(tau.to(conf.dtype), best))

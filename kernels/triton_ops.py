@@ -188,4 +188,62 @@ def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor
     return commit
 
 
-KERNELS = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence}
+# ---- attention of a block's queries over the KV cache -------------------------------------------
+
+
+@triton.jit
+def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, scale,
+                      sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, so_b, so_h, so_l,
+                      HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Bidirectional attention, online softmax over key blocks. Query head h reads KV head
+    h // (H // KV_H); keys with mask 0 are skipped."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    kvh = h // (H // KV_H)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :], mask=rows[:, None] < Lq, other=0.0)
+    m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    l = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for start in range(0, Lk, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        valid = cols < Lk
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + b * Lk + cols, mask=cols < Lk, other=0) != 0)
+        k = tl.load(k_ptr + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + dims[None, :], mask=(cols < Lk)[:, None], other=0.0)
+        v = tl.load(v_ptr + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + dims[None, :], mask=(cols < Lk)[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        scores = tl.where(valid[None, :], scores, -float("inf"))
+        new_m = tl.maximum(m, tl.max(scores, axis=1))
+        safe_m = tl.where(new_m > -float("inf"), new_m, 0.0)
+        p = tl.exp(scores - safe_m[:, None])
+        alpha = tl.exp(m - safe_m)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = new_m
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :], out.to(q.dtype), mask=rows[:, None] < Lq)
+
+
+def attention(q, k, v, key_mask, out=None, block_m: int = 32, block_n: int = 64):
+    """q [B, H, Lq, D]; k, v [B, KV_H, Lk, D] (views into the cache are fine: the last dim must be
+    contiguous); key_mask [B, Lk] bool or None -> [B, H, Lq, D]."""
+    B, H, Lq, D = q.shape
+    KV_H, Lk = k.shape[1], k.shape[2]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q
+    grid = (B * H, triton.cdiv(Lq, block_m))
+    _attention_kernel[grid](q, k, v, mask, out, H, KV_H, Lq, Lk, D ** -0.5,
+                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                            out.stride(0), out.stride(1), out.stride(2),
+                            HAS_MASK=key_mask is not None, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
+    return out
+
+
+KERNELS = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence, "attention": attention,
+           "threshold_commit": threshold_commit}

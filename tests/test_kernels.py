@@ -84,13 +84,31 @@ def test_confidence(dtype, vocab, chunk):
 
 
 def test_threshold_commit_matches_the_decoder_rule():
-    from workers.decoders import _best_or_above
-
     g = torch.Generator().manual_seed(3)
     conf = torch.rand(5, 37, generator=g, dtype=torch.float64)
     masked = torch.rand(5, 37, generator=g) < 0.6
     masked[4] = False
     tau = torch.tensor([[0.9], [0.5], [0.99], [0.1], [0.5]], dtype=torch.float64)
-    expected = masked & _best_or_above(torch.where(masked, conf, -torch.inf), tau)
+    expected = reference.threshold_commit(conf, masked, tau)
+    assert expected[2].sum() == 1 and not expected[4].any()  # the rule's two edges are exercised
     commit = tk.threshold_commit(conf, masked, tau)  # starts as 7 everywhere
     assert torch.equal(commit, expected.to(torch.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,KV,Lq,Lk,D", [(2, 4, 2, 9, 70, 32), (1, 3, 3, 32, 32, 16), (3, 6, 1, 5, 130, 64)])
+def test_attention_over_a_cache_view(dtype, B, H, KV, Lq, Lk, D):
+    """Queries of a block over keys that are a slice of a larger preallocated cache, with
+    per-request padding masks (one row's first keys hidden) and grouped KV heads."""
+    g = torch.Generator().manual_seed(B * 100 + Lk)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    cache_k = torch.randn(B + 1, KV, Lk + 17, D, generator=g).to(dtype)
+    cache_v = torch.randn(B + 1, KV, Lk + 17, D, generator=g).to(dtype)
+    k, v = cache_k[:B, :, :Lk], cache_v[:B, :, :Lk]
+    mask = torch.ones(B, Lk, dtype=torch.bool)
+    mask[0, : Lk // 3] = False
+    out = tk.attention(q, k, v, mask, out=nan_like(q))
+    expected = reference.attention(q.float(), k.float(), v.float(), mask).to(dtype)
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(tk.attention(q, k, v, None), reference.attention(q.float(), k.float(), v.float(), None).to(dtype), rtol=tol, atol=tol)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from workers.reference import transfer_counts
 from workers.sampling import predict, random_scores
 
@@ -29,8 +30,7 @@ def _column(values, device, dtype=torch.float64) -> torch.Tensor:
 def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     """Positions with conf >= tau, and always the most confident: tau_eff = min(tau, best) makes
     progress without a branch (conf is -inf where nothing may be committed)."""
-    best = conf.max(dim=-1, keepdim=True).values
-    return conf >= torch.minimum(tau, best)
+    return kernels.threshold_commit(conf, conf > -torch.inf, tau)
 
 
 class Decoder:
