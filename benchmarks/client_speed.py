@@ -55,6 +55,7 @@ async def client_rate(client, messages, params, concurrency):
 
 async def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--block-length", type=int, default=32)
@@ -65,13 +66,13 @@ async def main():
     examples = tasks.held_out(-(-args.prompts // len(tasks.TASKS)))[: args.prompts]
     messages = [ex.messages for ex in examples]
 
-    engine = Engine.from_pretrained(None)
+    engine = Engine.from_pretrained(args.model)
     prompts = [engine.encode(messages=m) for m in messages]
     engine_rate(engine, prompts[:4], params, 1)  # warm-up
     rows = []
     for concurrency in (1, 16):
         local = engine_rate(engine, prompts, params, concurrency)
-        async with Client(workers=1, threads=args.threads, max_batch_size=16) as client:
+        async with Client(model=args.model, workers=1, threads=args.threads, max_batch_size=16) as client:
             await client.generate(messages=messages[0], params=params)  # warm-up
             remote, ttfc = await client_rate(client, messages, params, concurrency)
         rows.append((concurrency, local, remote, ttfc))

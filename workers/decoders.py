@@ -70,13 +70,14 @@ class FixedDecoder(Decoder):
         self.counts = torch.tensor([transfer_counts(K, n) + [0] * (width - n) for n in per_block], device=device)
         self.steps = torch.tensor(per_block, device=device)
         self.random = torch.tensor([p.remasking == "random" for p in params], device=device)
+        self.any_random = any(p.remasking == "random" for p in params)  # decided on the host, once
 
     def done(self, step, masked_left):
         return self.steps <= step
 
     def select(self, logits, masked, step, generators):
         token, score = predict(logits, self.temperatures, generators)
-        if bool(self.random.any()):
+        if self.any_random:
             score = torch.where(self.random[:, None], random_scores(masked.shape[1], generators, masked.device), score)
         score = torch.where(masked, score, -torch.inf)
         count = self.counts[:, step : step + 1] if step < self.counts.shape[1] else torch.zeros_like(self.counts[:, :1])
@@ -192,6 +193,8 @@ class DecoderSet:
             self.groups.append((index, DECODERS[name]([params[i] for i in rows], device)))
 
     def select(self, logits, masked, step, generators):
+        if len(self.groups) == 1:  # the common case: one decoder for the whole batch
+            return self.groups[0][1].select(logits, masked, step, generators)
         token = torch.empty(masked.shape, dtype=torch.long, device=masked.device)
         commit = torch.zeros_like(masked)
         for index, decoder in self.groups:
@@ -201,6 +204,8 @@ class DecoderSet:
         return token, commit
 
     def done(self, step, masked_left) -> torch.Tensor:
+        if len(self.groups) == 1:
+            return self.groups[0][1].done(step, masked_left)
         out = torch.zeros(masked_left.shape[0], dtype=torch.bool, device=masked_left.device)
         for index, decoder in self.groups:
             out[index] = decoder.done(step, masked_left[index])

@@ -153,7 +153,7 @@ class StepUpdate:
 class BlockRound:
     """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`."""
 
-    def __init__(self, model, seqs: list[Sequence], cache):
+    def __init__(self, model, seqs: list[Sequence], cache, report: bool = True):
         cfg = model.config
         self.model, self.seqs = model, seqs
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
@@ -162,7 +162,13 @@ class BlockRound:
         self.decoders = DecoderSet([s.params for s in seqs], device)
         self.cache = cache  # a policy from workers.cache.make_cache
         self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
+        self.any_suppress = any(s.params.suppress_eos for s in seqs)
+        self.any_soft = any(s.params.soft_diffusion for s in seqs)
         self.row_done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+        # per-row counters stay on the device; copied to the requests when the block ends
+        self.forwards = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        self.committed = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        self.report = report  # build per-step updates (streaming); off, a step syncs the host once
         self.step_index = 0
         self.finished = False
 
@@ -174,6 +180,7 @@ class BlockRound:
         self.cache.keep_rows(cache_rows)
         self.decoders.keep(rows)
         self.suppress_eos, self.row_done = self.suppress_eos[rows], self.row_done[rows]
+        self.forwards, self.committed = self.forwards[rows], self.committed[rows]
         if self.seqs and bool(self.row_done.all()):
             self._finish()
 
@@ -183,36 +190,43 @@ class BlockRound:
         for s in seqs:
             s.generator.manual_seed(step_seed(s.seed, s.block, t))
         logits = self.cache.block_logits(batch.forward, batch, lo, hi, t)
-        logits = forbid_tokens(logits, self.mask_id, self.eos_id, self.suppress_eos)
+        logits = forbid_tokens(logits, self.mask_id, self.eos_id, self.suppress_eos if self.any_suppress else None)
         masked = batch.ids[:, lo:hi] == self.mask_id
         token, commit = self.decoders.select(logits, masked, t, [s.generator for s in seqs])
-        commit &= ~self.row_done[:, None]
+        working = ~self.row_done
+        commit &= working[:, None]
         batch.ids[:, lo:hi] = torch.where(commit, token, batch.ids[:, lo:hi])
-        working = (~self.row_done).tolist()
+        self.forwards += working  # a forward counts for a request only while it still had work
+        self.committed += commit.sum(-1)
         self.row_done |= self.decoders.done(t + 1, masked & ~commit)
-        self.finished = bool(self.row_done.all())
-        if not self.finished and bool(batch.soft_rows.any()):
+        self.finished = bool(self.row_done.all())  # the step's one host sync when not reporting
+        if not self.finished and self.any_soft:
             batch.set_soft(logits, masked & ~commit, t)
         self.step_index += 1
-
-        block = batch.ids[:, lo:hi].tolist()
-        commits = commit.tolist()
-        updates = []
-        for s, work, row, c in zip(seqs, working, block, commits):
-            if not work and not self.finished:
-                continue
-            s.forwards += work  # a forward counts for a request only while it still had work
-            newly = [j for j, flag in enumerate(c) if flag]
-            s.committed += len(newly)
-            updates.append(StepUpdate(s, s.block, row, newly, block_final=self.finished))
+        updates = self._updates(working, commit) if self.report or self.finished else []
         if self.finished:
             self._finish()
+        return updates
+
+    def _updates(self, working: torch.Tensor, commit: torch.Tensor) -> list[StepUpdate]:
+        """What changed for each request this step (all rows on the block's last step)."""
+        lo, hi = self.batch.block_start, self.batch.block_end
+        block, commits, work = self.batch.ids[:, lo:hi].tolist(), commit.tolist(), working.tolist()
+        updates = []
+        for s, w, row, c in zip(self.seqs, work, block, commits):
+            if w or self.finished:
+                updates.append(StepUpdate(s, s.block, row, [j for j, flag in enumerate(c) if flag], self.finished))
         return updates
 
     def _finish(self) -> None:
         """Every row has finished the block: write the blocks back into the requests' windows."""
         self.finished = True
         self.decoders.end_block()
+        for s, n, c in zip(self.seqs, self.forwards.tolist(), self.committed.tolist()):
+            s.forwards += n
+            s.committed += c
+        self.forwards.zero_()
+        self.committed.zero_()
         lo, hi = self.batch.block_start, self.batch.block_end
         K = hi - lo
         for s, row in zip(self.seqs, self.batch.ids[:, lo:hi].tolist()):

@@ -22,10 +22,11 @@ def step_seed(seed: int, block: int, step: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
-def forbid_tokens(logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos: torch.Tensor) -> torch.Tensor:
-    """Never predict the mask token; never predict EOS on rows whose `suppress_eos` [B] is set."""
+def forbid_tokens(logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos: torch.Tensor | None) -> torch.Tensor:
+    """Never predict the mask token; never predict EOS on rows whose `suppress_eos` [B] is set
+    (None: no row suppresses EOS)."""
     logits[..., mask_id] = -torch.inf
-    if bool(suppress_eos.any()):
+    if suppress_eos is not None:
         logits[suppress_eos, :, eos_id] = -torch.inf
     return logits
 

@@ -31,8 +31,10 @@ def group_key(params) -> tuple:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int = 32):
-        self.model, self.max_batch_size = model, max_batch_size
+    def __init__(self, model, max_batch_size: int = 32, report: bool = True):
+        """report: produce a StepUpdate per request per step (streaming); without it, updates
+        come only at block ends and a step syncs the host once."""
+        self.model, self.max_batch_size, self.report = model, max_batch_size, report
         cfg = model.config
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         self.device = model.lm_head_weight.device
@@ -98,7 +100,7 @@ class Scheduler:
         seqs = self.running.pop(key)
         self.running[key] = seqs
         self.round_key = key
-        self.round = BlockRound(self.model, seqs, make_cache(seqs[0].params, self.kv))
+        self.round = BlockRound(self.model, seqs, make_cache(seqs[0].params, self.kv), self.report)
         return True
 
     def _end_round(self) -> list[Finished]:
@@ -128,7 +130,7 @@ class Scheduler:
 def denoise(model, prompts: list[list[int]], params, seeds: list[int], max_batch_size: int = 64) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-    scheduler = Scheduler(model, max_batch_size)
+    scheduler = Scheduler(model, max_batch_size, report=False)
     seqs = [scheduler.add(i, p, q, s) for i, (p, q, s) in enumerate(zip(prompts, per_prompt, seeds, strict=True))]
     with torch.no_grad():
         while scheduler.has_work():
