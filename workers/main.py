@@ -11,7 +11,9 @@ a shared secret (read from an environment variable, never from the command line)
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import sys
 from urllib.parse import urlsplit
 
@@ -34,6 +36,18 @@ def check_endpoint(endpoint: str, allow_remote: bool, secret: str) -> str | None
     return None
 
 
+def exit_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the launching process dies (even mid-import), and turn
+    SIGTERM into SystemExit so the worker's cleanup (its socket file) still runs."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the serve loop's parent check still applies
+        pass
+    if os.getppid() == 1:  # the parent died before the request above took effect
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dinfer-worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local Hugging Face directory (default: the bundled model)")
@@ -46,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--secret-env", default="DINFER_SECRET", help="environment variable holding the shared secret")
     ap.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process is gone")
     args = ap.parse_args(argv)
+    if args.exit_with_parent:
+        exit_with_parent()
     secret = os.environ.get(args.secret_env, "")
     problem = check_endpoint(args.endpoint, args.allow_remote, secret)
     if problem:
