@@ -187,3 +187,39 @@ def test_output_file_cuts_a_partial_last_line_and_remembers_what_is_done(tmp_pat
     order.put(slots[1], {"id": "y"})
     out.close()
     assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == ["a", None, "x", "y", "z"]
+
+
+def test_keeps_max_concurrency_requests_in_flight(tmp_path, monkeypatch):
+    """With a stand-in client (no workers), the CLI keeps --max-concurrency requests in flight and
+    still writes records in input order although they finish out of order."""
+    import dinfer_async.client as client_module
+    from dinfer_async.client import Completion
+    from dinfer_async.protocol import Welcome
+
+    state = {"now": 0, "peak": 0}
+
+    class FakeClient:
+        def __init__(self, **kwargs):
+            self.welcome = Welcome(1, "fake", "t", 100, 256, 1, 2, 0)
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            pass
+
+        async def generate(self, prompt=None, messages=None, params=None):
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            await anyio.sleep(random.Random(messages[0]["content"]).uniform(0.001, 0.02))
+            state["now"] -= 1
+            stats = {"forwards": 1, "tokens": 1, "tokens_per_forward": 1.0, "seconds": 0.01}
+            return Completion(messages[0]["content"][::-1], [1], "eos", stats)
+
+    monkeypatch.setattr(client_module, "Client", FakeClient)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [ask(i) for i in range(200)]
+    write_lines(src, lines)
+    assert main([str(src), str(dst), "--max-concurrency", "16"]) == 0
+    assert state["peak"] == 16
+    assert [o["id"] for o in read_records(dst)] == [l["id"] for l in lines]
