@@ -1,6 +1,6 @@
 """Train the bundled model (workers/bundled/model) on the task suite, on CPU, by hand.
 
-    PYTHONPATH=. python tools/train_bundled.py --minutes 57 --out workers/bundled/model
+    PYTHONPATH=. python tools/train_bundled.py --minutes 45 --out workers/bundled/model
 
 LLaDA's SFT recipe: the prompt (chat template applied) is never masked; the answer is followed by
 EOS padding to a window; each answer token is masked with probability t ~ U(eps, 1); the loss on
@@ -35,8 +35,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 WINDOWS = (32, 64, 128, 256)
-WINDOW_WEIGHTS = (0.5, 0.25, 0.15, 0.1)
-ARCH = dict(d_model=192, n_heads=6, n_kv_heads=2, n_layers=6, mlp_hidden_size=512)
+WINDOW_WEIGHTS = (0.7, 0.15, 0.1, 0.05)
+ARCH = dict(d_model=192, n_heads=6, n_kv_heads=6, n_layers=4, mlp_hidden_size=512)
 
 
 def build_tokenizer(out: Path):
@@ -106,7 +106,7 @@ def main():
     ap.add_argument("--out", type=Path, default=Path("workers/bundled/model"))
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock training budget")
     ap.add_argument("--tokens-per-batch", type=int, default=4096)
-    ap.add_argument("--lr", type=float, default=2.5e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

@@ -1,0 +1,42 @@
+"""The bundled model really solves its tasks: an accuracy floor on fixed held-out prompts."""
+
+import pytest
+
+from dinfer_async import SamplingParams
+from workers import Engine
+from workers.bundled import tasks
+from workers.reference import reference_generate
+
+# Measured when the model was trained (see README, "The bundled model"); the floors sit a few
+# points below, so a regression in the model, the sampler or the engine fails here.
+REFERENCE_FLOOR = {"all": 0.14}
+ENGINE_FLOOR = {"all": 0.08}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_pretrained(None)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return tasks.held_out(per_task=10)
+
+
+def test_reference_sampler_accuracy(engine, examples):
+    cfg = engine.config
+    prompts = [engine.encode(messages=ex.messages) for ex in examples]
+    windows, _ = reference_generate(engine.model, prompts, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+                                    gen_length=32, block_length=32, steps=32)
+    texts = [engine.tokenizer.decode(w[: w.index(cfg.eos_token_id)] if cfg.eos_token_id in w else w,
+                                     skip_special_tokens=True) for w in windows]
+    ok, total = tasks.accuracy_table(examples, texts)["all"]
+    assert ok / total >= REFERENCE_FLOOR["all"], f"{ok}/{total}"
+
+
+def test_engine_default_accuracy_at_a_long_window(engine, examples):
+    """Default decoder and cache, gen_length 256: early stop and the long window must not hurt."""
+    results = engine.generate([engine.encode(messages=ex.messages) for ex in examples], SamplingParams(gen_length=256))
+    ok, total = tasks.accuracy_table(examples, [r.text for r in results])["all"]
+    assert ok / total >= ENGINE_FLOOR["all"], f"{ok}/{total}"
+    assert all(r.finish_reason == "eos" for r in results)
