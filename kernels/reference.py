@@ -30,13 +30,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """Bidirectional attention. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D]; key_mask: [B, Lk] bool
-    (True = attend). Grouped KV heads are shared by consecutive query heads."""
+    """Attention without a causal mask. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D]; key_mask: [B, Lk]
+    bool (True = attend), or [B, Lq, Lk] for per-query masks (block-causal models). Grouped KV
+    heads are shared by consecutive query heads."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    mask = None if key_mask is None else key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 

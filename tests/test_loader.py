@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tests.tiny_models import left_padded_batch
 from workers.errors import ModelConfigError, ModelLoadError
 from workers.loader import load_model, save_model
 
@@ -25,12 +26,7 @@ LM_HEAD = "model.transformer.ff_out.weight"
 
 def sample_inputs(raw: dict, seed: int = 0):
     """Two rows of 7 tokens, the second left-padded by 2, with matching positions and key mask."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, raw["vocab_size"], (2, 7), generator=gen)
-    key_mask = torch.ones(2, 7, dtype=torch.bool)
-    key_mask[1, :2] = False
-    positions = torch.stack([torch.arange(7), (torch.arange(7) - 2).clamp(min=0)])
-    return ids, positions, key_mask
+    return left_padded_batch(raw, [7, 5], seed)
 
 
 def tensors_of(model) -> dict[str, torch.Tensor]:

@@ -1,49 +1,25 @@
 """LLaDA forward pass checked against a deliberately naive re-implementation written here.
 
 The reference below loops over batch rows and attention heads and spells out every formula
-(RMSNorm, rotate-half RoPE from cos/sin per position, softmax, SwiGLU). It shares no code with
-`workers` or `kernels`, so a wrong sign, a wrong head grouping or a skipped norm weight in the
-model makes the comparison fail. Everything runs in float64 so the tolerance can be tight.
+(RMSNorm, rotate-half RoPE from cos/sin per position and softmax attention from tests/naive.py,
+SwiGLU under LLaDA's names here). It shares no code with `workers` or `kernels`, so a wrong
+sign, a wrong head grouping or a skipped norm weight in the model makes the comparison fail.
+Everything runs in float64 so the tolerance can be tight.
 """
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
 import torch
 
+from tests.naive import naive_attention_head, naive_rms_norm, naive_rope
+
 F64 = torch.float64
 
 
 # ---------------------------------------------------------------- naive reference
-
-
-def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight, row by row."""
-    rows = [x[i] / math.sqrt(float((x[i] * x[i]).mean()) + eps) for i in range(x.shape[0])]
-    return torch.stack(rows) * weight
-
-
-def naive_rope(x: torch.Tensor, positions: list[int], theta: float) -> torch.Tensor:
-    """Rotate each (x[i], x[i + D/2]) pair of the vector at position p by p * theta^(-2i/D)."""
-    length, dim = x.shape
-    half = dim // 2
-    out = torch.empty_like(x)
-    for t in range(length):
-        for i in range(half):
-            angle = positions[t] * theta ** (-(2 * i) / dim)
-            c, s = math.cos(angle), math.sin(angle)
-            a, b = x[t, i], x[t, i + half]
-            out[t, i] = a * c - b * s
-            out[t, i + half] = b * c + a * s
-    return out
-
-
-def naive_softmax(scores: torch.Tensor) -> torch.Tensor:
-    e = torch.exp(scores - scores.max(dim=-1, keepdim=True).values)
-    return e / e.sum(dim=-1, keepdim=True)
 
 
 def naive_forward(model, input_ids, positions, key_mask=None) -> torch.Tensor:
@@ -67,10 +43,7 @@ def naive_forward(model, input_ids, positions, key_mask=None) -> torch.Tensor:
                 g = hq // (H // Hkv)  # the kv head this query head reads
                 qh = naive_rope(q[:, hq * D : (hq + 1) * D], pos, cfg.rope_theta)
                 kh = naive_rope(k[:, g * D : (g + 1) * D], pos, cfg.rope_theta)
-                vh = v[:, g * D : (g + 1) * D]
-                scores = (qh @ kh.T) / math.sqrt(D)
-                scores[:, ~allowed] = -math.inf
-                heads.append(naive_softmax(scores) @ vh)
+                heads.append(naive_attention_head(qh, kh, v[:, g * D : (g + 1) * D], allowed))
             x = x + torch.cat(heads, dim=-1) @ w[p + "attn_out.weight"].T
             h = naive_rms_norm(x, w[p + "ff_norm.weight"], cfg.rms_norm_eps)
             gate, up = h @ w[p + "ff_proj.weight"].T, h @ w[p + "up_proj.weight"].T

@@ -8,6 +8,9 @@
           before and `after_look` after it, attending with that window fresh without writing it
           back (the cache keeps the refresh's values).
 
+With a model whose logits are shifted (Dream: column c predicts column c + 1), every policy
+also feeds the column before the block, whose logits predict the block's first position.
+
 The cache is preallocated for the largest batch and written in place with post-RoPE keys; the
 fed tokens overwrite their own slots, so a step attends over the cache as it now stands.
 """
@@ -66,8 +69,11 @@ class Overlay:
 
 
 class NoCache:
+    def end_block(self, batch, seqs) -> None:
+        pass
+
     def block_logits(self, run, batch, start, end, step):
-        return run(batch.ids, batch.positions, batch.real)[:, start:end]
+        return run(batch.ids, batch.positions, batch.real)[:, start - batch.shift : end - batch.shift]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         pass
@@ -79,15 +85,19 @@ class _RefreshingCache:
     def __init__(self, kv: KVCache):
         self.kv = kv
 
+    def end_block(self, batch, seqs) -> None:
+        pass
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.kv.keep_rows(rows)
 
     def block_logits(self, run, batch, start, end, step):
+        s = batch.shift
         if step == 0:
             self.kv.reserve(batch.cache_rows, batch.length)
-            return run(batch.ids, batch.positions, batch.real, self.kv, 0)[:, start:end]
-        stop = self._feed_end(batch, end)
-        logits = run(batch.ids[:, start:stop], batch.positions[:, start:stop], batch.real, self.kv, start)
+            return run(batch.ids, batch.positions, batch.real, self.kv, 0)[:, start - s : end - s]
+        stop, lo = self._feed_end(batch, end), start - s
+        logits = run(batch.ids[:, lo:stop], batch.positions[:, lo:stop], batch.real, self.kv, lo)
         return logits[:, : end - start]
 
 
@@ -109,15 +119,57 @@ class VicinityCache(_RefreshingCache):
     def block_logits(self, run, batch, start, end, step):
         if step == 0:
             return super().block_logits(run, batch, start, end, step)
-        lo, hi = max(0, start - self.before), min(batch.length, end + self.after)
+        s = batch.shift
+        lo, hi = max(0, start - max(self.before, s)), min(batch.length, end + self.after)
         logits = run(batch.ids[:, lo:hi], batch.positions[:, lo:hi], batch.real, Overlay(self.kv), lo)
-        return logits[:, start - lo : end - lo]
+        return logits[:, start - s - lo : end - s - lo]
 
 
-def make_cache(params, kv: KVCache):
+class BlockCausalCache(DualCache):
+    """Block-causal models (LLaDA2): a finished block never sees later ones, so its keys and
+    values are final. Each request keeps its own copy of them across rounds (`Sequence.kv`); a
+    block's first step restores that copy into the batch cache and feeds only what is not in it:
+    the block just finished (its commit folded into this forward) and the new block. New
+    requests feed their prompt once. Guided rows (cfg) feed everything, as their unconditional
+    copies have no stored keys. Every cache policy means this one for such models."""
+
+    def block_logits(self, run, batch, start, end, step):
+        if step > 0:
+            return super().block_logits(run, batch, start, end, step)
+        self.kv.reserve(batch.cache_rows, batch.length)
+        stored = [0 if len(batch.guided) else seq.kv_len for seq in batch.seqs]
+        lo = min([start - batch.shift] + [a + n for a, n in zip(batch.row_start, stored)])
+        # columns before `lo` are not fed: padding there is hidden from attention but must not
+        # hold NaN left by an earlier round (0 x NaN is NaN); then each row's stored keys
+        self.kv.k[:, : batch.cache_rows, :, :lo] = 0
+        self.kv.v[:, : batch.cache_rows, :, :lo] = 0
+        for i, (seq, a, n) in enumerate(zip(batch.seqs, batch.row_start, stored)):
+            if not n:
+                continue
+            self.kv.k[:, i, :, a : a + n] = seq.kv[0][:, :, :n]
+            self.kv.v[:, i, :, a : a + n] = seq.kv[1][:, :, :n]
+        logits = run(batch.ids[:, lo:], batch.positions[:, lo:], batch.real, self.kv, lo)
+        return logits[:, start - batch.shift - lo : end - batch.shift - lo]
+
+    def end_block(self, batch, seqs) -> None:
+        """Keep each request's keys and values up to the block's start (the block itself was
+        computed before its last commit; the next round feeds it)."""
+        for i, seq in enumerate(seqs):
+            a, n = batch.row_start[i], batch.block_start - batch.row_start[i]
+            if seq.kv is None:
+                shape = (self.kv.k.shape[0], self.kv.k.shape[2], len(seq.prompt) + len(seq.window), self.kv.k.shape[4])
+                seq.kv = (self.kv.k.new_empty(shape), self.kv.v.new_empty(shape))
+            seq.kv[0][:, :, :n] = self.kv.k[:, i, :, a : a + n]
+            seq.kv[1][:, :, :n] = self.kv.v[:, i, :, a : a + n]
+            seq.kv_len = n
+
+
+def make_cache(params, kv: KVCache, block_causal: bool = False):
     """The policy `params.cache` names, using the preallocated `kv` where it needs one."""
     if params.cache == "none":
         return NoCache()
+    if block_causal:
+        return BlockCausalCache(kv)
     if params.cache == "prefix":
         return PrefixCache(kv)
     if params.cache == "dual":

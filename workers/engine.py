@@ -83,7 +83,11 @@ class Engine:
             raise InvalidRequestError(field, "is empty; give at least one token")
         if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in ids):
             raise InvalidRequestError(field, f"token ids must be integers in [0, {self.config.vocab_size})")
-        if len(ids) + params.gen_length > self.config.max_sequence_length:
+        # a block-causal model decodes whole blocks from the first token: up to a block more
+        padded = len(ids) + params.gen_length
+        if self.model.block_causal:
+            padded += -padded % params.block_length
+        if padded > self.config.max_sequence_length:
             raise InvalidRequestError(
                 field,
                 f"prompt of {len(ids)} tokens + gen_length {params.gen_length} exceeds the model's "

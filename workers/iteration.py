@@ -13,19 +13,28 @@ from dataclasses import dataclass
 import torch
 
 from workers.decoders import DecoderSet
+from workers.models.llada2 import block_causal_mask
 from workers.sampling import forbid_tokens, step_seed
 
 
 @dataclass
 class Sequence:
-    """One request's state across rounds."""
+    """One request's state across rounds.
+
+    `window` holds the positions decoded block by block. Usually it is exactly the gen_length
+    answer positions. For block-causal models (LLaDA2) blocks sit at multiples of block_length
+    from the first token, as the model was trained: the prompt's last partial block then opens
+    the window already committed (`skip` tokens), and the window runs to the end of the block
+    holding the last answer position; only [skip, skip + gen_length) is the answer.
+    """
 
     id: object
     prompt: list[int]
     params: object  # SamplingParams, validated
     seed: int
-    window: list[int]  # gen_length ids; mask until committed
+    window: list[int]  # ids decoded block by block; mask until committed
     generator: torch.Generator
+    skip: int = 0  # window positions before the answer (a block-causal prompt's tail)
     block: int = 0  # the block the next round decodes
     forwards: int = 0
     committed: int = 0
@@ -33,10 +42,33 @@ class Sequence:
     admitted_at: float = 0.0
     seconds: float = 0.0
     aborted: bool = False
+    kv: tuple | None = None  # block-causal models: this request's final keys and values
+    kv_len: int = 0  # ... valid for its first kv_len tokens (prompt head + finished blocks)
+
+    @classmethod
+    def create(cls, id, prompt: list[int], params, seed: int, mask_id: int, device, block_aligned: bool = False):
+        K, tail = params.block_length, len(prompt) % params.block_length if block_aligned else 0
+        head, tail_ids = list(prompt[: len(prompt) - tail]), list(prompt[len(prompt) - tail :])
+        length = -(-(tail + params.gen_length) // K) * K
+        window = tail_ids + [mask_id] * (length - tail)
+        return cls(id, head, params, seed, window, torch.Generator(device=device), skip=tail)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.window) // self.params.block_length
+
+    def span(self, block: int) -> tuple[int, int]:
+        """The answer positions of `block`, as window indices [lo, hi)."""
+        K = self.params.block_length
+        return max(block * K, self.skip), min((block + 1) * K, self.skip + self.params.gen_length)
+
+    def generated(self) -> list[int]:
+        return self.window[self.skip : self.skip + self.params.gen_length]
 
     def answer(self, eos_id: int) -> list[int]:
-        """The window up to (not including) the first EOS."""
-        return self.window[: self.window.index(eos_id)] if eos_id in self.window else list(self.window)
+        """The answer positions up to (not including) the first EOS."""
+        ids = self.generated()
+        return ids[: ids.index(eos_id)] if eos_id in ids else ids
 
     def stats(self, eos_id: int) -> dict:
         tokens = len(self.answer(eos_id))
@@ -57,13 +89,16 @@ class Batch:
     what it would alone."""
 
     def __init__(self, model, seqs: list[Sequence], mask_id: int, pad_id: int, device):
-        self.model, self.mask_id = model, mask_id
+        self.model, self.mask_id, self.seqs = model, mask_id, seqs
+        self.shift = model.logit_shift  # logits of column c predict column c + shift (Dream: 1)
         K = seqs[0].params.block_length
         lefts = [s.prompt + s.window[: s.block * K] for s in seqs]
-        rights = [s.window[(s.block + 1) * K :] for s in seqs]
+        # a block-causal model's block never sees what follows it: the round stops at the block
+        rights = [[] if model.block_causal else s.window[(s.block + 1) * K :] for s in seqs]
         C, S = max(map(len, lefts)), max(map(len, rights))
-        self.block_start, self.block_end, self.length = C, C + K, C + K + S
+        self.block_start, self.block_end, self.length, self.block_length = C, C + K, C + K + S, K
         B = len(seqs)
+        self.row_start = [C - len(left) for left in lefts]  # each row's first real column
         self.ids = torch.full((B, self.length), pad_id, dtype=torch.long, device=device)
         self.real = torch.zeros(B, self.length, dtype=torch.bool, device=device)
         self.positions = torch.zeros(B, self.length, dtype=torch.long, device=device)
@@ -74,7 +109,7 @@ class Batch:
             self.ids[i, lo:hi] = torch.tensor(row, device=device)
             self.real[i, lo:hi] = True
             self.positions[i, lo:] = torch.arange(self.length - lo, device=device)
-            self.in_prompt[i, lo : lo + len(s.prompt)] = True
+            self.in_prompt[i, lo : lo + len(s.prompt) + s.skip] = True
         self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
         self._row_options(seqs)
 
@@ -89,6 +124,7 @@ class Batch:
         """Only `rows` stay (mid-block, e.g. after an abort). Returns the cache rows to keep:
         the kept rows, then their unconditional copies."""
         cache_rows = torch.cat([rows, self.rows + torch.nonzero(torch.isin(self.guided, rows))[:, 0]])
+        self.seqs, self.row_start = seqs, [self.row_start[i] for i in rows.tolist()]
         self.ids, self.real = self.ids[rows], self.real[rows]
         self.positions, self.in_prompt = self.positions[rows], self.in_prompt[rows]
         if self.soft is not None:
@@ -104,9 +140,13 @@ class Batch:
         """Logits for `ids`, which sit at columns [start, start + n): guided rows also run their
         unconditional copy (prompt masked) as extra rows; soft inputs replace masked block inputs."""
         n, g = ids.shape[1], self.guided
+        key_positions = self.positions
         if len(g):
             uncond = torch.where(self.in_prompt[g, start : start + n], self.mask_id, ids[g])
             ids, positions, real = torch.cat([ids, uncond]), torch.cat([positions, positions[g]]), torch.cat([real, real[g]])
+            key_positions = torch.cat([key_positions, key_positions[g]])
+        if self.model.block_causal:
+            real = block_causal_mask(positions, key_positions, self.block_length, real)
         logits = self.model(ids, positions, real, cache=cache, start=start, inputs_embeds=self._inputs(ids, start))
         if not len(g):
             return logits
@@ -209,19 +249,22 @@ class BlockRound:
         return updates
 
     def _updates(self, working: torch.Tensor, commit: torch.Tensor) -> list[StepUpdate]:
-        """What changed for each request this step (all rows on the block's last step)."""
+        """What changed for each request this step (all rows on the block's last step), limited
+        to the block's answer positions."""
         lo, hi = self.batch.block_start, self.batch.block_end
         block, commits, work = self.batch.ids[:, lo:hi].tolist(), commit.tolist(), working.tolist()
         updates = []
         for s, w, row, c in zip(self.seqs, work, block, commits):
             if w or self.finished:
-                updates.append(StepUpdate(s, s.block, row, [j for j, flag in enumerate(c) if flag], self.finished))
+                a, b = (i - s.block * (hi - lo) for i in s.span(s.block))
+                updates.append(StepUpdate(s, s.block, row[a:b], [j - a for j in range(a, b) if c[j]], self.finished))
         return updates
 
     def _finish(self) -> None:
         """Every row has finished the block: write the blocks back into the requests' windows."""
         self.finished = True
         self.decoders.end_block()
+        self.cache.end_block(self.batch, self.seqs)
         for s, n, c in zip(self.seqs, self.forwards.tolist(), self.committed.tolist()):
             s.forwards += n
             s.committed += c

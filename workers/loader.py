@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from workers.errors import ModelConfigError, ModelLoadError
-from workers.models import FAMILIES
+from workers.models import FAMILIES, family_name
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 INDEX = "model.safetensors.index.json"
@@ -62,10 +62,10 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
     """Build the model that config.json's `model_type` names and fill it from the shards."""
     path = Path(path)
     raw = read_config(path)
-    model_type = raw.get("model_type")
-    if model_type not in FAMILIES:
+    model_type = family_name(raw)
+    if model_type is None:
         raise ModelConfigError(
-            f"config.json: model_type={model_type!r} is not supported; supported: {sorted(FAMILIES)}"
+            f"config.json: model_type={raw.get('model_type')!r} is not supported; supported: {sorted(FAMILIES)}"
         )
     config_cls, model_cls = FAMILIES[model_type]
     config = config_cls.from_dict(raw)

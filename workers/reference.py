@@ -13,6 +13,13 @@ order, a (block_length, vocab)
 float64 uniform tensor for the Gumbel noise (only when temperature > 0) and a block_length
 float64 uniform vector (only for random remasking).
 
+Other families: a model with `logit_shift` (Dream) has its logits moved right by that many
+columns, its first column's kept, as Dream's sampler does. A `block_causal` model (LLaDA2) is
+decoded one prompt at a time as LLaDA2's sampler does: blocks sit at multiples of block_length
+from the first token, the prompt's last partial block is decoded with the first answer tokens,
+each forward covers the sequence up to the current block's end under the block-causal mask,
+and the answer is the gen_length positions after the prompt.
+
 Two choices beyond the published code, shared with the engine: the mask token is never
 predicted (its logit is -inf), and `suppress_eos` sets EOS's logit to -inf as well.
 Prompts of different lengths are left-padded; padding is hidden from attention and RoPE
@@ -49,13 +56,21 @@ def reference_generate(
     seeds: list[int] | None = None,
 ) -> tuple[list[list[int]], int]:
     """Return each prompt's generated window (gen_length ids) and the number of model calls."""
+    if getattr(model, "block_causal", False) and len(prompts) > 1:
+        options = dict(mask_id=mask_id, eos_id=eos_id, gen_length=gen_length, block_length=block_length, steps=steps,
+                       temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, suppress_eos=suppress_eos)
+        alone = [reference_generate(model, [p], seeds=[seed], **options) for p, seed in zip(prompts, seeds or [0] * len(prompts))]
+        return [w[0] for w, _ in alone], sum(n for _, n in alone)
     assert gen_length % block_length == 0, "gen_length must be a multiple of block_length"
     num_blocks = gen_length // block_length
     assert steps % num_blocks == 0, "steps must be a multiple of the number of blocks"
     steps_per_block = steps // num_blocks
     device = model.lm_head_weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
-    L = P + gen_length
+    shift, aligned = getattr(model, "logit_shift", 0), getattr(model, "block_causal", False)
+    tail = P % block_length if aligned else 0  # answer starts inside the prompt's last block
+    num_blocks = -(-(tail + gen_length) // block_length)
+    L = P - tail + num_blocks * block_length
 
     x = torch.full((B, L), mask_id, dtype=torch.long, device=device)
     real = torch.zeros(B, L, dtype=torch.bool, device=device)
@@ -72,16 +87,24 @@ def reference_generate(
 
     forwards = 0
     for block in range(num_blocks):
-        start, end = P + block * block_length, P + (block + 1) * block_length
+        start, end = P - tail + block * block_length, P - tail + (block + 1) * block_length
         counts = transfer_counts(block_length, steps_per_block)
+        # a block-causal model sees nothing after the block; the block sees itself and what precedes
+        seen = end if aligned else L
+        keys = real[:, :seen]
+        if aligned:
+            blocks = torch.arange(seen, device=device) // block_length
+            keys = keys[:, None, :] & (blocks[None, :] <= blocks[:, None])[None]
         for step in range(steps_per_block):
             if cfg_scale > 0:
-                unconditional = torch.where(is_prompt, mask_id, x)
-                both = model(torch.cat([x, unconditional]), positions.repeat(2, 1), real.repeat(2, 1)).double()
+                unconditional = torch.where(is_prompt, mask_id, x)[:, :seen]
+                both = model(torch.cat([x[:, :seen], unconditional]), positions[:, :seen].repeat(2, 1), keys.repeat(2, *[1] * (keys.dim() - 1))).double()
                 cond, uncond = both.chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:
-                logits = model(x, positions, real).double()
+                logits = model(x[:, :seen], positions[:, :seen], keys).double()
+            if shift:
+                logits = torch.cat([logits[:, :shift], logits[:, :-shift]], dim=1)
             forwards += 1
             logits[..., mask_id] = -torch.inf
             if suppress_eos:
@@ -106,4 +129,4 @@ def reference_generate(
                 k = min(counts[step], int(still_masked.sum()))
                 chosen = torch.sort(-score, stable=True).indices[:k]  # ties: leftmost first
                 x[i, start + chosen] = prediction[chosen]
-    return [row[P:].tolist() for row in x], forwards
+    return [row[P : P + gen_length].tolist() for row in x], forwards

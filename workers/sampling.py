@@ -45,7 +45,9 @@ def predict(logits: torch.Tensor, temperatures: list[float], generators: list[to
         token[i] = (row.double() - t * torch.log(-torch.log(u))).argmax(-1)
         lse = torch.logsumexp(row.to(compute), dim=-1)
         prob[i] = torch.exp(row.gather(-1, token[i][:, None])[:, 0].to(compute) - lse).double()
-    return token, prob
+    # a NaN confidence (a broken model or checkpoint) would never pass "the best one commits"
+    # and a block would step forever; as 0 it still lets every step commit something
+    return token, torch.nan_to_num(prob, nan=0.0)
 
 
 def random_scores(width: int, generators: list[torch.Generator], device) -> torch.Tensor:

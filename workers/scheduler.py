@@ -45,7 +45,7 @@ class Scheduler:
         self.round_key: tuple | None = None
 
     def add(self, id, prompt: list[int], params, seed: int) -> Sequence:
-        seq = Sequence(id, list(prompt), params, seed, [self.mask_id] * params.gen_length, torch.Generator(device=self.device))
+        seq = Sequence.create(id, prompt, params, seed, self.mask_id, self.device, self.model.block_causal)
         seq.admitted_at = time.perf_counter()
         self.waiting.append(seq)
         return seq
@@ -100,23 +100,23 @@ class Scheduler:
         seqs = self.running.pop(key)
         self.running[key] = seqs
         self.round_key = key
-        self.round = BlockRound(self.model, seqs, make_cache(seqs[0].params, self.kv), self.report)
+        self.round = BlockRound(self.model, seqs, make_cache(seqs[0].params, self.kv, self.model.block_causal), self.report)
         return True
 
     def _end_round(self) -> list[Finished]:
         done: list[Finished] = []
         seqs = self.running[self.round_key]
         for seq in seqs:
-            K = seq.params.block_length
-            block = seq.window[seq.block * K : (seq.block + 1) * K]
+            lo, hi = seq.span(seq.block)
             seq.block += 1
-            if seq.params.early_stop and self.eos_id in block:
-                cut = seq.window.index(self.eos_id)
+            if seq.params.early_stop and self.eos_id in seq.window[lo:hi]:
+                cut = seq.window.index(self.eos_id, seq.skip)
                 seq.window[cut:] = [self.eos_id] * (len(seq.window) - cut)
                 seq.finish_reason = "eos"
-            elif seq.block == seq.params.num_blocks:
-                seq.finish_reason = "eos" if self.eos_id in seq.window else "length"
+            elif seq.block == seq.num_blocks:
+                seq.finish_reason = "eos" if self.eos_id in seq.generated() else "length"
             if seq.finish_reason:
+                seq.kv = None
                 seq.seconds = time.perf_counter() - seq.admitted_at
                 if not seq.aborted:
                     done.append(Finished(seq))

@@ -182,8 +182,8 @@ class Worker:
     # ---- chunks --------------------------------------------------------------------------------
 
     def chunk(self, live: Live, u) -> wire.Chunk:
-        seq, K = u.seq, u.seq.params.block_length
-        window = seq.window[: u.block * K] + u.block_tokens
+        seq = u.seq
+        window = seq.window[seq.skip : seq.span(u.block)[0]] + u.block_tokens
         stable = window[: window.index(self.mask_id)] if self.mask_id in window else window
         if self.eos_id in stable:
             stable = stable[: stable.index(self.eos_id)]
@@ -204,8 +204,9 @@ class Worker:
 
     def final_chunk(self, live: Live) -> wire.Chunk:
         seq = live.seq
-        K, block = seq.params.block_length, seq.block - 1
-        return self.chunk(live, StepUpdate(seq, block, seq.window[block * K : (block + 1) * K], [], True))
+        block = seq.block - 1
+        lo, hi = seq.span(block)
+        return self.chunk(live, StepUpdate(seq, block, seq.window[lo:hi], [], True))
 
     def block_text(self, tokens: list[int]) -> str:
         """The block's text with each undecided position shown as MASK_TEXT."""

@@ -13,6 +13,7 @@ from torch import nn
 
 import kernels
 from workers.errors import ModelConfigError
+from workers.models.layers import ConfigFields, DiffusionLM, RMSNorm, Rotary, rotary_attention
 
 
 @dataclass(frozen=True)
@@ -37,17 +38,10 @@ class LLaDAConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LLaDAConfig":
-        def need(field: str):
-            if raw.get(field) is None:
-                raise ModelConfigError(f"config.json: field {field!r} is missing; LLaDA checkpoints define it")
-            return raw[field]
-
-        if raw.get("mask_token_id") is None:
-            raise ModelConfigError(
-                "config.json: field 'mask_token_id' is missing; a diffusion model needs the id of its "
-                "mask token (LLaDA uses 126336): add it to config.json"
-            )
-        unsupported = {
+        fields = ConfigFields(raw, "LLaDA dense")
+        need = fields.need
+        need("mask_token_id", fix="a diffusion model needs the id of its mask token (LLaDA uses 126336): add it to config.json")
+        fields.only({
             "block_type": ("llama", None),
             "layer_norm_type": ("rms", None),
             "activation_type": ("silu", "swiglu", None),
@@ -57,13 +51,7 @@ class LLaDAConfig:
             "include_qkv_bias": (False, None),
             "attention_layer_norm": (False, None),
             "scale_logits": (False, None),
-        }
-        for field, allowed in unsupported.items():
-            if raw.get(field) not in allowed:
-                raise ModelConfigError(
-                    f"config.json: {field}={raw.get(field)!r} is not supported for LLaDA dense "
-                    f"(supported: {[a for a in allowed if a is not None]})"
-                )
+        })
         d_model, n_heads = int(need("d_model")), int(need("n_heads"))
         n_kv_heads = int(raw.get("n_kv_heads") or n_heads)
         if d_model % n_heads or n_heads % n_kv_heads:
@@ -92,32 +80,6 @@ class LLaDAConfig:
         )
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)
-
-
-class Rotary(nn.Module):
-    """cos/sin tables for given positions, in at least fp32 (LLaDA's `rope_full_precision`)."""
-
-    def __init__(self, head_dim: int, theta: float):
-        super().__init__()
-        self.head_dim, self.theta = head_dim, theta
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        compute = torch.promote_types(dtype, torch.float32)
-        exponent = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=compute) / self.head_dim
-        inv_freq = 1.0 / (self.theta**exponent)
-        angles = positions.to(compute)[..., None] * inv_freq  # [B, L, D/2]
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # [B, 1, L, D]
-        return angles.cos(), angles.sin()
-
-
 class Block(nn.Module):
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -139,22 +101,15 @@ class Block(nn.Module):
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = kernels.rope(q, cos, sin), kernels.rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.attend(layer, k, v, start)
-        a = kernels.attention(q, k, v, key_mask)
-        x = x + self.attn_out(a.transpose(1, 2).reshape(B, L, -1))
+        x = x + self.attn_out(rotary_attention(q, k, v, cos, sin, key_mask, cache, layer, start))
         h = self.ff_norm(x)
         return x + self.ff_out(kernels.swiglu(self.ff_proj(h), self.up_proj(h)))
 
 
-class LLaDAModel(nn.Module):
-    """forward(input_ids, positions, key_mask, cache=None, start=0) -> logits [B, L, vocab_size].
-
-    `positions` are RoPE positions (rows of a left-padded batch start at 0 at their first real
-    token); `key_mask` [B, Lk] marks keys that may be attended to. With a `cache`, the fed tokens
-    sit at sequence offset `start` and attend over the cache (see workers.cache).
-    """
+class LLaDAModel(DiffusionLM):
+    """The DiffusionLM contract over `model.transformer` (wte, blocks, ln_f, and ff_out unless
+    weight_tying). The embedding may have more rows than the vocabulary (`embedding_size`); the
+    logits keep the first vocab_size."""
 
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -172,22 +127,18 @@ class LLaDAModel(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.transformer["wte"]
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer["blocks"]
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.transformer["ln_f"]
+
+    @property
     def lm_head_weight(self) -> torch.Tensor:
         t = self.model.transformer
         return t["wte"].weight if self.config.weight_tying else t["ff_out"].weight
-
-    @property
-    def embed_weight(self) -> torch.Tensor:
-        return self.model.transformer["wte"].weight
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.transformer["wte"](input_ids)
-
-    def forward(self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None):
-        t = self.model.transformer
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self.rotary(positions, x.dtype)
-        for i, block in enumerate(t["blocks"]):
-            x = block(x, cos, sin, key_mask, cache, i, start)
-        x = t["ln_f"](x)
-        return nn.functional.linear(x, self.lm_head_weight[: self.config.vocab_size])
