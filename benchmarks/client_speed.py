@@ -21,9 +21,11 @@ from workers import Engine
 from workers.bundled import tasks
 
 
-def engine_rate(engine, prompts, params, concurrency):
+def engine_rate(engine, messages, params, concurrency):
+    """The same work as the client path minus the processes: chat template, tokenize, generate."""
     engine.max_batch_size = concurrency
     begin = time.perf_counter()
+    prompts = [engine.encode(messages=m) for m in messages]
     if concurrency == 1:
         results = [engine.generate([p], params)[0] for p in prompts]
     else:
@@ -67,11 +69,10 @@ async def main():
     messages = [ex.messages for ex in examples]
 
     engine = Engine.from_pretrained(args.model)
-    prompts = [engine.encode(messages=m) for m in messages]
-    engine_rate(engine, prompts[:4], params, 1)  # warm-up
+    engine_rate(engine, messages[:4], params, 1)  # warm-up
     rows = []
     for concurrency in (1, 16):
-        local = engine_rate(engine, prompts, params, concurrency)
+        local = engine_rate(engine, messages, params, concurrency)
         async with Client(model=args.model, workers=1, threads=args.threads, max_batch_size=16) as client:
             await client.generate(messages=messages[0], params=params)  # warm-up
             remote, ttfc = await client_rate(client, messages, params, concurrency)
