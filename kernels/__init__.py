@@ -57,4 +57,13 @@ def threshold_commit(conf, masked, tau):
     return _pick("threshold_commit", conf)(conf, masked, tau).bool()
 
 
-__all__ = ["attention", "confidence", "reference", "rms_norm", "rope", "swiglu", "threshold_commit"]
+def factor_commit(conf, masked, f):
+    return _pick("factor_commit", conf)(conf, masked, f).bool()
+
+
+def hierarchical_commit(conf, masked, tau, low):
+    return _pick("hierarchical_commit", conf)(conf, masked, tau, low).bool()
+
+
+__all__ = ["attention", "confidence", "factor_commit", "hierarchical_commit", "reference", "rms_norm", "rope", "swiglu",
+           "threshold_commit"]

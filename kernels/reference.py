@@ -55,3 +55,42 @@ def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor
     conf = torch.where(masked, conf, -torch.inf)
     best = conf.max(dim=-1, keepdim=True).values
     return masked & (conf >= torch.minimum(tau.to(conf.dtype), best))
+
+
+def descending_rank(conf: torch.Tensor) -> torch.Tensor:
+    """Rank of each position by descending conf, leftmost first among equals (0 = best)."""
+    order = torch.sort(-conf, dim=-1, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(conf.shape[-1], device=conf.device).expand_as(order))
+    return ranks
+
+
+def factor_commit(conf: torch.Tensor, masked: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """conf [B, K], masked [B, K] bool, f [B, 1] -> commit [B, K] bool. Fast-dLLM's factor rule:
+    with the masked confidences sorted c_1 >= c_2 >= ..., commit the n most confident (leftmost
+    first among equals) for the largest n with (n + 1)(1 - c_n) < f, and always at least one."""
+    conf = torch.where(masked, conf, -torch.inf)
+    ordered = torch.sort(conf, dim=-1, descending=True).values
+    n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=conf.dtype)
+    ok = (n + 1) * (1 - ordered) < f
+    count = torch.where(ok, n, 0).max(dim=-1, keepdim=True).values.clamp(min=1)
+    return masked & (descending_rank(conf) < count)
+
+
+def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """conf [B, K], masked [B, K] bool, tau, low [B, 1] -> commit [B, K] bool. dInfer's
+    hierarchical rule: each contiguous run of masked positions commits its most confident
+    position (leftmost among equals) if it is >= low; plus the threshold rule with tau."""
+    conf = torch.where(masked, conf, -torch.inf)
+    B, K = masked.shape
+    starts = masked.clone()
+    starts[:, 1:] &= ~masked[:, :-1]
+    run = torch.cumsum(starts, dim=-1) * masked  # 1, 2, ... per run; 0 outside runs
+    run_best = torch.full((B, K + 1), -torch.inf, dtype=conf.dtype, device=conf.device)
+    run_best.scatter_reduce_(1, run, conf, reduce="amax")
+    is_best = masked & (conf == run_best.gather(1, run))
+    index = torch.arange(K, device=conf.device).expand(B, K)
+    first = torch.full((B, K + 1), K, dtype=torch.long, device=conf.device)
+    first.scatter_reduce_(1, run, torch.where(is_best, index, K), reduce="amin")
+    run_pick = is_best & (index == first.gather(1, run)) & (conf >= low)
+    return masked & (run_pick | threshold_commit(conf, conf > -torch.inf, tau))

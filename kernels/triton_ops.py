@@ -162,30 +162,100 @@ def confidence(logits: torch.Tensor):
     return token, prob.double()
 
 
-# ---- commit selection: threshold rule on [B, K] ------------------------------------------------
+# ---- commit selection on [B, K]: one program per row, the whole block loaded at once -----------
+# Positions past K are loaded as -inf at the far right, so they never beat a real position.
 
 
 @triton.jit
-def _threshold_commit_kernel(conf_ptr, masked_ptr, tau_ptr, commit_ptr, K, BLOCK: tl.constexpr):
+def _load_block(conf_ptr, masked_ptr, K, BLOCK: tl.constexpr):
+    """This program's row: (positions, in range, masked, conf with -inf where not masked)."""
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     keep = cols < K
     masked = tl.load(masked_ptr + row * K + cols, mask=keep, other=0) != 0
     conf = tl.load(conf_ptr + row * K + cols, mask=keep, other=-float("inf"))
-    conf = tl.where(masked, conf, -float("inf"))
-    best = tl.max(conf, axis=0)
-    tau = tl.minimum(tl.load(tau_ptr + row), best)
-    tl.store(commit_ptr + row * K + cols, (masked & (conf >= tau)).to(tl.int8), mask=keep)
+    return cols, keep, masked, tl.where(masked, conf, -float("inf"))
+
+
+@triton.jit
+def _store_block(commit_ptr, K, cols, keep, commit):
+    tl.store(commit_ptr + tl.program_id(0) * K + cols, commit.to(tl.int8), mask=keep)
+
+
+@triton.jit
+def _beats(conf, cols):
+    """[BLOCK, BLOCK]: does position j (column) come before position i (row) in descending
+    confidence, leftmost first among equals?"""
+    ci, cj = conf[:, None], conf[None, :]
+    return (cj > ci) | ((cj == ci) & (cols[None, :] < cols[:, None]))
+
+
+@triton.jit
+def _threshold_rule(conf, allowed, tau):
+    """Allowed positions with conf >= min(tau, best allowed conf): always at least the best."""
+    best = tl.max(tl.where(allowed, conf, -float("inf")), axis=0)
+    return allowed & (conf >= tl.minimum(tau, best))
+
+
+@triton.jit
+def _threshold_commit_kernel(conf_ptr, masked_ptr, tau_ptr, commit_ptr, K, BLOCK: tl.constexpr):
+    cols, keep, masked, conf = _load_block(conf_ptr, masked_ptr, K, BLOCK)
+    tau = tl.load(tau_ptr + tl.program_id(0))
+    _store_block(commit_ptr, K, cols, keep, _threshold_rule(conf, masked, tau))
+
+
+@triton.jit
+def _factor_commit_kernel(conf_ptr, masked_ptr, f_ptr, commit_ptr, K, BLOCK: tl.constexpr):
+    """No sort: position i has rank r_i (how many positions come before it), i.e. it is the
+    (r_i + 1)-th largest, so n = r_i + 1 qualifies iff (r_i + 2)(1 - c_i) < f."""
+    cols, keep, masked, conf = _load_block(conf_ptr, masked_ptr, K, BLOCK)
+    f = tl.load(f_ptr + tl.program_id(0))
+    rank = tl.sum(_beats(conf, cols).to(tl.int32), axis=1)
+    ok = keep & (((rank + 2).to(conf.dtype) * (1.0 - conf)).to(f.dtype) < f)
+    count = tl.max(tl.where(ok, rank + 1, 1), axis=0)
+    _store_block(commit_ptr, K, cols, keep, masked & (rank < count))
+
+
+@triton.jit
+def _hierarchical_commit_kernel(conf_ptr, masked_ptr, tau_ptr, low_ptr, commit_ptr, K, BLOCK: tl.constexpr):
+    """Runs of masked positions are numbered by the running count of run starts; a position is
+    its run's pick if no masked position of the same run beats it."""
+    cols, keep, masked, conf = _load_block(conf_ptr, masked_ptr, K, BLOCK)
+    row = tl.program_id(0)
+    tau, low = tl.load(tau_ptr + row), tl.load(low_ptr + row)
+    before = tl.load(masked_ptr + row * K + cols - 1, mask=keep & (cols > 0), other=0)
+    run = tl.cumsum((masked & (before == 0)).to(tl.int32), axis=0)
+    same_run = (run[:, None] == run[None, :]) & masked[None, :]
+    beaten = tl.max((same_run & _beats(conf, cols)).to(tl.int32), axis=1) > 0
+    pick = masked & (beaten == 0) & (conf.to(low.dtype) >= low)
+    _store_block(commit_ptr, K, cols, keep, pick | _threshold_rule(conf, conf > -float("inf"), tau))
+
+
+def _commit(kernel, conf: torch.Tensor, masked: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    """Launch a commit kernel, one program per row; `params` are per-row [B, 1] tensors already in
+    the dtype their comparison uses. -> [B, K] int8, 1 = commit."""
+    B, K = conf.shape
+    commit = torch.full((B, K), 7, dtype=torch.int8, device=conf.device)  # not 0/1: unwritten shows
+    kernel[(B,)](conf.contiguous(), masked.to(torch.int8).contiguous(), *(p.reshape(B).contiguous() for p in params),
+                 commit, K, BLOCK=triton.next_power_of_2(K))
+    return commit
 
 
 def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-    """conf [B, K] float64, masked [B, K] bool, tau [B, 1] -> commit [B, K] int8 (1 = commit):
-    positions at or above tau, and always each row's most confident masked position."""
-    B, K = conf.shape
-    commit = torch.full((B, K), 7, dtype=torch.int8, device=conf.device)  # not 0/1: unwritten shows
-    _threshold_commit_kernel[(B,)](conf.contiguous(), masked.to(torch.int8).contiguous(), tau.reshape(B).to(conf.dtype).contiguous(),
-                                   commit, K, BLOCK=triton.next_power_of_2(K))
-    return commit
+    """conf [B, K], masked [B, K] bool, tau [B, 1] -> commit [B, K] int8: masked positions at or
+    above tau, and always each row's most confident masked position."""
+    return _commit(_threshold_commit_kernel, conf, masked, tau.to(conf.dtype))
+
+
+def factor_commit(conf: torch.Tensor, masked: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Fast-dLLM's factor rule (kernels.reference.factor_commit) -> [B, K] int8."""
+    return _commit(_factor_commit_kernel, conf, masked, f.to(torch.promote_types(conf.dtype, f.dtype)))
+
+
+def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """dInfer's hierarchical rule (kernels.reference.hierarchical_commit) -> [B, K] int8."""
+    return _commit(_hierarchical_commit_kernel, conf, masked, tau.to(conf.dtype),
+                   low.to(torch.promote_types(conf.dtype, low.dtype)))
 
 
 # ---- attention of a block's queries over the KV cache -------------------------------------------
@@ -246,4 +316,5 @@ def attention(q, k, v, key_mask, out=None, block_m: int = 32, block_n: int = 64)
 
 
 KERNELS = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence, "attention": attention,
-           "threshold_commit": threshold_commit}
+           "threshold_commit": threshold_commit, "factor_commit": factor_commit,
+           "hierarchical_commit": hierarchical_commit}

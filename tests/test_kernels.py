@@ -10,6 +10,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 
+import kernels
 from kernels import reference
 from kernels import triton_ops as tk
 
@@ -93,6 +94,68 @@ def test_threshold_commit_matches_the_decoder_rule():
     assert expected[2].sum() == 1 and not expected[4].any()  # the rule's two edges are exercised
     commit = tk.threshold_commit(conf, masked, tau)  # starts as 7 everywhere
     assert torch.equal(commit, expected.to(torch.int8))
+
+
+def commit_inputs(B, K, seed):
+    """float64 confidences [B, K] (every other column quantised to quarters, so ties are common
+    and the leftmost rule decides), masked positions in ragged runs, per-row f, tau < 1, low < tau
+    in quarters (conf == low happens). With B > 1, row 1 has nothing masked (commits nothing) and
+    row 2 low confidences where no n passes the factor rule (the best commits alone)."""
+    g = torch.Generator().manual_seed(seed)
+    conf = torch.rand(B, K, generator=g, dtype=torch.float64)
+    conf[:, ::2] = (conf[:, ::2] * 4).round() / 4
+    masked = torch.rand(B, K, generator=g) < 0.7
+    f = 0.5 + 2.5 * torch.rand(B, 1, generator=g, dtype=torch.float64)
+    tau = 0.5 + 0.5 * torch.rand(B, 1, generator=g, dtype=torch.float64)
+    low = (tau * torch.rand(B, 1, generator=g, dtype=torch.float64) * 4).floor() / 4
+    if B > 1:
+        masked[1] = False
+        conf[2] *= 0.5
+        f[2] = 0.9  # c <= 0.5: (n + 1)(1 - c_n) >= 1 > f for every n
+    return conf, masked, f, tau, low
+
+
+COMMIT_RULES = {  # name -> (kernel, reference, dispatcher, per-row parameters from commit_inputs)
+    "factor": (tk.factor_commit, reference.factor_commit, kernels.factor_commit, lambda f, tau, low: (f,)),
+    "hierarchical": (tk.hierarchical_commit, reference.hierarchical_commit, kernels.hierarchical_commit,
+                     lambda f, tau, low: (tau, low)),
+}
+
+
+@pytest.mark.parametrize("rule", sorted(COMMIT_RULES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("K", [7, 32, 33])
+@pytest.mark.parametrize("B", [1, 3])
+def test_commit_rules(rule, dtype, B, K):
+    kernel, ref, dispatch, params = COMMIT_RULES[rule]
+    conf, masked, f, tau, low = commit_inputs(B, K, seed=B * 100 + K)
+    params = params(f, tau, low)
+    c = conf.to(dtype)
+    expected = ref(c, masked, *params)
+    assert torch.equal(kernel(c, masked, *params), expected.to(torch.int8))  # the kernel's output starts as 7
+    assert not kernel(c, torch.zeros_like(masked), *params).any()  # nothing masked: nothing committed
+    if dtype == torch.float32:  # once per shape, the engine's float64: the dispatcher (the reference on CPU), the kernel
+        commit = dispatch(conf, masked, *params)
+        assert commit.dtype == torch.bool and torch.equal(commit, ref(conf, masked, *params))
+        assert torch.equal(kernel(conf, masked, *params), commit.to(torch.int8))
+
+
+def test_commit_rules_break_ties_leftmost():
+    """Hand-worked rows. Factor, sorted 0.95 (at 1), 0.95 (at 2), 0.9, 0.2: (n + 1)(1 - c_n) =
+    0.1, 0.15, 0.4, 4, so f = 0.12 commits position 1 alone and f = 0.3 both 0.95s. Hierarchical,
+    runs [0, 1] and [3, 5]: the first run picks 0 (leftmost 0.3), the second 4 (leftmost 0.4), and
+    the threshold rule (tau_eff = best = 0.4) adds 5."""
+    conf = torch.tensor([[0.9, 0.95, 0.95, 0.2, 0.0, 0.0], [0.3, 0.3, 0.9, 0.2, 0.4, 0.4]], dtype=torch.float64)
+    masked = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    for f, committed in ((0.12, [1]), (0.3, [1, 2])):
+        expected = torch.zeros(6, dtype=torch.int8)
+        expected[committed] = 1
+        f = torch.full((2, 1), f, dtype=torch.float64)
+        for fn in (tk.factor_commit, reference.factor_commit):
+            assert torch.equal(fn(conf, masked, f)[0].to(torch.int8), expected)
+    tau, low = torch.full((2, 1), 0.9, dtype=torch.float64), torch.full((2, 1), 0.25, dtype=torch.float64)
+    for fn in (tk.hierarchical_commit, reference.hierarchical_commit):
+        assert torch.equal(fn(conf, masked, tau, low)[1].to(torch.int8), torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.int8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

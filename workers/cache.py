@@ -69,7 +69,7 @@ class Overlay:
 
 
 class NoCache:
-    def end_block(self, batch, seqs) -> None:
+    def end_block(self, batch, rows: list[int]) -> None:
         pass
 
     def block_logits(self, run, batch, start, end, step):
@@ -85,7 +85,7 @@ class _RefreshingCache:
     def __init__(self, kv: KVCache):
         self.kv = kv
 
-    def end_block(self, batch, seqs) -> None:
+    def end_block(self, batch, rows: list[int]) -> None:
         pass
 
     def keep_rows(self, rows: torch.Tensor) -> None:
@@ -151,10 +151,11 @@ class BlockCausalCache(DualCache):
         logits = run(batch.ids[:, lo:], batch.positions[:, lo:], batch.real, self.kv, lo)
         return logits[:, start - batch.shift - lo : end - batch.shift - lo]
 
-    def end_block(self, batch, seqs) -> None:
-        """Keep each request's keys and values up to the block's start (the block itself was
+    def end_block(self, batch, rows: list[int]) -> None:
+        """Keep each row's keys and values up to the block's start (the block itself was
         computed before its last commit; the next round feeds it)."""
-        for i, seq in enumerate(seqs):
+        for i in rows:
+            seq = batch.seqs[i]
             a, n = batch.row_start[i], batch.block_start - batch.row_start[i]
             if seq.kv is None:
                 shape = (self.kv.k.shape[0], self.kv.k.shape[2], len(seq.prompt) + len(seq.window), self.kv.k.shape[4])

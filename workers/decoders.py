@@ -11,16 +11,9 @@ from __future__ import annotations
 import torch
 
 import kernels
+from kernels.reference import descending_rank
 from workers.reference import transfer_counts
 from workers.sampling import predict, random_scores
-
-
-def _rank(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of each position by descending score, leftmost first among equals (as the reference)."""
-    order = torch.sort(-scores, dim=-1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks
 
 
 def _column(values, device, dtype=torch.float64) -> torch.Tensor:
@@ -40,13 +33,6 @@ class Decoder:
     def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
         """[rows] bool: which rows finished the block after `step` steps."""
         return ~masked_left.any(-1)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Only `rows` (indices into this decoder's rows) stay in the batch."""
-        self.temperatures = [self.temperatures[i] for i in rows.tolist()]
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value[rows])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only `rows` (indices into this decoder's rows) stay: slice every per-row tensor."""
@@ -81,7 +67,7 @@ class FixedDecoder(Decoder):
             score = torch.where(self.random[:, None], random_scores(masked.shape[1], generators, masked.device), score)
         score = torch.where(masked, score, -torch.inf)
         count = self.counts[:, step : step + 1] if step < self.counts.shape[1] else torch.zeros_like(self.counts[:, :1])
-        return token, masked & (_rank(score) < count)
+        return token, masked & (descending_rank(score) < count)
 
 
 class ThresholdDecoder(Decoder):
@@ -107,12 +93,7 @@ class FactorDecoder(Decoder):
 
     def select(self, logits, masked, step, generators):
         token, conf = predict(logits, self.temperatures, generators)
-        conf = torch.where(masked, conf, -torch.inf)
-        ordered = torch.sort(conf, dim=-1, descending=True).values
-        n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=conf.dtype)
-        ok = (n + 1) * (1 - ordered) < self.f
-        count = torch.where(ok, n, 0).max(dim=-1, keepdim=True).values.clamp(min=1)
-        return token, masked & (_rank(conf) < count)
+        return token, kernels.factor_commit(conf, masked, self.f)
 
 
 class HierarchicalDecoder(Decoder):
@@ -127,19 +108,7 @@ class HierarchicalDecoder(Decoder):
 
     def select(self, logits, masked, step, generators):
         token, conf = predict(logits, self.temperatures, generators)
-        conf = torch.where(masked, conf, -torch.inf)
-        B, K = masked.shape
-        starts = masked.clone()
-        starts[:, 1:] &= ~masked[:, :-1]
-        run = torch.cumsum(starts, dim=-1) * masked  # 1, 2, ... per run; 0 outside runs
-        run_best = torch.full((B, K + 1), -torch.inf, dtype=conf.dtype, device=conf.device)
-        run_best.scatter_reduce_(1, run, conf, reduce="amax")
-        is_best = masked & (conf == run_best.gather(1, run))
-        index = torch.arange(K, device=conf.device).expand(B, K)
-        first = torch.full((B, K + 1), K, dtype=torch.long, device=conf.device)
-        first.scatter_reduce_(1, run, torch.where(is_best, index, K), reduce="amin")
-        run_pick = is_best & (index == first.gather(1, run)) & (conf >= self.low)
-        return token, masked & (run_pick | _best_or_above(conf, self.tau))
+        return token, kernels.hierarchical_commit(conf, masked, self.tau, self.low)
 
 
 class CreditDecoder(Decoder):

@@ -239,38 +239,52 @@ class BlockRound:
         self.forwards += working  # a forward counts for a request only while it still had work
         self.committed += commit.sum(-1)
         self.row_done |= self.decoders.done(t + 1, masked & ~commit)
-        self.finished = bool(self.row_done.all())  # the step's one host sync when not reporting
+        done = int(self.row_done.sum())  # the step's one host sync when not reporting
+        self.finished = done == len(seqs)
         if not self.finished and self.any_soft:
             batch.set_soft(logits, masked & ~commit, t)
         self.step_index += 1
-        updates = self._updates(working, commit) if self.report or self.finished else []
+        leaving = torch.nonzero(self.row_done)[:, 0].tolist() if done and not self.finished else []
+        if self.report or self.finished:
+            updates = self._updates(working, commit)
+        else:
+            updates = self._updates(working, commit, only=leaving) if leaving else []
         if self.finished:
             self._finish()
+        elif leaving:
+            # rows done with the block leave the forwards now instead of idling in them until
+            # the slowest row is done; they wait for the round's end to start their next block
+            self._write_back(leaving)
+            self.drop(set(leaving))
         return updates
 
-    def _updates(self, working: torch.Tensor, commit: torch.Tensor) -> list[StepUpdate]:
-        """What changed for each request this step (all rows on the block's last step), limited
-        to the block's answer positions."""
+    def _updates(self, working: torch.Tensor, commit: torch.Tensor, only: list[int] | None = None) -> list[StepUpdate]:
+        """What changed for each request this step (`only` those rows), limited to the block's
+        answer positions; rows done with the block say so (block_final)."""
         lo, hi = self.batch.block_start, self.batch.block_end
-        block, commits, work = self.batch.ids[:, lo:hi].tolist(), commit.tolist(), working.tolist()
+        block, commits, work, done = self.batch.ids[:, lo:hi].tolist(), commit.tolist(), working.tolist(), self.row_done.tolist()
         updates = []
-        for s, w, row, c in zip(self.seqs, work, block, commits):
-            if w or self.finished:
-                a, b = (i - s.block * (hi - lo) for i in s.span(s.block))
-                updates.append(StepUpdate(s, s.block, row[a:b], [j - a for j in range(a, b) if c[j]], self.finished))
+        for i in range(len(self.seqs)) if only is None else only:
+            s, row, c = self.seqs[i], block[i], commits[i]
+            if work[i] or self.finished:
+                a, b = (x - s.block * (hi - lo) for x in s.span(s.block))
+                updates.append(StepUpdate(s, s.block, row[a:b], [j - a for j in range(a, b) if c[j]], done[i]))
         return updates
+
+    def _write_back(self, rows: list[int]) -> None:
+        """Copy the block, counters and (block-causal) cache of `rows` into their requests."""
+        lo, hi = self.batch.block_start, self.batch.block_end
+        index = torch.tensor(rows, dtype=torch.long, device=self.row_done.device)
+        blocks, forwards, committed = self.batch.ids[index, lo:hi].tolist(), self.forwards[index].tolist(), self.committed[index].tolist()
+        for r, row, n, c in zip(rows, blocks, forwards, committed):
+            s = self.seqs[r]
+            s.window[s.block * (hi - lo) : (s.block + 1) * (hi - lo)] = row
+            s.forwards += n
+            s.committed += c
+        self.cache.end_block(self.batch, rows)
 
     def _finish(self) -> None:
         """Every row has finished the block: write the blocks back into the requests' windows."""
         self.finished = True
         self.decoders.end_block()
-        self.cache.end_block(self.batch, self.seqs)
-        for s, n, c in zip(self.seqs, self.forwards.tolist(), self.committed.tolist()):
-            s.forwards += n
-            s.committed += c
-        self.forwards.zero_()
-        self.committed.zero_()
-        lo, hi = self.batch.block_start, self.batch.block_end
-        K = hi - lo
-        for s, row in zip(self.seqs, self.batch.ids[:, lo:hi].tolist()):
-            s.window[s.block * K : (s.block + 1) * K] = row
+        self._write_back(list(range(len(self.seqs))))
