@@ -1,6 +1,7 @@
 """Continuous batching: mixed requests share forwards, join at block boundaries, leave when done,
 and never change each other's tokens."""
 
+import pytest
 import torch
 
 from dinfer_async import SamplingParams
@@ -124,3 +125,16 @@ def test_rows_done_with_the_block_leave_the_forwards():
     assert rows[:2] == [3, 1], "after one step the two threshold rows (tau 0.01 commits all) are gone"
     for p, q, seq, seed in zip(prompts, params, seqs, [0, 1, 2]):
         assert seq.window == denoise(m, [p], q, [seed])[0].window
+
+
+@pytest.mark.parametrize("decoder", ["fixed", "threshold", "hierarchical", "credit"])
+def test_queued_steps_between_host_checks_change_nothing(decoder):
+    """steps_per_check > 1 queues steps without looking at the rows; tokens and per-request
+    stats (forwards counted only while a row had work) are the same as checking every step."""
+    m = model()
+    prompts = random_prompts(38, [4, 7, 2, 5], MASK, MASK)
+    params = SamplingParams(gen_length=24, block_length=8, decoder=decoder, threshold=0.6, cache="dual").validate()
+    runs = [denoise(m, prompts, params, [0, 1, 2, 3], steps_per_check=n) for n in (1, 3, 8)]
+    for seqs in runs[1:]:
+        assert [s.window for s in seqs] == [s.window for s in runs[0]]
+        assert [(s.forwards, s.committed, s.finish_reason) for s in seqs] == [(s.forwards, s.committed, s.finish_reason) for s in runs[0]]

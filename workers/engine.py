@@ -34,10 +34,12 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, name: str = "model", max_batch_size: int = 32):
+    def __init__(self, model, tokenizer, name: str = "model", max_batch_size: int = 32, steps_per_check: int = 1):
+        """steps_per_check: how many decoding steps run between host checks of which requests
+        are done (see workers.iteration.BlockRound); results do not depend on it."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.config = model.config
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.steps_per_check = max_batch_size, steps_per_check
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device="cpu", dtype="float32", **kwargs) -> "Engine":
@@ -76,7 +78,7 @@ class Engine:
             self.check_prompt(p, q, f"prompts[{i}]")
         draw = random.Random()
         seeds = [q.seed if q.seed is not None else draw.randrange(2**63) for q in per_prompt]
-        return [self._result(seq) for seq in denoise(self.model, ids, per_prompt, seeds, self.max_batch_size)]
+        return [self._result(seq) for seq in denoise(self.model, ids, per_prompt, seeds, self.max_batch_size, self.steps_per_check)]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
         if not ids:

@@ -193,7 +193,7 @@ class StepUpdate:
 class BlockRound:
     """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`."""
 
-    def __init__(self, model, seqs: list[Sequence], cache, report: bool = True):
+    def __init__(self, model, seqs: list[Sequence], cache, report: bool = True, steps_per_check: int = 1):
         cfg = model.config
         self.model, self.seqs = model, seqs
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
@@ -209,6 +209,9 @@ class BlockRound:
         self.forwards = torch.zeros(len(seqs), dtype=torch.long, device=device)
         self.committed = torch.zeros(len(seqs), dtype=torch.long, device=device)
         self.report = report  # build per-step updates (streaming); off, a step syncs the host once
+        # without reports, the host looks at the rows only every `steps_per_check` steps: the steps
+        # in between are queued without waiting (a row done early computes but commits nothing)
+        self.steps_per_check = 1 if report else steps_per_check
         self.step_index = 0
         self.finished = False
 
@@ -239,11 +242,11 @@ class BlockRound:
         self.forwards += working  # a forward counts for a request only while it still had work
         self.committed += commit.sum(-1)
         self.row_done |= self.decoders.done(t + 1, masked & ~commit)
-        done = int(self.row_done.sum())  # the step's one host sync when not reporting
+        self.step_index += 1
+        done = int(self.row_done.sum()) if self.step_index % self.steps_per_check == 0 else 0  # the host sync
         self.finished = done == len(seqs)
         if not self.finished and self.any_soft:
             batch.set_soft(logits, masked & ~commit, t)
-        self.step_index += 1
         leaving = torch.nonzero(self.row_done)[:, 0].tolist() if done and not self.finished else []
         if self.report or self.finished:
             updates = self._updates(working, commit)

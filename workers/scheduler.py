@@ -31,10 +31,11 @@ def group_key(params) -> tuple:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int = 32, report: bool = True):
+    def __init__(self, model, max_batch_size: int = 32, report: bool = True, steps_per_check: int = 1):
         """report: produce a StepUpdate per request per step (streaming); without it, updates
         come only at block ends and a step syncs the host once."""
         self.model, self.max_batch_size, self.report = model, max_batch_size, report
+        self.steps_per_check = steps_per_check  # see BlockRound; 1 suits CPUs, more hides GPU latency
         cfg = model.config
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         self.device = model.lm_head_weight.device
@@ -100,7 +101,7 @@ class Scheduler:
         seqs = self.running.pop(key)
         self.running[key] = seqs
         self.round_key = key
-        self.round = BlockRound(self.model, seqs, make_cache(seqs[0].params, self.kv, self.model.block_causal), self.report)
+        self.round = BlockRound(self.model, seqs, make_cache(seqs[0].params, self.kv, self.model.block_causal), self.report, self.steps_per_check)
         return True
 
     def _end_round(self) -> list[Finished]:
@@ -127,10 +128,11 @@ class Scheduler:
         return done
 
 
-def denoise(model, prompts: list[list[int]], params, seeds: list[int], max_batch_size: int = 64) -> list[Sequence]:
+def denoise(model, prompts: list[list[int]], params, seeds: list[int], max_batch_size: int = 64,
+            steps_per_check: int = 1) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-    scheduler = Scheduler(model, max_batch_size, report=False)
+    scheduler = Scheduler(model, max_batch_size, report=False, steps_per_check=steps_per_check)
     seqs = [scheduler.add(i, p, q, s) for i, (p, q, s) in enumerate(zip(prompts, per_prompt, seeds, strict=True))]
     with torch.no_grad():
         while scheduler.has_work():
