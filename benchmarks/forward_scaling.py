@@ -9,21 +9,12 @@ Times the bundled model (or --model) on a full 300-token forward that fills a ca
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from timing import seconds_per_call
 from workers import Engine
 from workers.cache import KVCache
-
-
-def timed(fn, repeat: int) -> float:
-    for _ in range(3):
-        fn()
-    begin = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - begin) / repeat
 
 
 @torch.no_grad()
@@ -45,8 +36,8 @@ def main():
         real = torch.ones(rows, L, dtype=torch.bool)
         cache = KVCache(model.config, "cpu", torch.float32)
         cache.reserve(rows, L)
-        full = timed(lambda: model(ids, positions, real, cache, 0), args.repeat)
-        block = timed(lambda: model(ids[:, lo:hi], positions[:, lo:hi], real, cache, lo), args.repeat)
+        full = seconds_per_call(lambda: model(ids, positions, real, cache, 0), args.repeat, warmup=3)
+        block = seconds_per_call(lambda: model(ids[:, lo:hi], positions[:, lo:hi], real, cache, lo), args.repeat, warmup=3)
         print(f"| {rows} | {full * 1e3:.1f} ms | {full / rows * 1e3:.1f} ms | {block * 1e3:.2f} ms | {block / rows * 1e3:.2f} ms |")
 
 

@@ -13,20 +13,12 @@ a varlen GPU attention kernel would not, which is why the choice is re-measured 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from timing import seconds_per_call
 from workers import Engine
 from workers.bundled import tasks
-
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    begin = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - begin) / repeat
 
 
 @torch.no_grad()
@@ -59,8 +51,8 @@ def main():
     owner = torch.repeat_interleave(torch.arange(B), torch.tensor(lengths))
     block_diagonal = (owner[:, None] == owner[None, :])[None]  # [1, total, total]
 
-    padded_s = timed(lambda: model(ids, positions, real), args.repeat)
-    packed_s = timed(lambda: model(packed, packed_positions, block_diagonal), args.repeat)
+    padded_s = seconds_per_call(lambda: model(ids, positions, real), args.repeat)
+    packed_s = seconds_per_call(lambda: model(packed, packed_positions, block_diagonal), args.repeat)
     print(f"{B} held-out prompts + gen_length {args.gen_length}: lengths {min(lengths)}..{max(lengths)}, "
           f"{args.threads} CPU threads, float32\n")
     print("| layout | tokens computed | real fraction | forward ms | tokens/s (real) |")

@@ -62,14 +62,14 @@ def reference_generate(
         alone = [reference_generate(model, [p], seeds=[seed], **options) for p, seed in zip(prompts, seeds or [0] * len(prompts))]
         return [w[0] for w, _ in alone], sum(n for _, n in alone)
     assert gen_length % block_length == 0, "gen_length must be a multiple of block_length"
-    num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0, "steps must be a multiple of the number of blocks"
-    steps_per_block = steps // num_blocks
+    answer_blocks = gen_length // block_length
+    assert steps % answer_blocks == 0, "steps must be a multiple of the number of blocks"
+    steps_per_block = steps // answer_blocks
     device = model.lm_head_weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     shift, aligned = getattr(model, "logit_shift", 0), getattr(model, "block_causal", False)
     tail = P % block_length if aligned else 0  # answer starts inside the prompt's last block
-    num_blocks = -(-(tail + gen_length) // block_length)
+    num_blocks = -(-(tail + gen_length) // block_length)  # answer_blocks, or one more with a tail
     L = P - tail + num_blocks * block_length
 
     x = torch.full((B, L), mask_id, dtype=torch.long, device=device)
