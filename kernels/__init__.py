@@ -1,15 +1,17 @@
 """Kernels of a diffusion step, chosen by device in one place.
 
 Every op has a plain-torch reference (kernels.reference), used on CPU; CUDA tensors go to the
-Triton kernels of kernels.triton_ops where an op has one (attention does not yet). Nothing
-outside this package branches on the device.
+Triton kernels of kernels.triton_ops. Nothing outside this package branches on the device.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from kernels import reference
 
 _TRITON: dict[str, object] | None = None  # op name -> Triton kernel; loaded on the first CUDA tensor
+_TRITON_EVERYWHERE = False
 
 
 def _triton() -> dict[str, object]:
@@ -23,8 +25,20 @@ def _triton() -> dict[str, object]:
     return _TRITON
 
 
+@contextlib.contextmanager
+def triton_everywhere():
+    """Send CPU tensors to the Triton kernels too: with TRITON_INTERPRET=1 set before triton is
+    imported, tests run the whole engine through the kernels on a machine without a GPU."""
+    global _TRITON_EVERYWHERE
+    before, _TRITON_EVERYWHERE = _TRITON_EVERYWHERE, True
+    try:
+        yield
+    finally:
+        _TRITON_EVERYWHERE = before
+
+
 def _pick(name: str, tensor):
-    if tensor.is_cuda:
+    if tensor.is_cuda or _TRITON_EVERYWHERE:
         kernel = _triton().get(name)
         if kernel is not None:
             return kernel
@@ -44,13 +58,19 @@ def swiglu(gate, up):
 
 
 def attention(q, k, v, key_mask):
-    if key_mask is not None and key_mask.dim() == 3:  # per-query masks: the Triton kernel takes [B, Lk]
-        return reference.attention(q, k, v, key_mask)
     return _pick("attention", q)(q, k, v, key_mask)
 
 
-def confidence(logits):
-    return _pick("confidence", logits)(logits)
+def cached_attention(q, k, v, cache_k, cache_v, start, key_mask, write):
+    """Queries of the fed tokens over a cache view, their own k, v at [start, ...), written in
+    place when `write` (kernels.reference.cached_attention)."""
+    return _pick("cached_attention", q)(q, k, v, cache_k, cache_v, start, key_mask, write)
+
+
+def confidence(logits, temperature=None, seeds=None):
+    """logits [B, K, V] -> (token, probability float64) [B, K]: greedy, or Gumbel-max with
+    per-request `temperature` [B] and `seeds` [B] int64 (see kernels.reference.confidence)."""
+    return _pick("confidence", logits)(logits, temperature, seeds)
 
 
 def threshold_commit(conf, masked, tau):
@@ -65,5 +85,5 @@ def hierarchical_commit(conf, masked, tau, low):
     return _pick("hierarchical_commit", conf)(conf, masked, tau, low).bool()
 
 
-__all__ = ["attention", "confidence", "factor_commit", "hierarchical_commit", "reference", "rms_norm", "rope", "swiglu",
-           "threshold_commit"]
+__all__ = ["attention", "cached_attention", "confidence", "factor_commit", "hierarchical_commit", "reference", "rms_norm", "rope", "swiglu",
+           "threshold_commit", "triton_everywhere"]

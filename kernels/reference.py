@@ -41,12 +41,86 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 token and its softmax probability per position, without keeping a softmax tensor:
-    p(top1) = exp(max - logsumexp)."""
-    top, token = logits.max(dim=-1)
-    prob = torch.exp(top.double() - torch.logsumexp(logits.double(), dim=-1))
-    return token, prob
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     start: int, key_mask: torch.Tensor | None, write: bool) -> torch.Tensor:
+    """The fed tokens' queries q [B, H, Lq, D] attend over the cache view cache_k, cache_v
+    [B, Hkv, Lk, D] with their own keys/values k, v [B, Hkv, Lq, D] at [start, start + Lq);
+    `write` stores k, v into the cache there, otherwise the cache is left untouched."""
+    end = start + k.shape[2]
+    if write:
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        return attention(q, cache_k, cache_v, key_mask)
+    keys = torch.cat([cache_k[:, :, :start], k, cache_k[:, :, end:]], dim=2)
+    values = torch.cat([cache_v[:, :, :start], v, cache_v[:, :, end:]], dim=2)
+    return attention(q, keys, values, key_mask)
+
+
+# ---- counter-based noise: a pure function of (seed, position, token), the same on every device ----
+# The Triton confidence kernel draws the same numbers (kernels/triton_ops.py, _uniform), so sampling
+# on CUDA and here agree token for token, and a request's noise never depends on its batch-mates.
+
+_M32 = 0xFFFFFFFF
+RANDOM_SCORE_TOKEN = _M32  # the counter random remasking draws at: a token id no vocabulary reaches
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), in 16-bit halves so no product overflows."""
+    return (x * (c & 0xFFFF) + ((x * (c >> 16)) << 16)) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (xor-shift-multiply, bijective) on int64 tensors in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform(seeds: torch.Tensor, positions: int, tokens: torch.Tensor) -> torch.Tensor:
+    """seeds [B] int64 (>= 0), `positions` per row, token ids [T] -> float64 [B, positions, T] in
+    (0, 1): odd multiples of 2**-24, exact in float32 too. Counter: seed (both 32-bit halves),
+    position, token."""
+    seeds = seeds.to(torch.int64)
+    row = mix32(mix32(seeds & _M32) ^ (seeds >> 32))[:, None, None]
+    pos = torch.arange(positions, device=seeds.device, dtype=torch.int64)[None, :, None]
+    h = mix32(mix32(row ^ pos) ^ tokens.to(torch.int64)[None, None, :])
+    return ((h >> 9) * 2 + 1).double() * 2.0**-24
+
+
+def exponential(w: torch.Tensor) -> torch.Tensor:
+    """-log(1 - w) for w in (0, 1), accurate for small w, where Gumbel-max's winners come from."""
+    series = w * (1 + w * (0.5 + w * (1 / 3 + w * 0.25)))
+    return torch.where(w < 2.0**-7, series, -torch.log(1 - w))
+
+
+def gumbel(seeds: torch.Tensor, positions: int, vocab: int, dtype) -> torch.Tensor:
+    """Standard Gumbel noise [B, positions, vocab] in `dtype`: -log(E), E ~ Exp(1)."""
+    w = uniform(seeds, positions, torch.arange(vocab, device=seeds.device)).to(dtype)
+    return -torch.log(exponential(w))
+
+
+def random_scores(seeds: torch.Tensor, positions: int) -> torch.Tensor:
+    """Random remasking's scores: one float64 uniform per (row, position)."""
+    return uniform(seeds, positions, torch.tensor([RANDOM_SCORE_TOKEN], device=seeds.device))[..., 0]
+
+
+def confidence(logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None):
+    """logits [B, K, V] -> (token [B, K], its softmax probability [B, K] float64), never keeping a
+    softmax tensor: p = exp(logit - logsumexp). Greedy by default; with `temperature` [B] and
+    `seeds` [B], Gumbel-max: token = argmax(logit + temperature * gumbel(seed)) (temperature 0 is
+    greedy), computed in the logits' dtype promoted to at least float32."""
+    if temperature is None:
+        top, token = logits.max(dim=-1)
+        return token, torch.exp(top.double() - torch.logsumexp(logits.double(), dim=-1))
+    compute = torch.promote_types(logits.dtype, torch.float32)
+    B, K, V = logits.shape
+    h = logits.to(compute)
+    score = h + temperature.to(compute)[:, None, None] * gumbel(seeds, K, V, compute)
+    token = score.argmax(dim=-1)
+    prob = torch.exp(h.gather(-1, token[..., None])[..., 0] - torch.logsumexp(h, dim=-1))
+    return token, prob.double()
 
 
 def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import reference
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
@@ -108,25 +110,60 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> tor
 
 
 @triton.jit
-def _confidence_kernel(logits_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, vocab, exclude,
-                       CHUNK: tl.constexpr):
+def _mix32(x):
+    """kernels.reference.mix32 on uint32 (multiplies wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _gumbel(position_hash, cols, COMPUTE: tl.constexpr):
+    """kernels.reference.gumbel for one position's tokens `cols`: -log(E), E = -log(1 - w)."""
+    h = _mix32(position_hash ^ cols.to(tl.uint32))
+    w = (((h >> 9) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08).to(COMPUTE)  # * 2**-24, exact
+    series = w * (1.0 + w * (0.5 + w * (0.3333333333333333 + w * 0.25)))
+    e = tl.where(w < 0.0078125, series, -tl.log(1.0 - w))
+    return -tl.log(e)
+
+
+@triton.jit
+def _confidence_kernel(logits_ptr, temp_ptr, seed_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, vocab, exclude,
+                       positions, CHUNK: tl.constexpr, SAMPLE: tl.constexpr, COMPUTE: tl.constexpr):
     """Online over vocabulary chunks: running max m, sum of exp(l - m) s, sum of exp(l - m) * l
-    (for the entropy) and the runner-up; never holds more than one chunk of a row."""
+    (for the entropy) and the runner-up; never holds more than one chunk of a row. With SAMPLE,
+    the token is the argmax of l + temperature * gumbel (Gumbel-max), its logit kept for p."""
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * vocab
-    m = -float("inf")
-    second = -float("inf")
-    s = 0.0
-    sl = 0.0
+    m = tl.full((), -float("inf"), COMPUTE)
+    second = tl.full((), -float("inf"), COMPUTE)
+    s = tl.zeros((), COMPUTE)
+    sl = tl.zeros((), COMPUTE)
+    best_score = tl.full((), -float("inf"), COMPUTE)
+    best_logit = tl.full((), -float("inf"), COMPUTE)
     best = 0
+    if SAMPLE:
+        request = row // positions
+        temperature = tl.load(temp_ptr + request).to(COMPUTE)
+        seed = tl.load(seed_ptr + request)
+        seed_hash = _mix32(_mix32((seed & 0xFFFFFFFF).to(tl.uint32)) ^ (seed >> 32).to(tl.uint32))
+        position_hash = _mix32(seed_hash ^ (row % positions).to(tl.uint32))
     for start in range(0, vocab, CHUNK):
         cols = start + tl.arange(0, CHUNK)
         keep = (cols < vocab) & (cols != exclude)
-        x = tl.load(base + cols, mask=keep, other=-float("inf")).to(tl.float32)
+        x = tl.load(base + cols, mask=keep, other=-float("inf")).to(COMPUTE)
         cmax = tl.max(x, axis=0)
-        carg = tl.argmax(x, axis=0) + start
         # runner-up inside this chunk: the max once the chunk's argmax is removed
-        csecond = tl.max(tl.where(cols == carg, -float("inf"), x), axis=0)
+        csecond = tl.max(tl.where(cols == tl.argmax(x, axis=0) + start, -float("inf"), x), axis=0)
+        if SAMPLE:
+            score = tl.where(keep, x + temperature * _gumbel(position_hash, cols, COMPUTE), -float("inf"))
+        else:
+            score = x
+        cbest = tl.max(score, axis=0)
+        carg = tl.argmax(score, axis=0) + start
+        clogit = tl.max(tl.where(cols == carg, x, -float("inf")), axis=0)
         new_m = tl.maximum(m, cmax)
         finite = new_m > -float("inf")  # False only while every logit so far is -inf
         scale = tl.where(finite, tl.exp(m - new_m), 0.0)
@@ -134,31 +171,43 @@ def _confidence_kernel(logits_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr,
         s = s * scale + tl.sum(e, axis=0)
         sl = sl * scale + tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
         second = tl.maximum(tl.maximum(second, csecond), tl.minimum(m, cmax))
-        best = tl.where(cmax > m, carg, best)
+        better = cbest > best_score
+        best = tl.where(better, carg, best)
+        best_logit = tl.where(better, clogit, best_logit)
+        best_score = tl.maximum(best_score, cbest)
         m = new_m
     lse = m + tl.log(s)
     tl.store(token_ptr + row, best)
-    tl.store(prob_ptr + row, tl.exp(m - lse))
+    tl.store(prob_ptr + row, tl.exp(best_logit - lse))
     tl.store(margin_ptr + row, tl.exp(m - lse) - tl.exp(second - lse))
     tl.store(entropy_ptr + row, lse - sl / s)
 
 
-def confidence_stats(logits: torch.Tensor, exclude: int = -1, chunk: int = 2048, fill=None):
-    """Per position: (top-1 token, its probability, top-1 minus top-2 probability, entropy),
-    the token `exclude` left out; probabilities in float32. `fill` pre-fills the outputs."""
+def confidence_stats(logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
+                     exclude: int = -1, chunk: int = 2048, fill=None):
+    """logits [..., K, V] -> per position (token, its probability, top-1 minus top-2 probability,
+    entropy), the token `exclude` left out. Greedy, or Gumbel-max with `temperature` [B] and `seeds`
+    [B] int64 per request (kernels.reference.confidence). Margin and entropy are the logits' own.
+    Computed and returned in float32 (float64 for float64 logits); `fill` pre-fills the outputs."""
     rows = _rows(logits)
     n = rows.shape[0]
+    positions = logits.shape[-2] if logits.dim() > 1 else 1
+    compute = torch.promote_types(logits.dtype, torch.float32)
     token = torch.full((n,), -1 if fill is None else int(fill), dtype=torch.long, device=rows.device)
-    prob, margin, entropy = (torch.full((n,), float("nan") if fill is None else fill, dtype=torch.float32, device=rows.device)
+    prob, margin, entropy = (torch.full((n,), float("nan") if fill is None else fill, dtype=compute, device=rows.device)
                              for _ in range(3))
-    _confidence_kernel[(n,)](rows, token, prob, margin, entropy, rows.shape[1], exclude, CHUNK=chunk)
+    sample = temperature is not None
+    temp = temperature.to(compute).contiguous() if sample else prob
+    seed = seeds.to(torch.int64).contiguous() if sample else token
+    _confidence_kernel[(n,)](rows, temp, seed, token, prob, margin, entropy, rows.shape[1], exclude, positions,
+                             CHUNK=chunk, SAMPLE=sample, COMPUTE=tl.float64 if compute == torch.float64 else tl.float32)
     shape = logits.shape[:-1]
     return token.view(shape), prob.view(shape), margin.view(shape), entropy.view(shape)
 
 
-def confidence(logits: torch.Tensor):
+def confidence(logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None):
     """Dispatcher signature: (token, probability as float64)."""
-    token, prob, _, _ = confidence_stats(logits)
+    token, prob, _, _ = confidence_stats(logits, temperature, seeds)
     return token, prob.double()
 
 
@@ -262,11 +311,15 @@ def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Ten
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, scale,
-                      sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, so_b, so_h, so_l,
-                      HAS_MASK: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, start, scale,
+                      sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sn_b, sn_h, sn_l, so_b, so_h, so_l,
+                      MASK: tl.constexpr, NEW: tl.constexpr, WRITE: tl.constexpr,
+                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Bidirectional attention, online softmax over key blocks. Query head h reads KV head
-    h // (H // KV_H); keys with mask 0 are skipped."""
+    h // (H // KV_H). MASK: 0 none, 1 per key [B, Lk], 2 per query and key [B, Lq, Lk]. With NEW,
+    keys [start, start + Lq) come from the fed tokens' new_k / new_v instead of the cache (so no
+    program reads what another writes), and with WRITE the first query tile of each KV head's
+    first query head stores them into the cache."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     kvh = h // (H // KV_H)
@@ -276,15 +329,31 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, s
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for start in range(0, Lk, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        valid = cols < Lk
-        if HAS_MASK:
-            valid = valid & (tl.load(mask_ptr + b * Lk + cols, mask=cols < Lk, other=0) != 0)
-        k = tl.load(k_ptr + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + dims[None, :], mask=(cols < Lk)[:, None], other=0.0)
-        v = tl.load(v_ptr + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + dims[None, :], mask=(cols < Lk)[:, None], other=0.0)
+    cache_k, cache_v = k_ptr + b * sk_b + kvh * sk_h, v_ptr + b * sk_b + kvh * sk_h
+    fresh_k, fresh_v = new_k_ptr + b * sn_b + kvh * sn_h, new_v_ptr + b * sn_b + kvh * sn_h
+    for first in range(0, Lk, BLOCK_N):
+        cols = first + tl.arange(0, BLOCK_N)
+        in_range = cols < Lk
+        if NEW:
+            fresh = (cols >= start) & (cols < start + Lq)
+            old = in_range & ((cols < start) | (cols >= start + Lq))
+            k = (tl.load(cache_k + cols[:, None] * sk_l + dims[None, :], mask=old[:, None], other=0.0)
+                 + tl.load(fresh_k + (cols - start)[:, None] * sn_l + dims[None, :], mask=fresh[:, None], other=0.0))
+            v = (tl.load(cache_v + cols[:, None] * sk_l + dims[None, :], mask=old[:, None], other=0.0)
+                 + tl.load(fresh_v + (cols - start)[:, None] * sn_l + dims[None, :], mask=fresh[:, None], other=0.0))
+        else:
+            k = tl.load(cache_k + cols[:, None] * sk_l + dims[None, :], mask=in_range[:, None], other=0.0)
+            v = tl.load(cache_v + cols[:, None] * sk_l + dims[None, :], mask=in_range[:, None], other=0.0)
         scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        scores = tl.where(valid[None, :], scores, -float("inf"))
+        if MASK == 1:
+            key_ok = in_range & (tl.load(mask_ptr + b * Lk + cols, mask=in_range, other=0) != 0)
+            valid = (rows[:, None] >= 0) & key_ok[None, :]
+        elif MASK == 2:
+            tile = (rows[:, None] < Lq) & in_range[None, :]
+            valid = tile & (tl.load(mask_ptr + (b * Lq + rows[:, None]) * Lk + cols[None, :], mask=tile, other=0) != 0)
+        else:
+            valid = (rows[:, None] >= 0) & in_range[None, :]
+        scores = tl.where(valid, scores, -float("inf"))
         new_m = tl.maximum(m, tl.max(scores, axis=1))
         safe_m = tl.where(new_m > -float("inf"), new_m, 0.0)
         p = tl.exp(scores - safe_m[:, None])
@@ -294,27 +363,60 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, s
         m = new_m
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :], out.to(q.dtype), mask=rows[:, None] < Lq)
+    if WRITE:
+        if (tl.program_id(1) == 0) & (h % (H // KV_H) == 0):
+            for first in range(0, Lq, BLOCK_N):
+                pos = first + tl.arange(0, BLOCK_N)
+                keep = (pos < Lq)[:, None]
+                src = pos[:, None] * sn_l + dims[None, :]
+                dst = (start + pos)[:, None] * sk_l + dims[None, :]
+                tl.store(cache_k + dst, tl.load(fresh_k + src, mask=keep, other=0.0), mask=keep)
+                tl.store(cache_v + dst, tl.load(fresh_v + src, mask=keep, other=0.0), mask=keep)
 
 
-def attention(q, k, v, key_mask, out=None, block_m: int = 32, block_n: int = 64):
-    """q [B, H, Lq, D]; k, v [B, KV_H, Lk, D] (views into the cache are fine: the last dim must be
-    contiguous); key_mask [B, Lk] bool or None -> [B, H, Lq, D]."""
+def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_m, block_n):
     B, H, Lq, D = q.shape
+    if D < 16 or D & (D - 1):  # tl.arange and tl.dot want a power of two >= 16: the reference serves
+        if new_k is None:
+            return reference.attention(q, k, v, key_mask)
+        return reference.cached_attention(q, new_k, new_v, k, v, start, key_mask, write)
     KV_H, Lk = k.shape[1], k.shape[2]
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
+        if write:
+            raise ValueError("cache: keys and values must share strides with a contiguous last dimension to be written in place")
         k, v = k.contiguous(), v.contiguous()
+    if new_k is not None:
+        new_k, new_v = new_k.contiguous(), new_v.contiguous()
+    else:
+        new_k = new_v = k
     out = torch.empty_like(q) if out is None else out
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q
+    kind = 0 if key_mask is None else key_mask.dim() - 1
     grid = (B * H, triton.cdiv(Lq, block_m))
-    _attention_kernel[grid](q, k, v, mask, out, H, KV_H, Lq, Lk, D ** -0.5,
+    _attention_kernel[grid](q, k, v, new_k, new_v, mask, out, H, KV_H, Lq, Lk, start, D ** -0.5,
                             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                            out.stride(0), out.stride(1), out.stride(2),
-                            HAS_MASK=key_mask is not None, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
+                            new_k.stride(0), new_k.stride(1), new_k.stride(2), out.stride(0), out.stride(1), out.stride(2),
+                            MASK=kind, NEW=new_v is not k, WRITE=write, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
 
+def attention(q, k, v, key_mask, out=None, block_m: int = 32, block_n: int = 64):
+    """q [B, H, Lq, D]; k, v [B, KV_H, Lk, D] (views into the cache are fine: the last dim must be
+    contiguous); key_mask [B, Lk] or [B, Lq, Lk] bool, or None -> [B, H, Lq, D]."""
+    return _launch_attention(q, k, v, key_mask, None, None, 0, False, out, block_m, block_n)
+
+
+def cached_attention(q, k, v, cache_k, cache_v, start: int, key_mask, write: bool, out=None,
+                     block_m: int = 32, block_n: int = 64):
+    """The fed tokens' queries q [B, H, Lq, D] over the cache view cache_k / cache_v
+    [B, KV_H, Lk, D] with the fed tokens' own k, v [B, KV_H, Lq, D] in place at [start, start + Lq);
+    `write` stores k, v there in the same launch (kernels.reference.cached_attention)."""
+    return _launch_attention(q, cache_k, cache_v, key_mask, k, v, start, write, out, block_m, block_n)
+
+
 KERNELS = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence, "attention": attention,
+           "cached_attention": cached_attention,
            "threshold_commit": threshold_commit, "factor_commit": factor_commit,
            "hierarchical_commit": hierarchical_commit}

@@ -100,7 +100,9 @@ def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_line_per_id(tmp_path
     write_lines(src, lines)
     rng = random.Random(1)
     sizes = []
-    command = CLI + [str(src), str(dst), "--max-concurrency", "4"] + FAST
+    # the fixed decoder takes gen_length forwards per request whatever the model, so the run lasts
+    # long enough (seconds) for the kills to land mid-run
+    command = CLI + [str(src), str(dst), "--max-concurrency", "4", "--decoder", "fixed"] + FAST
     for attempt in range(4):
         before = dst.stat().st_size if dst.exists() else 0
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

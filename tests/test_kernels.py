@@ -84,6 +84,52 @@ def test_confidence(dtype, vocab, chunk):
     torch.testing.assert_close(p2, rp2, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("vocab,chunk", [(1000, 256), (126_464, 8192)])
+def test_confidence_sampling_matches_the_reference(dtype, vocab, chunk):
+    """Gumbel-max inside the kernel: the same token as the torch reference (which draws the same
+    counter-based noise), per request temperature (0 = greedy) and seed, ragged K."""
+    g = torch.Generator().manual_seed(vocab + 1)
+    B, K = (2, 3) if vocab > 100_000 else (3, 5)
+    logits = (2 * torch.randn(B, K, vocab, generator=g, dtype=torch.float64)).to(dtype)
+    logits[1, 0, : vocab // 3] = -torch.inf  # forbidden tokens are never sampled
+    temperature = torch.tensor([0.0, 0.7, 1.3][:B], dtype=torch.float64)
+    seeds = torch.randint(0, 2**63 - 1, (B,), generator=g)
+    token, prob, _, _ = tk.confidence_stats(logits, temperature, seeds, chunk=chunk)
+    ref_token, ref_prob = reference.confidence(logits, temperature, seeds)
+    assert torch.equal(token, ref_token)
+    assert torch.equal(token[0], logits[0].double().argmax(-1))  # temperature 0 is greedy
+    assert not torch.equal(token[1:], logits[1:].double().argmax(-1))  # and the others do sample
+    assert int(token[1, 0]) >= vocab // 3
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(prob.double(), ref_prob, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_gumbel_noise_samples_the_softmax(temperature):
+    """The counter-based noise really is Gumbel: over many seeds and positions, Gumbel-max picks
+    each token with probability softmax(logits / temperature)."""
+    logits = torch.tensor([[[1.0, 0.0, -1.0, 2.0, 0.5, -3.0]]], dtype=torch.float64)
+    seeds, positions = torch.arange(2000) * 7919 + 12345, 20
+    tokens = []
+    for seed in seeds.split(500):
+        t, _ = reference.confidence(logits.expand(len(seed), positions, 6), torch.full((len(seed),), temperature), seed)
+        tokens.append(t.flatten())
+    counts = torch.bincount(torch.cat(tokens), minlength=6).double()
+    n = counts.sum()
+    p = torch.softmax(logits[0, 0] / temperature, -1)
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((counts / n - p).abs() < 5 * sigma).all(), (counts / n, p)
+
+
+def test_noise_depends_on_seed_position_and_token_only():
+    w = reference.uniform(torch.tensor([5, 5, 6, 2**40 + 5]), 4, torch.arange(8))
+    assert torch.equal(w[0], w[1])  # a pure function of its counter
+    assert (w[0] != w[2]).all() and (w[0] != w[3]).all()  # both halves of the seed matter
+    assert len(torch.unique(w[0])) == 32 and ((w > 0) & (w < 1)).all()
+    assert torch.equal(reference.uniform(torch.tensor([5]), 2, torch.tensor([7]))[0, 1, 0], w[0, 1, 7])
+
+
 def test_threshold_commit_matches_the_decoder_rule():
     g = torch.Generator().manual_seed(3)
     conf = torch.rand(5, 37, generator=g, dtype=torch.float64)
@@ -175,3 +221,69 @@ def test_attention_over_a_cache_view(dtype, B, H, KV, Lq, Lk, D):
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
     torch.testing.assert_close(tk.attention(q, k, v, None), reference.attention(q.float(), k.float(), v.float(), None).to(dtype), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("write", [True, False])
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "block_causal"])
+def test_cached_attention_writes_the_block_in_place(dtype, write, mask_kind):
+    """The fed tokens' queries over a cache view (a slice of a larger preallocated cache) with
+    their own keys/values at [start, start + Lq): read from the new tensors, written into the
+    cache by the kernel when asked (and only there), or the cache left untouched."""
+    B, H, KV, Lq, Lk, D, start = 3, 4, 2, 11, 75, 32, 40
+    g = torch.Generator().manual_seed(Lk + write)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k, v = (torch.randn(B, KV, Lq, D, generator=g).to(dtype) for _ in range(2))
+    big_k, big_v = (torch.randn(2, B + 1, KV, Lk + 13, D, generator=g).to(dtype) for _ in range(2))
+    mask = None
+    if mask_kind == "keys":
+        mask = torch.rand(B, Lk, generator=g) > 0.2
+        mask[0, : Lk // 2] = False
+    elif mask_kind == "block_causal":  # blocks of 16 from the first token, as LLaDA2 sees them
+        blocks = torch.arange(Lk) // 16
+        mask = (blocks[None, :] <= blocks[start : start + Lq, None]).expand(B, Lq, Lk).clone()
+        mask[1, :, :5] = False
+    ref_k, ref_v = big_k.clone(), big_v.clone()
+    expected = reference.cached_attention(q.float(), k.float(), v.float(), ref_k[1, :B, :, :Lk].float(),
+                                          ref_v[1, :B, :, :Lk].float(), start, mask, write=False).to(dtype)
+    if write:
+        ref_k[1, :B, :, start : start + Lq], ref_v[1, :B, :, start : start + Lq] = k, v
+    out = tk.cached_attention(q, k, v, big_k[1, :B, :, :Lk], big_v[1, :B, :, :Lk], start, mask, write, out=nan_like(q))
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert torch.equal(big_k, ref_k) and torch.equal(big_v, ref_v)  # written exactly there, nothing else
+    dispatched = kernels.cached_attention(q.float(), k.float(), v.float(), big_k[1, :B, :, :Lk].float().clone(),
+                                          big_v[1, :B, :, :Lk].float().clone(), start, mask, write)
+    torch.testing.assert_close(dispatched.to(dtype), expected, rtol=tol, atol=tol)  # CPU: the reference
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llada", dict(d_model=64, n_heads=4, n_kv_heads=2, vocab_size=300, embedding_size=304, mask_token_id=299)),
+    ("llada2_moe", dict(head_dim=16)),  # block-causal masks through the attention kernel
+])
+def test_engine_through_the_kernels_matches_torch(family, overrides, monkeypatch):
+    """The whole engine with every op on its Triton kernel (the interpreter, on CPU) decodes the
+    same tokens in the same forwards as with the torch references: the model, caches and decoders
+    call the kernels with the right shapes, strides, masks, in-place cache writes and noise.
+    Greedy and sampled rows, two decoders, prompts of different lengths, float32."""
+    from dinfer_async import SamplingParams
+    from tests.tiny_models import random_prompts, tiny_family_model
+    from workers.scheduler import denoise
+
+    model = tiny_family_model(family, seed=3, **overrides).float()
+    cfg = model.config
+    prompts = random_prompts(5, [7, 3], cfg.vocab_size, cfg.mask_token_id)
+    common = dict(gen_length=8, block_length=4, cache="dual", early_stop=False)
+    params = [SamplingParams(decoder="threshold", threshold=0.5, **common).validate(),
+              SamplingParams(decoder="factor", temperature=0.9, **common).validate()]
+
+    def run():
+        return [(s.window, s.forwards) for s in denoise(model, prompts, params, [11, 12])]
+
+    expected = run()
+    calls = set()
+    for name, fn in kernels._triton().items():  # count which kernels really ran
+        monkeypatch.setitem(kernels._TRITON, name, lambda *a, _name=name, _fn=fn, **k: calls.add(_name) or _fn(*a, **k))
+    with kernels.triton_everywhere():
+        assert run() == expected
+    assert calls >= {"rms_norm", "rope", "swiglu", "cached_attention", "confidence", "threshold_commit", "factor_commit"}

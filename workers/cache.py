@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+
 
 class KVCache:
     """Per-layer keys and values [layers, rows, kv_heads, length, head_dim], allocated once and
@@ -46,12 +48,11 @@ class KVCache:
         self.v[:, :n] = self.v[:, rows]
         self.rows = n
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        """Write the fed tokens' k, v at [start, start + n) and return the cache to attend over."""
-        end = start + k.shape[2]
-        self.k[layer, : self.rows, :, start:end] = k
-        self.v[layer, : self.rows, :, start:end] = v
-        return self.k[layer, : self.rows, :, : self.length], self.v[layer, : self.rows, :, : self.length]
+    def attention(self, layer: int, q, k, v, start: int, key_mask):
+        """The fed tokens (sequence offset `start`) attend over the cache, their k, v written into
+        it at [start, start + n) by the same kernel."""
+        return kernels.cached_attention(q, k, v, self.k[layer, : self.rows, :, : self.length],
+                                        self.v[layer, : self.rows, :, : self.length], start, key_mask, write=True)
 
 
 class Overlay:
@@ -60,12 +61,10 @@ class Overlay:
     def __init__(self, kv: KVCache):
         self.kv = kv
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
-        rows, end = k.shape[0], start + k.shape[2]
-        K = self.kv.k[layer, :rows, :, : self.kv.length]
-        V = self.kv.v[layer, :rows, :, : self.kv.length]
-        return (torch.cat([K[:, :, :start], k, K[:, :, end:]], dim=2),
-                torch.cat([V[:, :, :start], v, V[:, :, end:]], dim=2))
+    def attention(self, layer: int, q, k, v, start: int, key_mask):
+        rows, length = k.shape[0], self.kv.length
+        return kernels.cached_attention(q, k, v, self.kv.k[layer, :rows, :, :length], self.kv.v[layer, :rows, :, :length],
+                                        start, key_mask, write=False)
 
 
 class NoCache:

@@ -28,7 +28,11 @@ def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 class Decoder:
     def __init__(self, params: list, device):
-        self.temperatures = [p.temperature for p in params]
+        self.temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float64)
+        self.sampling = any(p.temperature > 0 for p in params)  # decided on the host, once
+
+    def predict(self, logits, seeds):
+        return predict(logits, self.temperature if self.sampling else None, seeds)
 
     def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
         """[rows] bool: which rows finished the block after `step` steps."""
@@ -36,7 +40,6 @@ class Decoder:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Only `rows` (indices into this decoder's rows) stay: slice every per-row tensor."""
-        self.temperatures = [self.temperatures[i] for i in rows.tolist()]
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value[rows])
@@ -61,10 +64,10 @@ class FixedDecoder(Decoder):
     def done(self, step, masked_left):
         return self.steps <= step
 
-    def select(self, logits, masked, step, generators):
-        token, score = predict(logits, self.temperatures, generators)
+    def select(self, logits, masked, step, seeds):
+        token, score = self.predict(logits, seeds)
         if self.any_random:
-            score = torch.where(self.random[:, None], random_scores(masked.shape[1], generators, masked.device), score)
+            score = torch.where(self.random[:, None], random_scores(seeds, masked.shape[1]), score)
         score = torch.where(masked, score, -torch.inf)
         count = self.counts[:, step : step + 1] if step < self.counts.shape[1] else torch.zeros_like(self.counts[:, :1])
         return token, masked & (descending_rank(score) < count)
@@ -77,8 +80,8 @@ class ThresholdDecoder(Decoder):
         super().__init__(params, device)
         self.tau = _column([p.threshold for p in params], device)
 
-    def select(self, logits, masked, step, generators):
-        token, conf = predict(logits, self.temperatures, generators)
+    def select(self, logits, masked, step, seeds):
+        token, conf = self.predict(logits, seeds)
         conf = torch.where(masked, conf, -torch.inf)
         return token, masked & _best_or_above(conf, self.tau)
 
@@ -91,8 +94,8 @@ class FactorDecoder(Decoder):
         super().__init__(params, device)
         self.f = _column([p.factor for p in params], device)
 
-    def select(self, logits, masked, step, generators):
-        token, conf = predict(logits, self.temperatures, generators)
+    def select(self, logits, masked, step, seeds):
+        token, conf = self.predict(logits, seeds)
         return token, kernels.factor_commit(conf, masked, self.f)
 
 
@@ -106,8 +109,8 @@ class HierarchicalDecoder(Decoder):
         self.tau = _column([p.threshold for p in params], device)
         self.low = _column([p.low_threshold for p in params], device)
 
-    def select(self, logits, masked, step, generators):
-        token, conf = predict(logits, self.temperatures, generators)
+    def select(self, logits, masked, step, seeds):
+        token, conf = self.predict(logits, seeds)
         return token, kernels.hierarchical_commit(conf, masked, self.tau, self.low)
 
 
@@ -124,15 +127,15 @@ class CreditDecoder(Decoder):
         self.beta = _column([p.credit_beta for p in params], device)[..., None]
         self.credit: torch.Tensor | None = None
 
-    def select(self, logits, masked, step, generators):
+    def select(self, logits, masked, step, seeds):
         if self.credit is None:
             self.credit = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
-        token, prob = predict(logits, [0.0] * len(generators), generators)
+        token, prob = predict(logits, None, seeds)
         self.credit.mul_(self.beta)
         gain = torch.where(masked, prob.pow(self.gamma), 0.0)
         self.credit.scatter_add_(-1, token[..., None], gain[..., None])
         boosted = logits.double() + self.alpha * torch.log1p(self.credit)
-        token, conf = predict(boosted, self.temperatures, generators)
+        token, conf = self.predict(boosted, seeds)
         conf = torch.where(masked, conf, -torch.inf)
         return token, masked & _best_or_above(conf, self.tau)
 
@@ -161,14 +164,13 @@ class DecoderSet:
             index = torch.tensor(rows, device=device)
             self.groups.append((index, DECODERS[name]([params[i] for i in rows], device)))
 
-    def select(self, logits, masked, step, generators):
+    def select(self, logits, masked, step, seeds):
         if len(self.groups) == 1:  # the common case: one decoder for the whole batch
-            return self.groups[0][1].select(logits, masked, step, generators)
+            return self.groups[0][1].select(logits, masked, step, seeds)
         token = torch.empty(masked.shape, dtype=torch.long, device=masked.device)
         commit = torch.zeros_like(masked)
         for index, decoder in self.groups:
-            gens = [generators[i] for i in index.tolist()]
-            t, c = decoder.select(logits[index], masked[index], step, gens)
+            t, c = decoder.select(logits[index], masked[index], step, seeds[index])
             token[index], commit[index] = t, c
         return token, commit
 

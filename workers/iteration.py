@@ -14,7 +14,7 @@ import torch
 
 from workers.decoders import DecoderSet
 from workers.models.llada2 import block_causal_mask
-from workers.sampling import forbid_tokens, step_seed
+from workers.sampling import block_seed, forbid_tokens, step_seeds
 
 
 @dataclass
@@ -33,7 +33,6 @@ class Sequence:
     params: object  # SamplingParams, validated
     seed: int
     window: list[int]  # ids decoded block by block; mask until committed
-    generator: torch.Generator
     skip: int = 0  # window positions before the answer (a block-causal prompt's tail)
     block: int = 0  # the block the next round decodes
     forwards: int = 0
@@ -46,12 +45,12 @@ class Sequence:
     kv_len: int = 0  # ... valid for its first kv_len tokens (prompt head + finished blocks)
 
     @classmethod
-    def create(cls, id, prompt: list[int], params, seed: int, mask_id: int, device, block_aligned: bool = False):
+    def create(cls, id, prompt: list[int], params, seed: int, mask_id: int, block_aligned: bool = False):
         K, tail = params.block_length, len(prompt) % params.block_length if block_aligned else 0
         head, tail_ids = list(prompt[: len(prompt) - tail]), list(prompt[len(prompt) - tail :])
         length = -(-(tail + params.gen_length) // K) * K
         window = tail_ids + [mask_id] * (length - tail)
-        return cls(id, head, params, seed, window, torch.Generator(device=device), skip=tail)
+        return cls(id, head, params, seed, window, skip=tail)
 
     @property
     def num_blocks(self) -> int:
@@ -200,6 +199,7 @@ class BlockRound:
         device = model.lm_head_weight.device
         self.batch = Batch(model, seqs, self.mask_id, self.eos_id, device)
         self.decoders = DecoderSet([s.params for s in seqs], device)
+        self.block_seeds = torch.tensor([block_seed(s.seed, s.block) for s in seqs], dtype=torch.long, device=device)
         self.cache = cache  # a policy from workers.cache.make_cache
         self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
@@ -222,7 +222,7 @@ class BlockRound:
         cache_rows = self.batch.keep(rows, self.seqs)
         self.cache.keep_rows(cache_rows)
         self.decoders.keep(rows)
-        self.suppress_eos, self.row_done = self.suppress_eos[rows], self.row_done[rows]
+        self.suppress_eos, self.row_done, self.block_seeds = self.suppress_eos[rows], self.row_done[rows], self.block_seeds[rows]
         self.forwards, self.committed = self.forwards[rows], self.committed[rows]
         if self.seqs and bool(self.row_done.all()):
             self._finish()
@@ -230,12 +230,10 @@ class BlockRound:
     def step(self) -> list[StepUpdate]:
         batch, seqs, t = self.batch, self.seqs, self.step_index
         lo, hi = batch.block_start, batch.block_end
-        for s in seqs:
-            s.generator.manual_seed(step_seed(s.seed, s.block, t))
         logits = self.cache.block_logits(batch.forward, batch, lo, hi, t)
         logits = forbid_tokens(logits, self.mask_id, self.eos_id, self.suppress_eos if self.any_suppress else None)
         masked = batch.ids[:, lo:hi] == self.mask_id
-        token, commit = self.decoders.select(logits, masked, t, [s.generator for s in seqs])
+        token, commit = self.decoders.select(logits, masked, t, step_seeds(self.block_seeds, t))
         working = ~self.row_done
         commit &= working[:, None]
         batch.ids[:, lo:hi] = torch.where(commit, token, batch.ids[:, lo:hi])

@@ -8,10 +8,9 @@ masked position (argmax, or Gumbel-max in float64 with temperature), and commits
 the leftmost wins (torch.topk leaves ties unspecified).
 
 Randomness is per request, so a request's tokens do not depend on its batch: at each step of each
-block, request i's generator is seeded with step_seed(seeds[i], block, step) and draws, in this
-order, a (block_length, vocab)
-float64 uniform tensor for the Gumbel noise (only when temperature > 0) and a block_length
-float64 uniform vector (only for random remasking).
+block, request i's noise is a pure function of its key step_seeds(block_seed(seeds[i], block),
+step), the block position and the token id (kernels.reference.gumbel and random_scores, the
+numbers the Triton kernel draws too); Gumbel-max is taken in float64.
 
 Other families: a model with `logit_shift` (Dream) has its logits moved right by that many
 columns, its first column's kept, as Dream's sampler does. A `block_causal` model (LLaDA2) is
@@ -30,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.sampling import step_seed
+from kernels.reference import gumbel, random_scores
+from workers.sampling import block_seed, step_seeds
 
 
 def transfer_counts(masked: int, steps: int) -> list[int]:
@@ -83,7 +83,6 @@ def reference_generate(
     is_prompt = real.clone()
     is_prompt[:, P:] = False
     seeds = seeds or [0] * B
-    generators = [torch.Generator(device=device) for _ in range(B)]
 
     forwards = 0
     for block in range(num_blocks):
@@ -110,18 +109,18 @@ def reference_generate(
             if suppress_eos:
                 logits[..., eos_id] = -torch.inf
             for i in range(B):
-                generators[i].manual_seed(step_seed(seeds[i], block, step))
+                key = step_seeds(torch.tensor([block_seed(seeds[i], block)], device=device), step)
                 block_logits = logits[i, start:end]  # [block_length, vocab]
                 if temperature > 0:
-                    u = torch.rand(block_logits.shape, generator=generators[i], dtype=torch.float64, device=device)
-                    prediction = (block_logits - temperature * torch.log(-torch.log(u))).argmax(-1)
+                    noise = gumbel(key, block_length, block_logits.shape[-1], torch.float64)[0]
+                    prediction = (block_logits + temperature * noise).argmax(-1)
                 else:
                     prediction = block_logits.argmax(-1)
                 if remasking == "low_confidence":
                     probs = torch.softmax(block_logits, dim=-1)
                     score = probs.gather(-1, prediction[:, None])[:, 0]
                 elif remasking == "random":
-                    score = torch.rand(block_length, generator=generators[i], dtype=torch.float64, device=device)
+                    score = random_scores(key, block_length)[0]
                 else:
                     raise ValueError(f"remasking={remasking!r}")
                 still_masked = x[i, start:end] == mask_id

@@ -46,7 +46,7 @@ class Scheduler:
         self.round_key: tuple | None = None
 
     def add(self, id, prompt: list[int], params, seed: int) -> Sequence:
-        seq = Sequence.create(id, prompt, params, seed, self.mask_id, self.device, self.model.block_causal)
+        seq = Sequence.create(id, prompt, params, seed, self.mask_id, self.model.block_causal)
         seq.admitted_at = time.perf_counter()
         self.waiting.append(seq)
         return seq

@@ -145,9 +145,11 @@ def rotary_attention(q, k, v, cos, sin, key_mask, cache, layer: int, start: int)
     """
     B, _, L, _ = q.shape
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if cache is not None:
-        k, v = cache.attend(layer, k, v, start)
-    return kernels.attention(q, k, v, key_mask).transpose(1, 2).reshape(B, L, -1)
+    if cache is None:
+        out = kernels.attention(q, k, v, key_mask)
+    else:
+        out = cache.attention(layer, q, k, v, start, key_mask)
+    return out.transpose(1, 2).reshape(B, L, -1)
 
 
 class GatedMLP(nn.Module):
