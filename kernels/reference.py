@@ -57,7 +57,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
 
 
 # ---- counter-based noise: a pure function of (seed, position, token), the same on every device ----
-# The Triton confidence kernel draws the same numbers (kernels/triton_ops.py, _uniform), so sampling
+# The Triton confidence kernel draws the same numbers (kernels/triton_ops.py, _gumbel), so sampling
 # on CUDA and here agree token for token, and a request's noise never depends on its batch-mates.
 
 _M32 = 0xFFFFFFFF
@@ -65,8 +65,8 @@ RANDOM_SCORE_TOKEN = _M32  # the counter random remasking draws at: a token id n
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32), in 16-bit halves so no product overflows."""
-    return (x * (c & 0xFFFF) + ((x * (c >> 16)) << 16)) & _M32
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), in 16-bit halves so nothing overflows int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
