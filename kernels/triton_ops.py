@@ -311,6 +311,21 @@ def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Ten
 
 
 @triton.jit
+def _kv_tile(cache, fresh, cols, dims, Lk, start, Lq, sk_l, sn_l, NEW: tl.constexpr):
+    """Keys (or values) of columns `cols` [BLOCK_N, D], 0 past Lk: from the cache, except with
+    NEW the fed tokens' own at [start, start + Lq), read from `fresh`."""
+    in_range = cols < Lk
+    if NEW:
+        is_fresh = (cols >= start) & (cols < start + Lq)
+        old = in_range & ((cols < start) | (cols >= start + Lq))
+        tile = (tl.load(cache + cols[:, None] * sk_l + dims[None, :], mask=old[:, None], other=0.0)
+                + tl.load(fresh + (cols - start)[:, None] * sn_l + dims[None, :], mask=is_fresh[:, None], other=0.0))
+    else:
+        tile = tl.load(cache + cols[:, None] * sk_l + dims[None, :], mask=in_range[:, None], other=0.0)
+    return tile
+
+
+@triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, start, scale,
                       sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sn_b, sn_h, sn_l, so_b, so_h, so_l,
                       MASK: tl.constexpr, NEW: tl.constexpr, WRITE: tl.constexpr,
@@ -334,16 +349,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_p
     for first in range(0, Lk, BLOCK_N):
         cols = first + tl.arange(0, BLOCK_N)
         in_range = cols < Lk
-        if NEW:
-            fresh = (cols >= start) & (cols < start + Lq)
-            old = in_range & ((cols < start) | (cols >= start + Lq))
-            k = (tl.load(cache_k + cols[:, None] * sk_l + dims[None, :], mask=old[:, None], other=0.0)
-                 + tl.load(fresh_k + (cols - start)[:, None] * sn_l + dims[None, :], mask=fresh[:, None], other=0.0))
-            v = (tl.load(cache_v + cols[:, None] * sk_l + dims[None, :], mask=old[:, None], other=0.0)
-                 + tl.load(fresh_v + (cols - start)[:, None] * sn_l + dims[None, :], mask=fresh[:, None], other=0.0))
-        else:
-            k = tl.load(cache_k + cols[:, None] * sk_l + dims[None, :], mask=in_range[:, None], other=0.0)
-            v = tl.load(cache_v + cols[:, None] * sk_l + dims[None, :], mask=in_range[:, None], other=0.0)
+        k = _kv_tile(cache_k, fresh_k, cols, dims, Lk, start, Lq, sk_l, sn_l, NEW)
+        v = _kv_tile(cache_v, fresh_v, cols, dims, Lk, start, Lq, sk_l, sn_l, NEW)
         scores = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         if MASK == 1:
             key_ok = in_range & (tl.load(mask_ptr + b * Lk + cols, mask=in_range, other=0) != 0)

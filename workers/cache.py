@@ -48,11 +48,11 @@ class KVCache:
         self.v[:, :n] = self.v[:, rows]
         self.rows = n
 
-    def attention(self, layer: int, q, k, v, start: int, key_mask):
-        """The fed tokens (sequence offset `start`) attend over the cache, their k, v written into
-        it at [start, start + n) by the same kernel."""
+    def attention(self, layer: int, q, k, v, start: int, key_mask, write: bool = True):
+        """The fed tokens (sequence offset `start`) attend over the cache with their own k, v at
+        [start, start + n), written into it there by the same kernel when `write`."""
         return kernels.cached_attention(q, k, v, self.k[layer, : self.rows, :, : self.length],
-                                        self.v[layer, : self.rows, :, : self.length], start, key_mask, write=True)
+                                        self.v[layer, : self.rows, :, : self.length], start, key_mask, write)
 
 
 class Overlay:
@@ -62,9 +62,7 @@ class Overlay:
         self.kv = kv
 
     def attention(self, layer: int, q, k, v, start: int, key_mask):
-        rows, length = k.shape[0], self.kv.length
-        return kernels.cached_attention(q, k, v, self.kv.k[layer, :rows, :, :length], self.kv.v[layer, :rows, :, :length],
-                                        start, key_mask, write=False)
+        return self.kv.attention(layer, q, k, v, start, key_mask, write=False)
 
 
 class NoCache:

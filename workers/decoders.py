@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels.reference import descending_rank
+from kernels.reference import descending_rank, random_scores
 from workers.reference import transfer_counts
-from workers.sampling import predict, random_scores
+from workers.sampling import predict
 
 
 def _column(values, device, dtype=torch.float64) -> torch.Tensor:

@@ -50,8 +50,3 @@ def predict(logits: torch.Tensor, temperature: torch.Tensor | None, seeds: torch
     # a NaN confidence (a broken model or checkpoint) would never pass "the best one commits"
     # and a block would step forever; as 0 it still lets every step commit something
     return token, torch.nan_to_num(prob, nan=0.0)
-
-
-def random_scores(seeds: torch.Tensor, width: int) -> torch.Tensor:
-    """Random remasking's scores: one float64 uniform per (row, position), keyed like the noise."""
-    return kernels.reference.random_scores(seeds, width)
