@@ -39,7 +39,7 @@ def test_bad_lines_get_error_records_and_the_run_goes_on(tmp_path):
         {"id": "a", "messages": [{"role": "user", "content": "reverse xyz"}]},
         {"id": "d", "messages": [{"role": "robot", "content": "hi"}]},
         [1, 2],
-        {"id": 7, "messages": [{"role": "user", "content": "count a in aab"}], "decoder": "fixed", "steps": 32, "cache": "none"},
+        {"id": 7, "messages": [{"role": "user", "content": "in aab count a"}], "decoder": "fixed", "steps": 32, "cache": "none"},
         {"id": "long", "prompt": "x" * 3000},
     ])
     assert main([str(src), str(dst)] + FAST) == 1
