@@ -181,6 +181,11 @@ def main():
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
 
     exclude = {ex.prompt for ex in tasks.held_out(per_task=1000)}
+    weights = [TASK_WEIGHTS[t] for t in args.tasks]
+
+    def weighted_task() -> str:
+        return rng.choices(args.tasks, weights)[0]
+
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     budget = args.minutes * 60
     start = time.time()
@@ -191,9 +196,11 @@ def main():
         for g in opt.param_groups:
             g["lr"] = lr
         window = rng.choices(WINDOWS, WINDOW_WEIGHTS)[0]
-        pick_task = lambda: rng.choices(args.tasks, [TASK_WEIGHTS[t] for t in args.tasks])[0]  # noqa: E731
-        if args.bucket:
-            pick_task = lambda task=pick_task(): task  # noqa: E731
+        if args.bucket:  # one task for the whole batch
+            task = weighted_task()
+            pick_task = lambda: task  # noqa: E731
+        else:
+            pick_task = weighted_task
         ids, pos, kmask, target, masked, scale = make_batch(tokenizer, rng, window, args.tokens_per_batch, exclude,
                                                             eos_id, mask_id, pick_task, prefix_prob=args.prefix_prob)
         logits = model(ids, pos, kmask)
