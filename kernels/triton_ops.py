@@ -155,15 +155,16 @@ def _confidence_kernel(logits_ptr, temp_ptr, seed_ptr, token_ptr, prob_ptr, marg
         keep = (cols < vocab) & (cols != exclude)
         x = tl.load(base + cols, mask=keep, other=-float("inf")).to(COMPUTE)
         cmax = tl.max(x, axis=0)
+        xarg = tl.argmax(x, axis=0) + start
         # runner-up inside this chunk: the max once the chunk's argmax is removed
-        csecond = tl.max(tl.where(cols == tl.argmax(x, axis=0) + start, -float("inf"), x), axis=0)
-        if SAMPLE:
+        csecond = tl.max(tl.where(cols == xarg, -float("inf"), x), axis=0)
+        if SAMPLE:  # the chunk's best noisy score, its token and that token's own logit
             score = tl.where(keep, x + temperature * _gumbel(position_hash, cols, COMPUTE), -float("inf"))
-        else:
-            score = x
-        cbest = tl.max(score, axis=0)
-        carg = tl.argmax(score, axis=0) + start
-        clogit = tl.max(tl.where(cols == carg, x, -float("inf")), axis=0)
+            cbest = tl.max(score, axis=0)
+            carg = tl.argmax(score, axis=0) + start
+            clogit = tl.max(tl.where(cols == carg, x, -float("inf")), axis=0)
+        else:  # greedy: the logits' own argmax, found above
+            cbest, carg, clogit = cmax, xarg, cmax
         new_m = tl.maximum(m, cmax)
         finite = new_m > -float("inf")  # False only while every logit so far is -inf
         scale = tl.where(finite, tl.exp(m - new_m), 0.0)
@@ -394,10 +395,11 @@ def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_
         if write:
             raise ValueError("cache: keys and values must share strides with a contiguous last dimension to be written in place")
         k, v = k.contiguous(), v.contiguous()
-    if new_k is not None:
+    fresh = new_k is not None  # the fed tokens' keys/values come apart from the cache
+    if fresh:
         new_k, new_v = new_k.contiguous(), new_v.contiguous()
     else:
-        new_k = new_v = k
+        new_k = new_v = k  # unread (NEW=False): any valid pointer
     out = torch.empty_like(q) if out is None else out
     mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q
     kind = 0 if key_mask is None else key_mask.dim() - 1
@@ -405,7 +407,7 @@ def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_
     _attention_kernel[grid](q, k, v, new_k, new_v, mask, out, H, KV_H, Lq, Lk, start, D ** -0.5,
                             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                             new_k.stride(0), new_k.stride(1), new_k.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                            MASK=kind, NEW=new_v is not k, WRITE=write, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
+                            MASK=kind, NEW=fresh, WRITE=write, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
 

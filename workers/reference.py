@@ -88,6 +88,7 @@ def reference_generate(
     for block in range(num_blocks):
         start, end = P - tail + block * block_length, P - tail + (block + 1) * block_length
         counts = transfer_counts(block_length, steps_per_block)
+        block_keys = torch.tensor([block_seed(seed, block) for seed in seeds], device=device)
         # a block-causal model sees nothing after the block; the block sees itself and what precedes
         seen = end if aligned else L
         keys = real[:, :seen]
@@ -108,8 +109,9 @@ def reference_generate(
             logits[..., mask_id] = -torch.inf
             if suppress_eos:
                 logits[..., eos_id] = -torch.inf
+            step_keys = step_seeds(block_keys, step)
             for i in range(B):
-                key = step_seeds(torch.tensor([block_seed(seeds[i], block)], device=device), step)
+                key = step_keys[i : i + 1]  # request i's own key: its noise ignores the batch
                 block_logits = logits[i, start:end]  # [block_length, vocab]
                 if temperature > 0:
                     noise = gumbel(key, block_length, block_logits.shape[-1], torch.float64)[0]
