@@ -16,7 +16,7 @@ import torch
 from dinfer_async import SamplingParams
 from workers import Engine
 from workers.bundled import tasks
-from workers.reference import reference_generate
+from workers.reference import reference_generate, until_eos
 
 
 def evaluate(name, examples, generate):
@@ -51,8 +51,7 @@ def main():
                                         eos_id=cfg.eos_token_id, gen_length=G, block_length=K, steps=G)
             forwards += n * len(chunk)
             for window in out:
-                answer = window[: window.index(cfg.eos_token_id)] if cfg.eos_token_id in window else window
-                texts.append(engine.tokenizer.decode(answer, skip_special_tokens=True))
+                texts.append(engine.tokenizer.decode(until_eos(window, cfg.eos_token_id), skip_special_tokens=True))
         return texts, forwards
 
     def default_engine():

@@ -21,11 +21,7 @@ from dinfer_async import SamplingParams
 from workers import Engine
 from workers.bundled import tasks
 from workers.cache import KVCache
-from workers.reference import reference_generate
-
-
-def answer_of(window: list[int], eos: int) -> list[int]:
-    return window[: window.index(eos)] if eos in window else window
+from workers.reference import reference_generate, until_eos
 
 
 @torch.no_grad()
@@ -63,7 +59,7 @@ def measure(name, examples, run_one, eos, tokenizer):
     begin = time.perf_counter()
     for i in range(len(examples)):
         window, n, c = run_one(i)
-        answer = answer_of(window, eos)
+        answer = until_eos(window, eos)
         texts.append(tokenizer.decode(answer, skip_special_tokens=True))
         forwards += n
         committed += c

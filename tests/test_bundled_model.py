@@ -5,7 +5,7 @@ import pytest
 from dinfer_async import SamplingParams
 from workers import Engine
 from workers.bundled import tasks
-from workers.reference import reference_generate
+from workers.reference import reference_generate, until_eos
 
 # Measured when the model was trained (see README, "The bundled model"); the floors sit a few
 # points below, so a regression in the model, the sampler or the engine fails here.
@@ -31,8 +31,7 @@ def test_reference_sampler_accuracy(engine, examples):
     prompts = [engine.encode(messages=ex.messages) for ex in examples]
     windows, _ = reference_generate(engine.model, prompts, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
                                     gen_length=32, block_length=32, steps=32)
-    texts = [engine.tokenizer.decode(w[: w.index(cfg.eos_token_id)] if cfg.eos_token_id in w else w,
-                                     skip_special_tokens=True) for w in windows]
+    texts = [engine.tokenizer.decode(until_eos(w, cfg.eos_token_id), skip_special_tokens=True) for w in windows]
     ok, total = tasks.accuracy_table(examples, texts)["all"]
     assert ok / total >= REFERENCE_FLOOR["all"], f"{ok}/{total}"
 

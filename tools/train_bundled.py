@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from workers.bundled import tasks
 from workers.loader import save_model
-from workers.reference import reference_generate
+from workers.reference import reference_generate, until_eos
 from workers.tokenizer import chat_ids
 from workers.models.llada import LLaDAConfig, LLaDAModel
 
@@ -233,7 +233,7 @@ def held_out_accuracy(model, tokenizer, eos_id, mask_id, per_task=10, gen_length
     windows, _ = reference_generate(model, prompts, mask_id=mask_id, eos_id=eos_id,
                                     gen_length=gen_length, block_length=gen_length, steps=gen_length)
     model.train()
-    texts = [tokenizer.decode(w[: w.index(eos_id)] if eos_id in w else w, skip_special_tokens=True) for w in windows]
+    texts = [tokenizer.decode(until_eos(w, eos_id), skip_special_tokens=True) for w in windows]
     table = tasks.accuracy_table(examples, texts)
     return " ".join(f"{name} {ok}/{n}" for name, (ok, n) in sorted(table.items()))
 

@@ -14,6 +14,7 @@ import torch
 
 from workers.decoders import DecoderSet
 from workers.models.llada2 import block_causal_mask
+from workers.reference import until_eos
 from workers.sampling import block_seed, forbid_tokens, step_seeds
 
 
@@ -66,8 +67,7 @@ class Sequence:
 
     def answer(self, eos_id: int) -> list[int]:
         """The answer positions up to (not including) the first EOS."""
-        ids = self.generated()
-        return ids[: ids.index(eos_id)] if eos_id in ids else ids
+        return until_eos(self.generated(), eos_id)
 
     def stats(self, eos_id: int) -> dict:
         tokens = len(self.answer(eos_id))

@@ -33,6 +33,11 @@ from kernels.reference import gumbel, random_scores
 from workers.sampling import block_seed, step_seeds
 
 
+def until_eos(ids: list[int], eos_id: int) -> list[int]:
+    """A generated window's answer: the ids before the first EOS (all of them without one)."""
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
 def transfer_counts(masked: int, steps: int) -> list[int]:
     """How many positions each of `steps` steps commits, `masked` in all (LLaDA's schedule)."""
     base, extra = divmod(masked, steps)
