@@ -4,12 +4,19 @@
 
 The floor of a kernel is bytes moved / measured copy bandwidth (a device-to-device copy of a
 large buffer). Also one LLaDA-8B-shaped forward (random weights, bf16, batch 1, a 32-token block
-over a 1,024-token cache) against its floor (all weights read once). Prints a table; needs a GPU.
+over a 1,024-token cache) against its floor (all weights read once), and the whole engine on that
+model against the bare forwards its decoding needs. Before timing: each kernel against its torch
+reference, and the engine (Triton) against the reference sampler (torch) on the bundled model.
+Prints tables; needs a GPU.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+
+from dinfer_async import SamplingParams
 
 
 def timed(fn, repeat: int = 50) -> float:
@@ -26,6 +33,26 @@ def timed(fn, repeat: int = 50) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1000)
     return sorted(times)[len(times) // 2]
+
+
+def graph_timed(fn, calls: int = 20, repeat: int = 20) -> float | None:
+    """Median seconds per call with the launch cost taken out: `calls` back-to-back calls captured
+    in one CUDA graph and replayed. None (and why) when fn cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except Exception as e:  # report and go on
+        print(f"  (no CUDA graph for this one: {type(e).__name__}: {str(e)[:200]})", flush=True)
+        return None
+    return timed(graph.replay, repeat) / calls
 
 
 def copy_bandwidth() -> float:
@@ -65,6 +92,91 @@ def check(tk, reference, dev):
     print("kernels agree with their references on CUDA")
 
 
+def check_engine(dev):
+    """The engine through the Triton kernels against the reference sampler through torch, on the
+    bundled model's held-out prompts (20, ragged lengths, one batch): windows identical?"""
+    from workers import Engine
+    from workers.bundled import tasks
+    from workers.reference import reference_generate
+    from workers.scheduler import denoise
+
+    for dtype in ("float32", "float64"):
+        engine = Engine.from_pretrained(None, device=dev, dtype=dtype)
+        prompts = [engine.encode(messages=ex.messages) for ex in tasks.held_out(4)]
+        seeds = list(range(len(prompts)))
+        for temperature in (0.0, 0.8):
+            kw = dict(gen_length=64, block_length=32, steps=64, temperature=temperature)
+            params = SamplingParams(decoder="fixed", cache="none", early_stop=False, **kw).validate()
+            try:
+                fast = [s.window for s in denoise(engine.model, prompts, params, seeds)]
+                ref, _ = reference_generate(engine.model, prompts, mask_id=engine.config.mask_token_id,
+                                            eos_id=engine.config.eos_token_id, seeds=seeds, **kw)
+                same = sum(a == b for a, b in zip(fast, ref))
+                print(f"engine vs reference sampler, bundled model, {dtype}, temperature {temperature}: "
+                      f"{same}/{len(prompts)} windows identical", flush=True)
+            except Exception as e:  # report and go on: one run on a lent GPU must give every other number
+                print(f"engine vs reference sampler, {dtype}, temperature {temperature}: FAILED {e!r}", flush=True)
+
+
+def engine_vs_bare(model, dev, batches=(1, 16), prompt_length=128, repeat=3):
+    """Seconds per request batch through Engine.generate vs the bare forwards the same decoding
+    runs (dual cache: per block one full forward, then block-only forwards): the engine's own cost."""
+    from workers import Engine
+    from workers.bundled import MODEL_DIR
+    from workers.cache import KVCache
+    from workers.tokenizer import load_tokenizer
+
+    cfg, dtype = model.config, model.lm_head_weight.dtype
+    G, K, steps = 256, 32, 64
+    params = SamplingParams(gen_length=G, block_length=K, decoder="fixed", steps=steps, cache="dual", early_stop=False)
+    engine = Engine(model, load_tokenizer(MODEL_DIR), max_batch_size=max(batches))
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for B in batches:
+        prompts = [torch.randint(0, cfg.vocab_size - 1000, (prompt_length,), generator=g).tolist() for _ in range(B)]
+        engine.generate(prompts, params)  # warm-up: Triton compiles, the allocator settles
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+        sync()
+        begin = time.perf_counter()
+        for _ in range(repeat):
+            results = engine.generate(prompts, params)
+        t_engine = (time.perf_counter() - begin) / repeat
+        forwards = results[0].stats.forwards
+
+        L = prompt_length + G
+        x = torch.tensor(prompts, device=dev)
+        x = torch.cat([x, torch.full((B, G), cfg.mask_token_id, device=dev)], 1)
+        pos = torch.arange(L, device=dev).expand(B, L)
+        cache = KVCache(cfg, dev, dtype)
+
+        def bare():
+            cache.reserve(B, L)
+            n = 0
+            for b in range(G // K):
+                lo, hi = prompt_length + b * K, prompt_length + (b + 1) * K
+                model(x, pos, None, cache=cache, start=0)
+                n += 1
+                for _ in range(steps // (G // K) - 1):
+                    model(x[:, lo:hi], pos[:, lo:hi], None, cache=cache, start=lo)
+                    n += 1
+            return n
+
+        with torch.no_grad():
+            bare()
+            sync()
+            begin = time.perf_counter()
+            for _ in range(repeat):
+                n_bare = bare()
+            sync()
+        t_bare = (time.perf_counter() - begin) / repeat
+        rows.append((B, forwards, n_bare, t_engine, t_bare))
+    print("\n| batch | forwards/request (engine, bare) | engine s | bare forwards s | engine / bare | tokens/s (engine) |")
+    print("|---|---|---|---|---|---|")
+    for B, f, n, te, tb in rows:
+        print(f"| {B} | {f}, {n} | {te:.3f} | {tb:.3f} | {te / tb:.2f}x | {B * G / te:.0f} |")
+    return rows
+
+
 def main():
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     from kernels import reference
@@ -72,14 +184,17 @@ def main():
     from workers.models.llada import LLaDAConfig, LLaDAModel, Rotary
 
     dev, bf16 = "cuda", torch.bfloat16
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     check(tk, reference, dev)
+    check_engine(dev)
     bw = copy_bandwidth()
     rows = []
 
     def row(name, triton_fn, torch_fn, nbytes):
-        t_tr, t_ref = timed(triton_fn), timed(torch_fn)
+        t_tr, t_ref, t_graph = timed(triton_fn), timed(torch_fn), graph_timed(triton_fn)
         floor = nbytes / bw
-        rows.append((name, t_tr * 1e6, t_ref * 1e6, floor * 1e6, floor / t_tr))
+        rows.append((name, t_tr * 1e6, t_ref * 1e6, t_graph * 1e6 if t_graph else float("nan"), floor * 1e6,
+                     floor / t_graph if t_graph else float("nan")))
 
     V = 126_464
     logits = torch.randn(32, V, device=dev, dtype=bf16)
@@ -131,12 +246,30 @@ def main():
         t = timed(block, repeat=20)
     floor = (weights + kv) / bw
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}\n")
-    print("| kernel | Triton us | torch us | floor us | Triton / floor |")
-    print("|---|---|---|---|---|")
-    for name, a, b, f, frac in rows:
-        print(f"| {name} | {a:.1f} | {b:.1f} | {f:.1f} | {frac:.0%} of bandwidth |")
-    print(f"\nLLaDA-8B-shaped forward, 32-token block over a 1,024-token cache, bf16: {t * 1e3:.2f} ms, "
-          f"floor {floor * 1e3:.2f} ms ({t / floor:.2f}x the floor)")
+    print("Eager: one call between CUDA events, launch included. Graph: 20 calls replayed from one CUDA graph,")
+    print("per call: the kernel's own time. Bandwidth: the floor over the graph time.\n")
+    print("| kernel | Triton us, eager | torch us, eager | Triton us, graph | floor us | of bandwidth |")
+    print("|---|---|---|---|---|---|")
+    for name, a, b, g, f, frac in rows:
+        print(f"| {name} | {a:.1f} | {b:.1f} | {g:.1f} | {f:.1f} | {frac:.0%} |")
+    print(f"\nLLaDA-8B-shaped forward, 32-token block over a 1,024-token cache, bf16: {t * 1e3:.2f} ms eager, "
+          f"floor {floor * 1e3:.2f} ms ({t / floor:.2f}x the floor)", flush=True)
+    try:  # how many kernels one forward launches: with eager launches, the CPU's pace per launch
+        with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            block()
+            torch.cuda.synchronize()
+        launches = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+        print(f"kernels launched by that forward: {launches} ({t / max(launches, 1) * 1e6:.1f} us of eager time each)")
+    except Exception as e:
+        print(f"(no kernel count: {type(e).__name__}: {e})")
+    print("\nengine on the LLaDA-8B-shaped model (random weights, bf16): prompt 128, gen_length 256, "
+          "block 32, fixed decoder with 64 steps, dual cache, no early stop")
+    engine_vs_bare(model, dev)
+    with torch.no_grad():  # last: a capture that fails can leave the device unusable
+        t_graph = graph_timed(block, calls=5)
+    if t_graph:
+        print(f"\nthe 8B-shaped block forward replayed from a CUDA graph: {t_graph * 1e3:.2f} ms "
+              f"({t_graph / floor:.2f}x the floor; eager {t * 1e3:.2f} ms)")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def rms_norm(x, weight, eps):
     return _pick("rms_norm", x)(x, weight, eps)
 
 
+def add_rms_norm(x, residual, weight, eps):
+    """(RMSNorm(x + residual), x + residual): the residual add fused into the norm after it."""
+    return _pick("add_rms_norm", x)(x, residual, weight, eps)
+
+
 def rope(x, cos, sin):
     return _pick("rope", x)(x, cos, sin)
 
@@ -85,5 +90,5 @@ def hierarchical_commit(conf, masked, tau, low):
     return _pick("hierarchical_commit", conf)(conf, masked, tau, low).bool()
 
 
-__all__ = ["attention", "cached_attention", "confidence", "factor_commit", "hierarchical_commit", "reference", "rms_norm", "rope", "swiglu",
+__all__ = ["add_rms_norm", "attention", "cached_attention", "confidence", "factor_commit", "hierarchical_commit", "reference", "rms_norm", "rope", "swiglu",
            "threshold_commit", "triton_everywhere"]

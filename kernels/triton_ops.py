@@ -54,7 +54,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 # ---- SwiGLU -------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     keep = offs < n
@@ -75,34 +75,40 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
 # ---- RoPE (rotate-half) ------------------------------------------------------------------------
 
 
-@triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, length, half, BLOCK: tl.constexpr):
-    # one program per (batch, head, position); cos/sin are [B, 1, L, D]
+@triton.jit(do_not_specialize=["length"])
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, length, half, sx_b, sx_h, sx_l, so_b, so_h, so_l,
+                 BLOCK: tl.constexpr):
+    # one program per (batch, head, position); x and out strided, cos/sin contiguous [B, 1, L, D]
     pid = tl.program_id(0)
     pos = pid % length
+    h = (pid // length) % heads
     b = pid // (length * heads)
     cols = tl.arange(0, BLOCK)
     keep = cols < half
-    base = pid * 2 * half
+    src = x_ptr + b * sx_b + h * sx_h + pos * sx_l
+    dst = out_ptr + b * so_b + h * so_h + pos * so_l
     trig = (b * length + pos) * 2 * half
-    x1 = tl.load(x_ptr + base + cols, mask=keep, other=0.0)
-    x2 = tl.load(x_ptr + base + half + cols, mask=keep, other=0.0)
+    x1 = tl.load(src + cols, mask=keep, other=0.0)
+    x2 = tl.load(src + half + cols, mask=keep, other=0.0)
     c1 = tl.load(cos_ptr + trig + cols, mask=keep, other=0.0)
     c2 = tl.load(cos_ptr + trig + half + cols, mask=keep, other=0.0)
     s1 = tl.load(sin_ptr + trig + cols, mask=keep, other=0.0)
     s2 = tl.load(sin_ptr + trig + half + cols, mask=keep, other=0.0)
     h1, h2 = x1.to(c1.dtype), x2.to(c1.dtype)
-    tl.store(out_ptr + base + cols, (h1 * c1 - h2 * s1).to(x1.dtype), mask=keep)
-    tl.store(out_ptr + base + half + cols, (h2 * c2 + h1 * s2).to(x1.dtype), mask=keep)
+    tl.store(dst + cols, (h1 * c1 - h2 * s1).to(x1.dtype), mask=keep)
+    tl.store(dst + half + cols, (h2 * c2 + h1 * s2).to(x1.dtype), mask=keep)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> torch.Tensor:
-    """x [B, H, L, D]; cos, sin [B, 1, L, D] (the compute dtype)."""
+    """x [B, H, L, D] with a contiguous last dimension; cos, sin [B, 1, L, D] (the compute dtype).
+    A head-transposed projection is read in place and the output keeps x's layout (no copies)."""
     B, H, L, D = x.shape
-    x = x.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     cos, sin = cos.expand(B, 1, L, D).contiguous(), sin.expand(B, 1, L, D).contiguous()
     out = torch.empty_like(x) if out is None else out
-    _rope_kernel[(B * H * L,)](x, cos, sin, out, H, L, D // 2, BLOCK=triton.next_power_of_2(D // 2))
+    _rope_kernel[(B * H * L,)](x, cos, sin, out, H, L, D // 2, x.stride(0), x.stride(1), x.stride(2),
+                               out.stride(0), out.stride(1), out.stride(2), BLOCK=triton.next_power_of_2(D // 2))
     return out
 
 
@@ -326,7 +332,7 @@ def _kv_tile(cache, fresh, cols, dims, Lk, start, Lq, sk_l, sn_l, NEW: tl.conste
     return tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Lq", "Lk", "start"])  # one compiled kernel for every length
 def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, start, scale,
                       sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sn_b, sn_h, sn_l, so_b, so_h, so_l,
                       MASK: tl.constexpr, NEW: tl.constexpr, WRITE: tl.constexpr,
@@ -384,7 +390,9 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_p
 
 def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_m, block_n):
     B, H, Lq, D = q.shape
-    if D < 16 or D & (D - 1):  # tl.arange and tl.dot want a power of two >= 16: the reference serves
+    # tl.arange and tl.dot want a power of two >= 16, and Triton's float64 MMA rejects this kernel
+    # on NVIDIA ("fp64 don't support largeK MMA", Triton 3.6 on an H200): the reference serves both
+    if D < 16 or D & (D - 1) or (q.dtype == torch.float64 and q.is_cuda):
         if new_k is None:
             return reference.attention(q, k, v, key_mask)
         return reference.cached_attention(q, new_k, new_v, k, v, start, key_mask, write)
@@ -396,12 +404,13 @@ def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_
             raise ValueError("cache: keys and values must share strides with a contiguous last dimension to be written in place")
         k, v = k.contiguous(), v.contiguous()
     fresh = new_k is not None  # the fed tokens' keys/values come apart from the cache
-    if fresh:
-        new_k, new_v = new_k.contiguous(), new_v.contiguous()
+    if fresh:  # strided views of the projections are read in place when k and v share a layout
+        if new_k.stride(-1) != 1 or new_v.stride(-1) != 1 or new_k.stride() != new_v.stride():
+            new_k, new_v = new_k.contiguous(), new_v.contiguous()
     else:
         new_k = new_v = k  # unread (NEW=False): any valid pointer
-    out = torch.empty_like(q) if out is None else out
-    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q
+    out = torch.empty_like(q) if out is None else out  # q's layout: [B, L, H, D] in memory stays so
+    mask = key_mask.contiguous().view(torch.int8) if key_mask is not None else q  # bool as bytes, no copy
     kind = 0 if key_mask is None else key_mask.dim() - 1
     grid = (B * H, triton.cdiv(Lq, block_m))
     _attention_kernel[grid](q, k, v, new_k, new_v, mask, out, H, KV_H, Lq, Lk, start, D ** -0.5,
@@ -425,7 +434,12 @@ def cached_attention(q, k, v, cache_k, cache_v, start: int, key_mask, write: boo
     return _launch_attention(q, cache_k, cache_v, key_mask, k, v, start, write, out, block_m, block_n)
 
 
-KERNELS = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence, "attention": attention,
+def add_rms_norm(x, residual, weight, eps):
+    """Dispatcher signature: (RMSNorm(x + residual), x + residual) in one launch."""
+    return rms_norm(x, weight, eps, residual=residual)
+
+
+KERNELS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence, "attention": attention,
            "cached_attention": cached_attention,
            "threshold_commit": threshold_commit, "factor_commit": factor_commit,
            "hierarchical_commit": hierarchical_commit}

@@ -32,6 +32,9 @@ def test_rms_norm(dtype, rows, cols):
     normed, total = tk.rms_norm(x, w, 1e-5, residual=r, out=nan_like(x))
     torch.testing.assert_close(total, x + r, rtol=0, atol=0)
     torch.testing.assert_close(normed, reference.rms_norm(x + r, w, 1e-5), rtol=2e-3, atol=2e-3)
+    ref_normed, ref_total = reference.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(ref_total, total)
+    torch.testing.assert_close(normed, ref_normed, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -224,6 +227,34 @@ def test_attention_over_a_cache_view(dtype, B, H, KV, Lq, Lk, D):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_and_cached_attention_read_projection_views_in_place(dtype):
+    """As the models call them: q, k, v are head-transposed views of [B, L, heads * D] projections.
+    RoPE reads and writes that layout; attention reads k and v there (no copies) and writes its
+    output as [B, L, H, D] in memory, so the caller's reshape back to [B, L, H * D] is free."""
+    from workers.models.llada import Rotary
+
+    B, H, KV, L, Lk, D, start = 2, 4, 2, 9, 40, 32, 20
+    g = torch.Generator().manual_seed(7)
+    proj_q = torch.randn(B, L, H * D, generator=g).to(dtype)
+    proj_k, proj_v = (torch.randn(B, L, KV * D, generator=g).to(dtype) for _ in range(2))
+    q, k, v = (p.view(B, L, -1, D).transpose(1, 2) for p in (proj_q, proj_k, proj_v))
+    cos, sin = Rotary(D, 10000.0)(torch.arange(start, start + L).expand(B, L), dtype)
+    rq, rk = tk.rope(q, cos, sin, out=nan_like(q)), tk.rope(k, cos, sin)
+    assert rk.stride() == k.stride()
+    torch.testing.assert_close(rq, reference.rope(q, cos, sin), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(rk, reference.rope(k, cos, sin), rtol=2e-3, atol=2e-3)
+    cache_k, cache_v = (torch.randn(B, KV, Lk, D, generator=g).to(dtype) for _ in range(2))
+    mask = torch.rand(B, Lk, generator=g) > 0.2
+    expected = reference.cached_attention(rq.float(), rk.float(), v.float(), cache_k.float().clone(),
+                                          cache_v.float().clone(), start, mask, write=False).to(dtype)
+    out = tk.cached_attention(rq, rk, v, cache_k, cache_v, start, mask, True)
+    tol = 2e-3 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert out.transpose(1, 2).is_contiguous()
+    assert torch.equal(cache_k[:, :, start : start + L], rk) and torch.equal(cache_v[:, :, start : start + L], v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("write", [True, False])
 @pytest.mark.parametrize("mask_kind", ["none", "keys", "block_causal"])
 def test_cached_attention_writes_the_block_in_place(dtype, write, mask_kind):
@@ -286,4 +317,5 @@ def test_engine_through_the_kernels_matches_torch(family, overrides, monkeypatch
         monkeypatch.setitem(kernels._TRITON, name, lambda *a, _name=name, _fn=fn, **k: calls.add(_name) or _fn(*a, **k))
     with kernels.triton_everywhere():
         assert run() == expected
-    assert calls >= {"rms_norm", "rope", "swiglu", "cached_attention", "confidence", "threshold_commit", "factor_commit"}
+    assert calls >= {"rms_norm", "add_rms_norm", "rope", "swiglu", "cached_attention", "confidence", "threshold_commit",
+                     "factor_commit"}

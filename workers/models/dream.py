@@ -118,8 +118,9 @@ class Layer(nn.Module):
         self.mlp = GatedMLP(cfg.d_model, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
+        h, x = self.post_attention_layernorm.add(x, attn)
+        return x + self.mlp(h)
 
 
 class DreamModel(HFDiffusionLM):

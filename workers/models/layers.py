@@ -102,6 +102,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
 
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a residual add and the norm after it, one launch."""
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+
 
 class Rotary(nn.Module):
     """cos/sin tables [B, 1, L, dim] for rotate-half RoPE at given positions.

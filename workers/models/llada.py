@@ -101,8 +101,8 @@ class Block(nn.Module):
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        x = x + self.attn_out(rotary_attention(q, k, v, cos, sin, key_mask, cache, layer, start))
-        h = self.ff_norm(x)
+        attn = self.attn_out(rotary_attention(q, k, v, cos, sin, key_mask, cache, layer, start))
+        h, x = self.ff_norm.add(x, attn)
         return x + self.ff_out(kernels.swiglu(self.ff_proj(h), self.up_proj(h)))
 
 

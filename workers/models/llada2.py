@@ -233,8 +233,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg) if cfg.is_moe(layer) else GatedMLP(cfg.d_model, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
-        x = x + self.attention(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.attention(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
+        h, x = self.post_attention_layernorm.add(x, attn)
+        return x + self.mlp(h)
 
 
 class LLaDA2Model(HFDiffusionLM):

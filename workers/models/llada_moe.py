@@ -183,8 +183,8 @@ class DecoderLayer(nn.Module):
             self.shared_expert = GatedMLP(cfg.d_model, cfg.shared_expert_intermediate_size)
 
     def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
-        h = self.post_attention_layernorm(x)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
+        h, x = self.post_attention_layernorm.add(x, attn)
         out = self.mlp(h)
         if hasattr(self, "shared_expert"):
             out = out + self.shared_expert(h)
