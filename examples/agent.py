@@ -30,7 +30,7 @@ async def ask(client: Client, prompt: str) -> str:
 
 
 async def main() -> None:
-    goal = ["reverse agent", "add 123+456", "sort 93715", "in banana count a", "copy the quick brown fox"]
+    goal = ["reverse agent", "add 123+456", "sort 93715", "in abacad count a", "copy the quick brown fox"]
     tools = local_tools()
     async with Client(workers=1) as client:
         answers: dict[str, str] = {}
