@@ -130,12 +130,12 @@ def engine_vs_bare(model, dev, batches=(1, 16), prompt_length=128, repeat=3):
     G, K, steps = 256, 32, 64
     params = SamplingParams(gen_length=G, block_length=K, decoder="fixed", steps=steps, cache="dual", early_stop=False)
     engine = Engine(model, load_tokenizer(MODEL_DIR), max_batch_size=max(batches))
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
     rows = []
     for B in batches:
         prompts = [torch.randint(0, cfg.vocab_size - 1000, (prompt_length,), generator=g).tolist() for _ in range(B)]
         engine.generate(prompts, params)  # warm-up: Triton compiles, the allocator settles
-        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         sync()
         begin = time.perf_counter()
         for _ in range(repeat):
