@@ -24,7 +24,9 @@ from workers.bundled import tasks
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -42,21 +44,45 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.jsonl", Path(tmp) / "out.jsonl"
-        src.write_text("".join(json.dumps({"id": i, "messages": ex.messages}) + "\n" for i, ex in enumerate(examples)))
+        src.write_text(
+            "".join(
+                json.dumps({"id": i, "messages": ex.messages}) + "\n"
+                for i, ex in enumerate(examples)
+            )
+        )
         begin = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "dinfer_async.batch", str(src), str(dst), "--gen-length",
-                               str(args.gen_length), "--threads", str(args.threads)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dinfer_async.batch",
+                str(src),
+                str(dst),
+                "--gen-length",
+                str(args.gen_length),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+        )
         batch_s = time.perf_counter() - begin
         assert proc.returncode == 0, proc.stderr
         out = [json.loads(line) for line in dst.read_text().splitlines()]
     batch_tokens = sum(o["stats"]["tokens"] for o in out)
     batch_acc = tasks.accuracy_table(examples, [o["text"] for o in out])["all"]
 
-    print(f"\n{len(examples)} held-out prompts, gen_length {args.gen_length}, default decoder/cache, {args.threads} CPU threads\n")
+    print(
+        f"\n{len(examples)} held-out prompts, gen_length {args.gen_length}, default decoder/cache, {args.threads} CPU threads\n"
+    )
     print("| mode | seconds | tokens/s | accuracy |")
     print("|---|---|---|---|")
-    print(f"| in-process Engine, one request at a time | {alone_s:.1f} | {alone_tokens / alone_s:.1f} | {alone_acc[0]}/{alone_acc[1]} |")
-    print(f"| dinfer-batch, default --max-concurrency (64) | {batch_s:.1f} | {batch_tokens / batch_s:.1f} | {batch_acc[0]}/{batch_acc[1]} |")
+    print(
+        f"| in-process Engine, one request at a time | {alone_s:.1f} | {alone_tokens / alone_s:.1f} | {alone_acc[0]}/{alone_acc[1]} |"
+    )
+    print(
+        f"| dinfer-batch, default --max-concurrency (64) | {batch_s:.1f} | {batch_tokens / batch_s:.1f} | {batch_acc[0]}/{batch_acc[1]} |"
+    )
     print(f"\nratio: {batch_tokens / batch_s / (alone_tokens / alone_s):.2f}x")
     print(proc.stderr.strip().splitlines()[-1])
 

@@ -56,7 +56,9 @@ async def client_rate(client, messages, params, concurrency):
 
 
 async def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None, help="model directory (default: the bundled model)")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--gen-length", type=int, default=64)
@@ -73,16 +75,24 @@ async def main():
     rows = []
     for concurrency in (1, 16):
         local = engine_rate(engine, messages, params, concurrency)
-        async with Client(model=args.model, workers=1, threads=args.threads, max_batch_size=16) as client:
+        async with Client(
+            model=args.model, workers=1, threads=args.threads, max_batch_size=16
+        ) as client:
             await client.generate(messages=messages[0], params=params)  # warm-up
             remote, ttfc = await client_rate(client, messages, params, concurrency)
         rows.append((concurrency, local, remote, ttfc))
-    print(f"\n{len(messages)} held-out prompts, gen_length {args.gen_length}, block_length {args.block_length}, "
-          f"default decoder/cache, {args.threads} CPU threads\n")
-    print("| streams | in-process Engine tok/s | Client tok/s | Client / Engine | median time to first chunk |")
+    print(
+        f"\n{len(messages)} held-out prompts, gen_length {args.gen_length}, block_length {args.block_length}, "
+        f"default decoder/cache, {args.threads} CPU threads\n"
+    )
+    print(
+        "| streams | in-process Engine tok/s | Client tok/s | Client / Engine | median time to first chunk |"
+    )
     print("|---|---|---|---|---|")
     for c, local, remote, ttfc in rows:
-        print(f"| {c} | {local:.1f} | {remote:.1f} | {remote / local:.2f}x | {ttfc * 1000:.0f} ms |")
+        print(
+            f"| {c} | {local:.1f} | {remote:.1f} | {remote / local:.2f}x | {ttfc * 1000:.0f} ms |"
+        )
 
 
 if __name__ == "__main__":

@@ -69,20 +69,32 @@ def measure(name, examples, run_one, eos, tokenizer):
     seconds = time.perf_counter() - begin
     table = tasks.accuracy_table(examples, texts)
     ok, total = table["all"]
-    return dict(name=name, acc=100 * ok / total, forwards=forwards / len(examples),
-                tpf=committed / max(forwards, 1), tps=tokens / seconds, seconds=seconds)
+    return dict(
+        name=name,
+        acc=100 * ok / total,
+        forwards=forwards / len(examples),
+        tpf=committed / max(forwards, 1),
+        tps=tokens / seconds,
+        seconds=seconds,
+    )
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
-    ap.add_argument("--prompts", type=int, default=100, help="held-out prompts (spread over the tasks)")
+    ap.add_argument(
+        "--prompts", type=int, default=100, help="held-out prompts (spread over the tasks)"
+    )
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--configs", default="all", help="'all' or comma list like threshold:dual,credit:vicinity")
+    ap.add_argument(
+        "--configs", default="all", help="'all' or comma list like threshold:dual,credit:vicinity"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -93,13 +105,24 @@ def main():
     prompts = [engine.encode(messages=ex.messages) for ex in examples]
     G, K = args.gen_length, args.block_length
     eos = cfg.eos_token_id
-    print(f"bundled model, {len(examples)} held-out prompts, gen_length {G}, block_length {K}, batch 1, "
-          f"{args.dtype}, " + (f"{args.threads} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
-          + "\n", flush=True)
+    print(
+        f"bundled model, {len(examples)} held-out prompts, gen_length {G}, block_length {K}, batch 1, "
+        f"{args.dtype}, "
+        + (f"{args.threads} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
+        + "\n",
+        flush=True,
+    )
 
     def reference(i):
-        out, n = reference_generate(engine.model, [prompts[i]], mask_id=cfg.mask_token_id, eos_id=eos,
-                                    gen_length=G, block_length=K, steps=G)
+        out, n = reference_generate(
+            engine.model,
+            [prompts[i]],
+            mask_id=cfg.mask_token_id,
+            eos_id=eos,
+            gen_length=G,
+            block_length=K,
+            steps=G,
+        )
         return out[0], n, G
 
     def fast_dllm(i):
@@ -111,22 +134,34 @@ def main():
             [r] = engine.generate([prompts[i]], params)
             window = r.token_ids + [eos] * (G - len(r.token_ids))
             return window, r.stats.forwards, r.stats.committed
+
         return run
 
-    warm = args.device != "cpu"  # on a GPU each path runs once untimed: Triton compiles at first use
+    warm = (
+        args.device != "cpu"
+    )  # on a GPU each path runs once untimed: Triton compiles at first use
 
     def timed_run(name, run_one):
         if warm:
             measure(name, examples, run_one, eos, tok)
         return measure(name, examples, run_one, eos, tok)
 
-    rows = [measure("reference: fixed, steps=gen_length, no cache", examples, reference, eos, tok),
-            timed_run("Fast-dLLM: threshold 0.9, dual cache, no early stop", fast_dllm)]
+    rows = [
+        measure("reference: fixed, steps=gen_length, no cache", examples, reference, eos, tok),
+        timed_run("Fast-dLLM: threshold 0.9, dual cache, no early stop", fast_dllm),
+    ]
     ref, fast = rows
-    print(f"baselines measured: reference {ref['tps']:.1f} tok/s, Fast-dLLM {fast['tps']:.1f} tok/s", flush=True)
+    print(
+        f"baselines measured: reference {ref['tps']:.1f} tok/s, Fast-dLLM {fast['tps']:.1f} tok/s",
+        flush=True,
+    )
     if args.configs == "all":
-        combos = list(itertools.product(["fixed", "threshold", "factor", "hierarchical", "credit"],
-                                        ["none", "prefix", "dual", "vicinity"]))
+        combos = list(
+            itertools.product(
+                ["fixed", "threshold", "factor", "hierarchical", "credit"],
+                ["none", "prefix", "dual", "vicinity"],
+            )
+        )
     else:
         combos = [tuple(c.split(":")) for c in args.configs.split(",")]
     for decoder, cache in combos:
@@ -134,16 +169,22 @@ def main():
         rows.append(timed_run(f"{decoder} + {cache}", engine_run(params)))
         print(f"  {decoder} + {cache}: {rows[-1]['tps']:.1f} tok/s", flush=True)
 
-    print("\n| configuration | accuracy | forwards/prompt | tokens/forward | tokens/s | vs reference | vs Fast-dLLM |")
+    print(
+        "\n| configuration | accuracy | forwards/prompt | tokens/forward | tokens/s | vs reference | vs Fast-dLLM |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['acc']:.1f}% | {r['forwards']:.1f} | {r['tpf']:.2f} | {r['tps']:.1f} | "
-              f"{r['tps'] / ref['tps']:.1f}x | {r['tps'] / fast['tps']:.1f}x |")
+        print(
+            f"| {r['name']} | {r['acc']:.1f}% | {r['forwards']:.1f} | {r['tpf']:.2f} | {r['tps']:.1f} | "
+            f"{r['tps'] / ref['tps']:.1f}x | {r['tps'] / fast['tps']:.1f}x |"
+        )
 
     best = max(rows[2:], key=lambda r: r["tps"] if r["acc"] >= ref["acc"] - 1 else 0)
     decoder, cache = best["name"].split(" + ")
     params = SamplingParams(gen_length=G, block_length=K, decoder=decoder, cache=cache)
-    engine.max_batch_size = 16  # continuous batching: up to 16 running, the rest join as others finish
+    engine.max_batch_size = (
+        16  # continuous batching: up to 16 running, the rest join as others finish
+    )
     if warm:
         engine.generate(prompts, params)
     begin = time.perf_counter()
@@ -151,8 +192,10 @@ def main():
     seconds = time.perf_counter() - begin
     tokens = sum(r.stats.tokens for r in results)
     acc = tasks.accuracy_table(examples, [r.text for r in results])["all"]
-    print(f"\nbatch 16, {best['name']}: {tokens / seconds:.1f} tokens/s aggregate vs {best['tps']:.1f} at batch 1 "
-          f"({tokens / seconds / best['tps']:.1f}x); accuracy {100 * acc[0] / acc[1]:.1f}%")
+    print(
+        f"\nbatch 16, {best['name']}: {tokens / seconds:.1f} tokens/s aggregate vs {best['tps']:.1f} at batch 1 "
+        f"({tokens / seconds / best['tps']:.1f}x); accuracy {100 * acc[0] / acc[1]:.1f}%"
+    )
 
 
 if __name__ == "__main__":

@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from timing import seconds_per_call
+
 from workers import Engine
 from workers.cache import KVCache
 
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--length", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=10)
@@ -36,9 +38,17 @@ def main():
         real = torch.ones(rows, L, dtype=torch.bool)
         cache = KVCache(model.config, "cpu", torch.float32)
         cache.reserve(rows, L)
-        full = seconds_per_call(lambda: model(ids, positions, real, cache, 0), args.repeat, warmup=3)
-        block = seconds_per_call(lambda: model(ids[:, lo:hi], positions[:, lo:hi], real, cache, lo), args.repeat, warmup=3)
-        print(f"| {rows} | {full * 1e3:.1f} ms | {full / rows * 1e3:.1f} ms | {block * 1e3:.2f} ms | {block / rows * 1e3:.2f} ms |")
+        full = seconds_per_call(
+            lambda: model(ids, positions, real, cache, 0), args.repeat, warmup=3
+        )
+        block = seconds_per_call(
+            lambda: model(ids[:, lo:hi], positions[:, lo:hi], real, cache, lo),
+            args.repeat,
+            warmup=3,
+        )
+        print(
+            f"| {rows} | {full * 1e3:.1f} ms | {full / rows * 1e3:.1f} ms | {block * 1e3:.2f} ms | {block / rows * 1e3:.2f} ms |"
+        )
 
 
 if __name__ == "__main__":

@@ -15,15 +15,17 @@ from __future__ import annotations
 import argparse
 
 import torch
-
 from timing import seconds_per_call
+
 from workers import Engine
 from workers.bundled import tasks
 
 
 @torch.no_grad()
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--gen-length", type=int, default=256)
@@ -52,13 +54,21 @@ def main():
     block_diagonal = (owner[:, None] == owner[None, :])[None]  # [1, total, total]
 
     padded_s = seconds_per_call(lambda: model(ids, positions, real), args.repeat)
-    packed_s = seconds_per_call(lambda: model(packed, packed_positions, block_diagonal), args.repeat)
-    print(f"{B} held-out prompts + gen_length {args.gen_length}: lengths {min(lengths)}..{max(lengths)}, "
-          f"{args.threads} CPU threads, float32\n")
+    packed_s = seconds_per_call(
+        lambda: model(packed, packed_positions, block_diagonal), args.repeat
+    )
+    print(
+        f"{B} held-out prompts + gen_length {args.gen_length}: lengths {min(lengths)}..{max(lengths)}, "
+        f"{args.threads} CPU threads, float32\n"
+    )
     print("| layout | tokens computed | real fraction | forward ms | tokens/s (real) |")
     print("|---|---|---|---|---|")
-    print(f"| padded (used) | {B * L} | {total / (B * L):.3f} | {padded_s * 1e3:.1f} | {total / padded_s:,.0f} |")
-    print(f"| packed, block-diagonal mask | {total} | 1.000 | {packed_s * 1e3:.1f} | {total / packed_s:,.0f} |")
+    print(
+        f"| padded (used) | {B * L} | {total / (B * L):.3f} | {padded_s * 1e3:.1f} | {total / padded_s:,.0f} |"
+    )
+    print(
+        f"| packed, block-diagonal mask | {total} | 1.000 | {packed_s * 1e3:.1f} | {total / packed_s:,.0f} |"
+    )
 
 
 if __name__ == "__main__":

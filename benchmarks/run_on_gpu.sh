@@ -6,6 +6,8 @@
 out=${1:?usage: run_on_gpu.sh OUTDIR}
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
+# kernels/ is imported as dinfer_kernels (see pyproject.toml): install the tree in place first
+$py -m pip install -q --no-deps --no-build-isolation -e . || echo "editable install failed"
 nvidia-smi -L
 $py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 # kernels vs references, engine vs reference sampler, kernel timings, the 8B-shaped forward and engine

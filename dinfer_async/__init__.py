@@ -1,7 +1,13 @@
 """dinfer-async: the client SDK for diffusion language models. Importing it never imports torch."""
 
 from dinfer_async.client import Client, Completion
-from dinfer_async.errors import ClientClosedError, DinferError, InvalidRequestError, WorkerDiedError, WorkerError
+from dinfer_async.errors import (
+    ClientClosedError,
+    DinferError,
+    InvalidRequestError,
+    WorkerDiedError,
+    WorkerError,
+)
 from dinfer_async.params import SamplingParams
 from dinfer_async.protocol import Chunk
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 import anyio
 
@@ -34,7 +35,12 @@ def read_items(stream: IO[str], defaults: dict, done: set[str]) -> Iterator[Job 
         item = parse_line(number, text, defaults)
         if isinstance(item, Job):
             if item.key in seen:
-                item = LineError(number, item.id, f"duplicate id {item.id!r}; ids must be unique", item.openai is not None)
+                item = LineError(
+                    number,
+                    item.id,
+                    f"duplicate id {item.id!r}; ids must be unique",
+                    item.openai is not None,
+                )
             else:
                 seen.add(item.key)
         if item.key in done or f"line:{number}" in done:
@@ -47,7 +53,14 @@ class Progress:
 
     def __init__(self, total: int | None, every: float = 10.0):
         self.begin = self.last = time.perf_counter()
-        self.every, self.done, self.errors, self.tokens, self.committed, self.forwards = every, 0, 0, 0, 0, 0
+        self.every, self.done, self.errors, self.tokens, self.committed, self.forwards = (
+            every,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
         self.bar = None
         if sys.stderr.isatty():
             from tqdm import tqdm
@@ -56,7 +69,9 @@ class Progress:
 
     def add(self, record: dict) -> None:
         self.done += 1
-        stats = record.get("stats") or ((record.get("response") or {}).get("body") or {}).get("dinfer_stats")
+        stats = record.get("stats") or ((record.get("response") or {}).get("body") or {}).get(
+            "dinfer_stats"
+        )
         if stats is None:
             self.errors += 1
         else:
@@ -69,22 +84,30 @@ class Progress:
             self.bar.set_postfix(tok_s=f"{rate:.1f}", errors=self.errors)
         elif time.perf_counter() - self.last >= self.every:
             self.last = time.perf_counter()
-            print(f"dinfer-batch: {self.done} done, {self.errors} errors, {rate:.1f} tokens/s", file=sys.stderr, flush=True)
+            print(
+                f"dinfer-batch: {self.done} done, {self.errors} errors, {rate:.1f} tokens/s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def summary(self) -> str:
         if self.bar is not None:
             self.bar.close()
         seconds = time.perf_counter() - self.begin
-        return (f"dinfer-batch: {self.done} lines, {self.errors} errors, {self.tokens} tokens in {seconds:.1f} s, "
-                f"{self.tokens / max(seconds, 1e-9):.1f} tokens/s, "
-                f"{self.committed / max(self.forwards, 1):.2f} tokens per forward")
+        return (
+            f"dinfer-batch: {self.done} lines, {self.errors} errors, {self.tokens} tokens in {seconds:.1f} s, "
+            f"{self.tokens / max(seconds, 1e-9):.1f} tokens/s, "
+            f"{self.committed / max(self.forwards, 1):.2f} tokens per forward"
+        )
 
 
 async def answer(client, job: Job) -> dict:
     for attempt in range(RETRIES):
         try:
             c = await client.generate(prompt=job.prompt, messages=job.messages, params=job.params)
-            return completion_record(job, c.text, c.token_ids, c.finish_reason, c.stats, client.welcome.model)
+            return completion_record(
+                job, c.text, c.token_ids, c.finish_reason, c.stats, client.welcome.model
+            )
         except WorkerDiedError as e:
             if attempt == RETRIES - 1:
                 return error_record(job, f"worker died {RETRIES} times: {e}")
@@ -112,8 +135,14 @@ async def run(args, defaults: dict) -> int:
     progress = Progress(count_lines(args.input))
     per_worker = -(-args.max_concurrency // args.workers)
     try:
-        async with Client(model=args.model, workers=args.workers, device=args.device, dtype=args.dtype,
-                          max_batch_size=per_worker, threads=args.threads) as client:
+        async with Client(
+            model=args.model,
+            workers=args.workers,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch_size=per_worker,
+            threads=args.threads,
+        ) as client:
             order = InOrder(out, window=2 * args.max_concurrency + 64)
             limiter = anyio.Semaphore(args.max_concurrency)
 
@@ -144,24 +173,53 @@ async def run(args, defaults: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dinfer-batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="dinfer-batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("input", help="JSONL input file, or - for stdin")
     ap.add_argument("output", help="JSONL output file (appended to and resumed), or - for stdout")
-    ap.add_argument("--model", default=None, help="local Hugging Face model directory (default: the bundled model)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model directory (default: the bundled model)",
+    )
     ap.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU)")
     ap.add_argument("--max-concurrency", type=int, default=64, help="requests in flight at once")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads per worker (0: torch's default)")
-    for name, kind in [("decoder", str), ("threshold", float), ("steps", int), ("cache", str), ("gen-length", int),
-                       ("block-length", int), ("temperature", float), ("seed", int), ("cfg-scale", float)]:
+    ap.add_argument(
+        "--threads", type=int, default=0, help="CPU threads per worker (0: torch's default)"
+    )
+    for name, kind in [
+        ("decoder", str),
+        ("threshold", float),
+        ("steps", int),
+        ("cache", str),
+        ("gen-length", int),
+        ("block-length", int),
+        ("temperature", float),
+        ("seed", int),
+        ("cfg-scale", float),
+    ]:
         ap.add_argument(f"--{name}", type=kind, default=None)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = ("decoder", "threshold", "steps", "cache", "gen_length", "block_length", "temperature", "seed", "cfg_scale")
+    names = (
+        "decoder",
+        "threshold",
+        "steps",
+        "cache",
+        "gen_length",
+        "block_length",
+        "temperature",
+        "seed",
+        "cfg_scale",
+    )
     defaults = {f: getattr(args, f) for f in names if getattr(args, f) is not None}
     try:
         SamplingParams(**defaults).validate()

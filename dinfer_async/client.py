@@ -23,7 +23,7 @@ import sys
 import tempfile
 import uuid
 from collections import deque
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
@@ -31,7 +31,13 @@ import zmq
 import zmq.asyncio
 
 from dinfer_async import protocol as wire
-from dinfer_async.errors import ClientClosedError, DinferError, InvalidRequestError, WorkerDiedError, WorkerError
+from dinfer_async.errors import (
+    ClientClosedError,
+    DinferError,
+    InvalidRequestError,
+    WorkerDiedError,
+    WorkerError,
+)
 from dinfer_async.params import SamplingParams
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -54,8 +60,13 @@ class _Inbox:
 
     def put(self, item) -> None:
         last = self.items[-1] if self.items else None
-        if (len(self.items) >= self.limit and isinstance(item, wire.Chunk) and isinstance(last, wire.Chunk)
-                and last.block == item.block and not last.final):
+        if (
+            len(self.items) >= self.limit
+            and isinstance(item, wire.Chunk)
+            and isinstance(last, wire.Chunk)
+            and last.block == item.block
+            and not last.final
+        ):
             item.committed = sorted(set(last.committed) | set(item.committed))
             item.stable_text = last.stable_text + item.stable_text
             self.items[-1] = item
@@ -89,14 +100,28 @@ class _Worker:
 
 
 class Client:
-    def __init__(self, model: str | None = None, workers: int = 1, device: str = "cpu", dtype: str = "float32",
-                 max_batch_size: int = 32, threads: int = 0, stream_buffer: int = 64,
-                 startup_timeout: float = 300.0, endpoints: list[str] | None = None, secret: str = ""):
+    def __init__(
+        self,
+        model: str | None = None,
+        workers: int = 1,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_size: int = 32,
+        threads: int = 0,
+        stream_buffer: int = 64,
+        startup_timeout: float = 300.0,
+        endpoints: list[str] | None = None,
+        secret: str = "",
+    ):
         if workers < 1:
             raise InvalidRequestError("workers", f"{workers!r} must be >= 1")
         self.model, self.device, self.dtype = model, device, dtype
         self.max_batch_size, self.threads = max_batch_size, threads
-        self.stream_buffer, self.startup_timeout, self.secret = stream_buffer, startup_timeout, secret
+        self.stream_buffer, self.startup_timeout, self.secret = (
+            stream_buffer,
+            startup_timeout,
+            secret,
+        )
         self._external = endpoints is not None
         self._count = len(endpoints) if endpoints else workers
         self._endpoints = endpoints
@@ -109,12 +134,16 @@ class Client:
     # ---- lifecycle -----------------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, endpoint: str | list[str], secret: str = "", **kwargs) -> "Client":
+    async def connect(cls, endpoint: str | list[str], secret: str = "", **kwargs) -> Client:
         """Attach to workers started separately with `dinfer-worker`; close with `await client.close()`."""
-        client = cls(endpoints=[endpoint] if isinstance(endpoint, str) else list(endpoint), secret=secret, **kwargs)
+        client = cls(
+            endpoints=[endpoint] if isinstance(endpoint, str) else list(endpoint),
+            secret=secret,
+            **kwargs,
+        )
         return await client.__aenter__()
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         if self._tg is not None:
             return self
         self._ctx = zmq.asyncio.Context()
@@ -125,7 +154,9 @@ class Client:
                 self._dir = tempfile.mkdtemp(prefix="dinfer-")
                 os.chmod(self._dir, 0o700)
             for i in range(self._count):
-                endpoint = self._endpoints[i] if self._external else f"ipc://{self._dir}/worker{i}.sock"
+                endpoint = (
+                    self._endpoints[i] if self._external else f"ipc://{self._dir}/worker{i}.sock"
+                )
                 worker = _Worker(i, endpoint)
                 self._workers.append(worker)
                 await self._start(worker)
@@ -162,15 +193,30 @@ class Client:
 
     async def _start(self, worker: _Worker) -> None:
         if not self._external:
-            path = worker.endpoint[len("ipc://"):]
+            path = worker.endpoint[len("ipc://") :]
             if os.path.exists(path):
                 os.unlink(path)
-            cmd = [sys.executable, "-m", "workers.main", "--endpoint", worker.endpoint, "--device", self.device,
-                   "--dtype", self.dtype, "--max-batch-size", str(self.max_batch_size), "--threads", str(self.threads),
-                   "--exit-with-parent"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "workers.main",
+                "--endpoint",
+                worker.endpoint,
+                "--device",
+                self.device,
+                "--dtype",
+                self.dtype,
+                "--max-batch-size",
+                str(self.max_batch_size),
+                "--threads",
+                str(self.threads),
+                "--exit-with-parent",
+            ]
             if self.model is not None:
                 cmd += ["--model", str(self.model)]
-            worker.process = await anyio.open_process(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None)
+            worker.process = await anyio.open_process(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None
+            )
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(worker.endpoint)
@@ -179,13 +225,17 @@ class Client:
         with anyio.fail_after(self.startup_timeout):
             while True:
                 if worker.process is not None and worker.process.returncode is not None:
-                    raise WorkerDiedError(f"worker {worker.index} exited with {worker.process.returncode} while starting")
+                    raise WorkerDiedError(
+                        f"worker {worker.index} exited with {worker.process.returncode} while starting"
+                    )
                 if await sock.poll(200):
                     msg = wire.decode(await sock.recv())
                     if isinstance(msg, wire.Welcome):
                         break
                     if isinstance(msg, wire.Error):
-                        raise DinferError(f"worker {worker.index} refused the handshake: {msg.field}: {msg.message}")
+                        raise DinferError(
+                            f"worker {worker.index} refused the handshake: {msg.field}: {msg.message}"
+                        )
         worker.welcome, worker.alive = msg, True
         self._tg.start_soon(self._read, worker, sock)
         if worker.process is not None:
@@ -228,7 +278,11 @@ class Client:
             elif isinstance(msg, wire.Error) and msg.request_id is not None:
                 inbox = worker.inflight.pop(msg.request_id, None)
                 if inbox is not None:
-                    error = WorkerError(msg.message) if msg.field == "engine" else InvalidRequestError(msg.field, msg.message)
+                    error = (
+                        WorkerError(msg.message)
+                        if msg.field == "engine"
+                        else InvalidRequestError(msg.field, msg.message)
+                    )
                     inbox.put(error)
 
     async def _watch(self, worker: _Worker, proc) -> None:
@@ -236,7 +290,9 @@ class Client:
         if self._closing or worker.process is not proc:
             return
         worker.alive = False
-        worker.fail_all(WorkerDiedError(f"worker {worker.index} (pid {worker.welcome.pid}) exited with {code}"))
+        worker.fail_all(
+            WorkerDiedError(f"worker {worker.index} (pid {worker.welcome.pid}) exited with {code}")
+        )
         worker.socket.close(linger=0)
         try:
             await self._start(worker)
@@ -252,35 +308,55 @@ class Client:
     def _pick(self) -> _Worker:
         alive = [w for w in self._workers if w.alive]
         if self._closing or self._tg is None:
-            raise ClientClosedError("the client is not open: use `async with Client(...)` or Client.connect")
+            raise ClientClosedError(
+                "the client is not open: use `async with Client(...)` or Client.connect"
+            )
         if not alive:
             raise WorkerDiedError("no worker is running (restarting)")
         return min(alive, key=lambda w: len(w.inflight))
 
     def _check(self, prompt, messages, token_ids, params) -> SamplingParams:
         if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
-            raise InvalidRequestError("prompt", "give exactly one of prompt (raw text), messages or token_ids")
+            raise InvalidRequestError(
+                "prompt", "give exactly one of prompt (raw text), messages or token_ids"
+            )
         if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
             raise InvalidRequestError("prompt", "must be a non-empty string")
         if messages is not None:
             if not isinstance(messages, list) or not messages:
-                raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
+                raise InvalidRequestError(
+                    "messages", "must be a non-empty list of {role, content} objects"
+                )
             for i, m in enumerate(messages):
                 if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                    raise InvalidRequestError(f"messages[{i}]", "must be an object with a string 'content'")
+                    raise InvalidRequestError(
+                        f"messages[{i}]", "must be an object with a string 'content'"
+                    )
                 if m.get("role") not in ROLES:
-                    raise InvalidRequestError(f"messages[{i}].role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}")
-        if token_ids is not None and (not token_ids or not all(type(t) is int and t >= 0 for t in token_ids)):
-            raise InvalidRequestError("token_ids", "must be a non-empty list of non-negative integers")
+                    raise InvalidRequestError(
+                        f"messages[{i}].role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}"
+                    )
+        if token_ids is not None and (
+            not token_ids or not all(type(t) is int and t >= 0 for t in token_ids)
+        ):
+            raise InvalidRequestError(
+                "token_ids", "must be a non-empty list of non-negative integers"
+            )
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params", "must be a SamplingParams")
         limit = min((w.welcome.max_gen_length for w in self._workers if w.welcome), default=None)
         return params.validate(max_gen_length=limit)
 
-    async def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                     token_ids: list[int] | None = None, params: SamplingParams | None = None,
-                     text_only: bool = False) -> AsyncIterator[wire.Chunk | str]:
+    async def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+        text_only: bool = False,
+    ) -> AsyncIterator[wire.Chunk | str]:
         """Yield a Chunk after every step that changed the request (or, with text_only, each
         non-empty piece of newly stable text). The last chunk carries finish_reason and stats.
         Leaving the loop early, or cancelling, aborts the request on its worker."""
@@ -289,7 +365,9 @@ class Client:
         rid = uuid.uuid4().hex
         inbox = _Inbox(self.stream_buffer)
         worker.inflight[rid] = inbox
-        submit = wire.Submit(request_id=rid, params=params, prompt=prompt, messages=messages, token_ids=token_ids)
+        submit = wire.Submit(
+            request_id=rid, params=params, prompt=prompt, messages=messages, token_ids=token_ids
+        )
         finished = False
         try:
             await worker.socket.send(wire.encode(submit))
@@ -313,11 +391,19 @@ class Client:
                 except zmq.ZMQError:
                     pass
 
-    async def generate(self, prompt: str | None = None, *, messages: list[dict] | None = None,
-                       token_ids: list[int] | None = None, params: SamplingParams | None = None) -> Completion:
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict] | None = None,
+        token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+    ) -> Completion:
         """Run one request to the end and return its Completion."""
         text, blocks, last = [], {}, None
-        async for chunk in self.stream(prompt, messages=messages, token_ids=token_ids, params=params):
+        async for chunk in self.stream(
+            prompt, messages=messages, token_ids=token_ids, params=params
+        ):
             text.append(chunk.stable_text)
             if chunk.final:
                 blocks[chunk.block] = chunk.tokens
@@ -325,7 +411,9 @@ class Client:
         eos = self._workers[0].welcome.eos_token_id
         ids = [t for b in sorted(blocks) for t in blocks[b]]
         ids = ids[: ids.index(eos)] if eos in ids else ids
-        return Completion(text="".join(text), token_ids=ids, finish_reason=last.finish_reason, stats=last.stats)
+        return Completion(
+            text="".join(text), token_ids=ids, finish_reason=last.finish_reason, stats=last.stats
+        )
 
     async def worker_load(self) -> list[int]:
         """Each worker's count of active requests, as the worker itself reports it."""

@@ -50,8 +50,12 @@ class LineError:
 
     def record(self) -> dict:
         if self.openai:
-            return {"id": f"batch_req_line{self.line}", "custom_id": self.id, "response": None,
-                    "error": {"code": "invalid_request", "message": self.message, "line": self.line}}
+            return {
+                "id": f"batch_req_line{self.line}",
+                "custom_id": self.id,
+                "response": None,
+                "error": {"code": "invalid_request", "message": self.message, "line": self.line},
+            }
         return {"id": self.id, "error": {"line": self.line, "message": self.message}}
 
 
@@ -62,7 +66,9 @@ def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
     except json.JSONDecodeError as e:
         return LineError(line, None, f"invalid JSON: {e}")
     if not isinstance(obj, dict):
-        return LineError(line, None, "a line must be a JSON object with 'id' and 'prompt' or 'messages'")
+        return LineError(
+            line, None, "a line must be a JSON object with 'id' and 'prompt' or 'messages'"
+        )
     openai = "custom_id" in obj
     body, overrides = obj, {k: v for k, v in obj.items() if k in PARAM_FIELDS}
     rid = obj.get("custom_id") if openai else obj.get("id")
@@ -71,19 +77,33 @@ def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
         if not isinstance(body, dict):
             return LineError(line, rid, "OpenAI Batch line: 'body' must be an object", openai=True)
         if obj.get("url", OPENAI_URLS[0]) not in OPENAI_URLS:
-            return LineError(line, rid, f"OpenAI Batch line: url must be one of {', '.join(OPENAI_URLS)}", openai=True)
+            return LineError(
+                line,
+                rid,
+                f"OpenAI Batch line: url must be one of {', '.join(OPENAI_URLS)}",
+                openai=True,
+            )
         overrides = {k: body[k] for k in ("temperature", "seed") if body.get(k) is not None}
         if body.get("max_tokens") is not None:
             block = defaults.get("block_length", SamplingParams().block_length)
             if type(body["max_tokens"]) is not int or body["max_tokens"] < 1:
-                return LineError(line, rid, "body.max_tokens must be a positive integer", openai=True)
+                return LineError(
+                    line, rid, "body.max_tokens must be a positive integer", openai=True
+                )
             overrides["gen_length"] = math.ceil(body["max_tokens"] / block) * block
     if rid is None or isinstance(rid, (dict, list, bool)):
         field = "custom_id" if openai else "id"
-        return LineError(line, rid, f"'{field}' is missing or not a string/number; give each line a unique id", openai)
+        return LineError(
+            line,
+            rid,
+            f"'{field}' is missing or not a string/number; give each line a unique id",
+            openai,
+        )
     prompt, messages = body.get("prompt"), body.get("messages")
     if (prompt is None) == (messages is None):
-        return LineError(line, rid, "give exactly one of 'prompt' (raw text) or 'messages' (chat)", openai)
+        return LineError(
+            line, rid, "give exactly one of 'prompt' (raw text) or 'messages' (chat)", openai
+        )
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
         return LineError(line, rid, "'prompt' must be a non-empty string", openai)
     try:
@@ -96,7 +116,9 @@ def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
     return Job(line, rid, prompt, messages, params, url)
 
 
-def completion_record(job: Job, text: str, token_ids: list[int], finish_reason: str, stats: dict, model: str) -> dict:
+def completion_record(
+    job: Job, text: str, token_ids: list[int], finish_reason: str, stats: dict, model: str
+) -> dict:
     summary = {
         "forwards": stats["forwards"],
         "tokens": stats["tokens"],
@@ -104,18 +126,39 @@ def completion_record(job: Job, text: str, token_ids: list[int], finish_reason: 
         "seconds": round(stats["seconds"], 4),
     }
     if job.openai is None:
-        return {"id": job.id, "text": text, "token_ids": token_ids, "finish_reason": finish_reason, "stats": summary}
+        return {
+            "id": job.id,
+            "text": text,
+            "token_ids": token_ids,
+            "finish_reason": finish_reason,
+            "stats": summary,
+        }
     reason = "stop" if finish_reason == "eos" else "length"
     if job.openai == "/v1/chat/completions":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": reason,
+        }
         kind = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": reason}
         kind = "text_completion"
-    body = {"id": f"dinfer-line{job.line}", "object": kind, "created": int(time.time()), "model": model,
-            "choices": [choice], "usage": {"completion_tokens": stats["tokens"]}, "dinfer_stats": summary}
-    return {"id": f"batch_req_line{job.line}", "custom_id": job.id,
-            "response": {"status_code": 200, "request_id": f"line{job.line}", "body": body}, "error": None}
+    body = {
+        "id": f"dinfer-line{job.line}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {"completion_tokens": stats["tokens"]},
+        "dinfer_stats": summary,
+    }
+    return {
+        "id": f"batch_req_line{job.line}",
+        "custom_id": job.id,
+        "response": {"status_code": 200, "request_id": f"line{job.line}", "body": body},
+        "error": None,
+    }
 
 
 def error_record(job: Job, message: str) -> dict:

@@ -1,4 +1,4 @@
-"""SamplingParams: how one request is denoised. A msgspec Struct, so it travels on the wire as is."""
+"""SamplingParams: how one request is denoised. A msgspec Struct: it travels on the wire as is."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dinfer_async.errors import InvalidRequestError
 DECODERS = ("fixed", "threshold", "factor", "hierarchical", "credit")
 CACHES = ("none", "prefix", "dual", "vicinity")
 REMASKING = ("low_confidence", "random")
+MAX_STOP, MAX_STOP_LENGTH = 8, 256  # like OpenAI's limit of 4 stop strings, with room
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -19,7 +20,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     gen_length: tokens generated (EOS padding included), a multiple of block_length.
     block_length: tokens denoised together; blocks run left to right (semi-autoregressive).
     decoder / threshold: which masked positions are committed at each step.
-    steps: "fixed" only; total denoising steps over gen_length (LLaDA's `steps`), default gen_length.
+    steps: "fixed" only; total denoising steps over gen_length (LLaDA's steps; default gen_length).
     cache: KV-cache policy. temperature: 0 is greedy; > 0 samples by Gumbel-max with `seed`.
     remasking: "fixed" only; commit the most confident positions or random ones.
     early_stop: stop after the first finished block that contains EOS; the rest is EOS.
@@ -31,6 +32,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         logits + alpha * log(1 + credit), credit <- beta * credit + p^gamma at each prediction.
     prefix_look, after_look: "vicinity" cache: tokens recomputed before and after the block.
     soft_diffusion: feed still-masked positions E[mask] + w * E[softmax(logits)] at the next step.
+    max_tokens: OpenAI's name for the answer's length; when set it decides gen_length, rounded
+        up to whole blocks (max_tokens=40, block_length=32: gen_length=64); gen_length is ignored.
+    stop: strings that end the answer: it is cut before the first one, decoding stops after the
+        block that completes it, and finish_reason is "stop".
     """
 
     gen_length: int = 256
@@ -53,6 +58,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     prefix_look: int = 16
     after_look: int = 16
     soft_diffusion: bool = False
+    max_tokens: int | None = None
+    stop: list[str] | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -63,12 +70,32 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """Steps of the "fixed" decoder over the whole generation."""
         return self.gen_length if self.steps is None else self.steps
 
-    def validate(self, max_gen_length: int | None = None) -> "SamplingParams":
-        """Raise InvalidRequestError naming the first bad field; return self when all are fine."""
+    def validate(self, max_gen_length: int | None = None) -> SamplingParams:
+        """Raise InvalidRequestError naming the first bad field; return the params to run (self,
+        or a copy whose gen_length follows max_tokens)."""
+        if self.max_tokens is not None:
+            _int_at_least("max_tokens", self.max_tokens, 1)
+            _int_at_least("block_length", self.block_length, 1)
+            blocks = -(-self.max_tokens // self.block_length)
+            if self.gen_length != blocks * self.block_length:
+                return msgspec.structs.replace(
+                    self, gen_length=blocks * self.block_length
+                ).validate(max_gen_length)
+        if self.stop is not None:
+            if not isinstance(self.stop, list) or not 1 <= len(self.stop) <= MAX_STOP:
+                raise InvalidRequestError("stop", f"must be a list of 1 to {MAX_STOP} strings")
+            for i, text in enumerate(self.stop):
+                if not isinstance(text, str) or not text or len(text) > MAX_STOP_LENGTH:
+                    raise InvalidRequestError(
+                        f"stop[{i}]",
+                        f"must be a non-empty string of at most {MAX_STOP_LENGTH} characters",
+                    )
         _int_at_least("gen_length", self.gen_length, 1)
         _int_at_least("block_length", self.block_length, 1)
         if max_gen_length is not None and self.gen_length > max_gen_length:
-            raise InvalidRequestError("gen_length", f"{self.gen_length} exceeds this model's limit of {max_gen_length}")
+            raise InvalidRequestError(
+                "gen_length", f"{self.gen_length} exceeds this model's limit of {max_gen_length}"
+            )
         if self.gen_length % self.block_length:
             raise InvalidRequestError(
                 "gen_length",
@@ -98,12 +125,26 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     f"{self.steps} must be a multiple of the number of blocks "
                     f"(gen_length / block_length = {self.num_blocks})",
                 )
-        if not _is_number(self.temperature) or self.temperature < 0 or not math.isfinite(self.temperature):
-            raise InvalidRequestError("temperature", f"{self.temperature!r} must be a finite number >= 0")
-        if not _is_number(self.cfg_scale) or self.cfg_scale < 0 or not math.isfinite(self.cfg_scale):
-            raise InvalidRequestError("cfg_scale", f"{self.cfg_scale!r} must be a finite number >= 0")
+        if (
+            not _is_number(self.temperature)
+            or self.temperature < 0
+            or not math.isfinite(self.temperature)
+        ):
+            raise InvalidRequestError(
+                "temperature", f"{self.temperature!r} must be a finite number >= 0"
+            )
+        if (
+            not _is_number(self.cfg_scale)
+            or self.cfg_scale < 0
+            or not math.isfinite(self.cfg_scale)
+        ):
+            raise InvalidRequestError(
+                "cfg_scale", f"{self.cfg_scale!r} must be a finite number >= 0"
+            )
         if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**63):
-            raise InvalidRequestError("seed", f"{self.seed!r} must be an integer in [0, 2**63) or None")
+            raise InvalidRequestError(
+                "seed", f"{self.seed!r} must be an integer in [0, 2**63) or None"
+            )
         for name in ("early_stop", "suppress_eos", "soft_diffusion"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidRequestError(name, f"{getattr(self, name)!r} must be true or false")

@@ -25,12 +25,20 @@ def local_tools():
 
 
 async def ask(client: Client, prompt: str) -> str:
-    completion = await client.generate(messages=[{"role": "user", "content": prompt}], params=PARAMS)
+    completion = await client.generate(
+        messages=[{"role": "user", "content": prompt}], params=PARAMS
+    )
     return completion.text.strip()
 
 
 async def main() -> None:
-    goal = ["reverse agent", "add 123+456", "sort 93715", "in abacad count a", "copy the quick brown fox"]
+    goal = [
+        "reverse agent",
+        "add 123+456",
+        "sort 93715",
+        "in abacad count a",
+        "copy the quick brown fox",
+    ]
     tools = local_tools()
     async with Client(workers=1) as client:
         answers: dict[str, str] = {}
@@ -38,14 +46,20 @@ async def main() -> None:
         async def work(step: str) -> None:
             answers[step] = await ask(client, step)
 
-        async with anyio.create_task_group() as tg:  # the sub-tasks run concurrently, batched by the worker
+        async with (
+            anyio.create_task_group() as tg
+        ):  # the sub-tasks run concurrently, batched by the worker
             for step in goal:
                 tg.start_soon(work, step)
         for step in goal:
             verb, _, arg = step.partition(" ")
             check = tools.get(verb)
             expected = check(*arg.split("+")) if check else None
-            verdict = "" if expected is None else (" (checked)" if answers[step] == expected else f" (tool says {expected})")
+            verdict = (
+                ""
+                if expected is None
+                else (" (checked)" if answers[step] == expected else f" (tool says {expected})")
+            )
             print(f"{step!r:32} -> {answers[step]!r}{verdict}")
         try:
             await ask(client, "")

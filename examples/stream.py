@@ -1,6 +1,6 @@
 """Watch blocks denoise live in the terminal.
 
-    python examples/stream.py "reverse planet"
+python examples/stream.py "reverse planet"
 """
 
 import sys
@@ -15,14 +15,18 @@ async def main(question: str) -> None:
     params = SamplingParams(gen_length=64, block_length=32, threshold=0.7)
     async with Client(model=None, workers=1) as client:
         blocks: dict[int, str] = {}
-        async for chunk in client.stream(messages=[{"role": "user", "content": question}], params=params):
+        async for chunk in client.stream(
+            messages=[{"role": "user", "content": question}], params=params
+        ):
             blocks[chunk.block] = chunk.text
             shown = "".join(blocks[b] for b in sorted(blocks))
             print(f"\r\033[Kstep: {shown}", end="", flush=True)
             if chunk.finish_reason:
                 stats = chunk.stats
-                print(f"\n{chunk.finish_reason}: {stats['tokens']} tokens in {stats['forwards']} forwards "
-                      f"({stats['tokens_per_forward']:.2f} committed per forward), {stats['seconds'] * 1000:.0f} ms")
+                print(
+                    f"\n{chunk.finish_reason}: {stats['tokens']} tokens in {stats['forwards']} forwards "
+                    f"({stats['tokens_per_forward']:.2f} committed per forward), {stats['seconds'] * 1000:.0f} ms"
+                )
     print(f"(undecided positions are shown as {MASK_TEXT})")
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 
-from kernels import reference
+from dinfer_kernels import reference
 
-_TRITON: dict[str, object] | None = None  # op name -> Triton kernel; loaded on the first CUDA tensor
+_TRITON: dict[str, object] | None = (
+    None  # op name -> Triton kernel; loaded on the first CUDA tensor
+)
 _TRITON_EVERYWHERE = False
 
 
@@ -18,7 +20,7 @@ def _triton() -> dict[str, object]:
     global _TRITON
     if _TRITON is None:
         try:
-            from kernels.triton_ops import KERNELS
+            from dinfer_kernels.triton_ops import KERNELS
         except ImportError:  # no triton installed: the references run on CUDA too
             KERNELS = {}
         _TRITON = dict(KERNELS)
@@ -90,5 +92,17 @@ def hierarchical_commit(conf, masked, tau, low):
     return _pick("hierarchical_commit", conf)(conf, masked, tau, low).bool()
 
 
-__all__ = ["add_rms_norm", "attention", "cached_attention", "confidence", "factor_commit", "hierarchical_commit", "reference", "rms_norm", "rope", "swiglu",
-           "threshold_commit", "triton_everywhere"]
+__all__ = [
+    "add_rms_norm",
+    "attention",
+    "cached_attention",
+    "confidence",
+    "factor_commit",
+    "hierarchical_commit",
+    "reference",
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "threshold_commit",
+    "triton_everywhere",
+]

@@ -35,7 +35,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
+) -> torch.Tensor:
     """Attention without a causal mask. q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D]; key_mask: [B, Lk]
     bool (True = attend), or [B, Lq, Lk] for per-query masks (block-causal models). Grouped KV
     heads are shared by consecutive query heads."""
@@ -43,12 +45,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    mask = None if key_mask is None else key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+    mask = (
+        None
+        if key_mask is None
+        else key_mask[:, None, None, :]
+        if key_mask.dim() == 2
+        else key_mask[:, None]
+    )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                     start: int, key_mask: torch.Tensor | None, write: bool) -> torch.Tensor:
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    start: int,
+    key_mask: torch.Tensor | None,
+    write: bool,
+) -> torch.Tensor:
     """The fed tokens' queries q [B, H, Lq, D] attend over the cache view cache_k, cache_v
     [B, Hkv, Lk, D] with their own keys/values k, v [B, Hkv, Lq, D] at [start, start + Lq);
     `write` stores k, v into the cache there, otherwise the cache is left untouched."""
@@ -109,10 +125,14 @@ def gumbel(seeds: torch.Tensor, positions: int, vocab: int, dtype) -> torch.Tens
 
 def random_scores(seeds: torch.Tensor, positions: int) -> torch.Tensor:
     """Random remasking's scores: one float64 uniform per (row, position)."""
-    return uniform(seeds, positions, torch.tensor([RANDOM_SCORE_TOKEN], device=seeds.device))[..., 0]
+    return uniform(seeds, positions, torch.tensor([RANDOM_SCORE_TOKEN], device=seeds.device))[
+        ..., 0
+    ]
 
 
-def confidence(logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None):
+def confidence(
+    logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+):
     """logits [B, K, V] -> (token [B, K], its softmax probability [B, K] float64), never keeping a
     softmax tensor: p = exp(logit - logsumexp). Greedy by default; with `temperature` [B] and
     `seeds` [B], Gumbel-max: token = argmax(logit + temperature * gumbel(seed)) (temperature 0 is
@@ -157,7 +177,9 @@ def factor_commit(conf: torch.Tensor, masked: torch.Tensor, f: torch.Tensor) -> 
     return masked & (descending_rank(conf) < count)
 
 
-def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+def hierarchical_commit(
+    conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor, low: torch.Tensor
+) -> torch.Tensor:
     """conf [B, K], masked [B, K] bool, tau, low [B, 1] -> commit [B, K] bool. dInfer's
     hierarchical rule: each contiguous run of masked positions commits its most confident
     position (leftmost among equals) if it is >= low; plus the threshold rule with tau."""

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from dinfer_kernels import reference
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -23,7 +23,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps, HAS_RES: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     keep = cols < n_cols
@@ -37,7 +39,13 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, n_cols, eps, HAS_R
     tl.store(out_ptr + row * n_cols + cols, w * (h * inv).to(x.dtype), mask=keep)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, out=None):
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    out=None,
+):
     """RMSNorm of x (or of x + residual, returning (normed, x + residual)). `out` may be given
     (tests pass NaN-filled ones to catch unwritten elements)."""
     rows = _rows(x)
@@ -45,8 +53,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     total = torch.empty_like(rows) if residual is not None else out
     res = _rows(residual) if residual is not None else rows
     block = triton.next_power_of_2(rows.shape[1])
-    _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, total, rows.shape[1], eps,
-                                       HAS_RES=residual is not None, BLOCK=block)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, res, weight, out, total, rows.shape[1], eps, HAS_RES=residual is not None, BLOCK=block
+    )
     out = out.view(x.shape)
     return out if residual is None else (out, total.view(x.shape))
 
@@ -76,8 +85,22 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, out=None) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["length"])
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, length, half, sx_b, sx_h, sx_l, so_b, so_h, so_l,
-                 BLOCK: tl.constexpr):
+def _rope_kernel(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    heads,
+    length,
+    half,
+    sx_b,
+    sx_h,
+    sx_l,
+    so_b,
+    so_h,
+    so_l,
+    BLOCK: tl.constexpr,
+):
     # one program per (batch, head, position); x and out strided, cos/sin contiguous [B, 1, L, D]
     pid = tl.program_id(0)
     pos = pid % length
@@ -107,8 +130,22 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> tor
         x = x.contiguous()
     cos, sin = cos.expand(B, 1, L, D).contiguous(), sin.expand(B, 1, L, D).contiguous()
     out = torch.empty_like(x) if out is None else out
-    _rope_kernel[(B * H * L,)](x, cos, sin, out, H, L, D // 2, x.stride(0), x.stride(1), x.stride(2),
-                               out.stride(0), out.stride(1), out.stride(2), BLOCK=triton.next_power_of_2(D // 2))
+    _rope_kernel[(B * H * L,)](
+        x,
+        cos,
+        sin,
+        out,
+        H,
+        L,
+        D // 2,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BLOCK=triton.next_power_of_2(D // 2),
+    )
     return out
 
 
@@ -136,8 +173,21 @@ def _gumbel(position_hash, cols, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _confidence_kernel(logits_ptr, temp_ptr, seed_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, vocab, exclude,
-                       positions, CHUNK: tl.constexpr, SAMPLE: tl.constexpr, COMPUTE: tl.constexpr):
+def _confidence_kernel(
+    logits_ptr,
+    temp_ptr,
+    seed_ptr,
+    token_ptr,
+    prob_ptr,
+    margin_ptr,
+    entropy_ptr,
+    vocab,
+    exclude,
+    positions,
+    CHUNK: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    COMPUTE: tl.constexpr,
+):
     """Online over vocabulary chunks: running max m, sum of exp(l - m) s, sum of exp(l - m) * l
     (for the entropy) and the runner-up; never holds more than one chunk of a row. With SAMPLE,
     the token is the argmax of l + temperature * gumbel (Gumbel-max), its logit kept for p."""
@@ -165,7 +215,9 @@ def _confidence_kernel(logits_ptr, temp_ptr, seed_ptr, token_ptr, prob_ptr, marg
         # runner-up inside this chunk: the max once the chunk's argmax is removed
         csecond = tl.max(tl.where(cols == xarg, -float("inf"), x), axis=0)
         if SAMPLE:  # the chunk's best noisy score, its token and that token's own logit
-            score = tl.where(keep, x + temperature * _gumbel(position_hash, cols, COMPUTE), -float("inf"))
+            score = tl.where(
+                keep, x + temperature * _gumbel(position_hash, cols, COMPUTE), -float("inf")
+            )
             cbest = tl.max(score, axis=0)
             carg = tl.argmax(score, axis=0) + start
             clogit = tl.max(tl.where(cols == carg, x, -float("inf")), axis=0)
@@ -190,8 +242,14 @@ def _confidence_kernel(logits_ptr, temp_ptr, seed_ptr, token_ptr, prob_ptr, marg
     tl.store(entropy_ptr + row, lse - sl / s)
 
 
-def confidence_stats(logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
-                     exclude: int = -1, chunk: int = 2048, fill=None):
+def confidence_stats(
+    logits: torch.Tensor,
+    temperature: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+    exclude: int = -1,
+    chunk: int = 2048,
+    fill=None,
+):
     """logits [..., K, V] -> per position (token, its probability, top-1 minus top-2 probability,
     entropy), the token `exclude` left out. Greedy, or Gumbel-max with `temperature` [B] and `seeds`
     [B] int64 per request (kernels.reference.confidence). Margin and entropy are the logits' own.
@@ -200,19 +258,38 @@ def confidence_stats(logits: torch.Tensor, temperature: torch.Tensor | None = No
     n = rows.shape[0]
     positions = logits.shape[-2] if logits.dim() > 1 else 1
     compute = torch.promote_types(logits.dtype, torch.float32)
-    token = torch.full((n,), -1 if fill is None else int(fill), dtype=torch.long, device=rows.device)
-    prob, margin, entropy = (torch.full((n,), float("nan") if fill is None else fill, dtype=compute, device=rows.device)
-                             for _ in range(3))
+    token = torch.full(
+        (n,), -1 if fill is None else int(fill), dtype=torch.long, device=rows.device
+    )
+    prob, margin, entropy = (
+        torch.full((n,), float("nan") if fill is None else fill, dtype=compute, device=rows.device)
+        for _ in range(3)
+    )
     sample = temperature is not None
     temp = temperature.to(compute).contiguous() if sample else prob
     seed = seeds.to(torch.int64).contiguous() if sample else token
-    _confidence_kernel[(n,)](rows, temp, seed, token, prob, margin, entropy, rows.shape[1], exclude, positions,
-                             CHUNK=chunk, SAMPLE=sample, COMPUTE=tl.float64 if compute == torch.float64 else tl.float32)
+    _confidence_kernel[(n,)](
+        rows,
+        temp,
+        seed,
+        token,
+        prob,
+        margin,
+        entropy,
+        rows.shape[1],
+        exclude,
+        positions,
+        CHUNK=chunk,
+        SAMPLE=sample,
+        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
+    )
     shape = logits.shape[:-1]
     return token.view(shape), prob.view(shape), margin.view(shape), entropy.view(shape)
 
 
-def confidence(logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None):
+def confidence(
+    logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None
+):
     """Dispatcher signature: (token, probability as float64)."""
     token, prob, _, _ = confidence_stats(logits, temperature, seeds)
     return token, prob.double()
@@ -273,7 +350,9 @@ def _factor_commit_kernel(conf_ptr, masked_ptr, f_ptr, commit_ptr, K, BLOCK: tl.
 
 
 @triton.jit
-def _hierarchical_commit_kernel(conf_ptr, masked_ptr, tau_ptr, low_ptr, commit_ptr, K, BLOCK: tl.constexpr):
+def _hierarchical_commit_kernel(
+    conf_ptr, masked_ptr, tau_ptr, low_ptr, commit_ptr, K, BLOCK: tl.constexpr
+):
     """Runs of masked positions are numbered by the running count of run starts; a position is
     its run's pick if no masked position of the same run beats it."""
     cols, keep, masked, conf = _load_block(conf_ptr, masked_ptr, K, BLOCK)
@@ -287,13 +366,21 @@ def _hierarchical_commit_kernel(conf_ptr, masked_ptr, tau_ptr, low_ptr, commit_p
     _store_block(commit_ptr, K, cols, keep, pick | _threshold_rule(conf, conf > -float("inf"), tau))
 
 
-def _commit(kernel, conf: torch.Tensor, masked: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+def _commit(
+    kernel, conf: torch.Tensor, masked: torch.Tensor, *params: torch.Tensor
+) -> torch.Tensor:
     """Launch a commit kernel, one program per row; `params` are per-row [B, 1] tensors already in
     the dtype their comparison uses. -> [B, K] int8, 1 = commit."""
     B, K = conf.shape
     commit = torch.full((B, K), 7, dtype=torch.int8, device=conf.device)  # not 0/1: unwritten shows
-    kernel[(B,)](conf.contiguous(), masked.to(torch.int8).contiguous(), *(p.reshape(B).contiguous() for p in params),
-                 commit, K, BLOCK=triton.next_power_of_2(K))
+    kernel[(B,)](
+        conf.contiguous(),
+        masked.to(torch.int8).contiguous(),
+        *(p.reshape(B).contiguous() for p in params),
+        commit,
+        K,
+        BLOCK=triton.next_power_of_2(K),
+    )
     return commit
 
 
@@ -305,13 +392,22 @@ def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor
 
 def factor_commit(conf: torch.Tensor, masked: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Fast-dLLM's factor rule (kernels.reference.factor_commit) -> [B, K] int8."""
-    return _commit(_factor_commit_kernel, conf, masked, f.to(torch.promote_types(conf.dtype, f.dtype)))
+    return _commit(
+        _factor_commit_kernel, conf, masked, f.to(torch.promote_types(conf.dtype, f.dtype))
+    )
 
 
-def hierarchical_commit(conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+def hierarchical_commit(
+    conf: torch.Tensor, masked: torch.Tensor, tau: torch.Tensor, low: torch.Tensor
+) -> torch.Tensor:
     """dInfer's hierarchical rule (kernels.reference.hierarchical_commit) -> [B, K] int8."""
-    return _commit(_hierarchical_commit_kernel, conf, masked, tau.to(conf.dtype),
-                   low.to(torch.promote_types(conf.dtype, low.dtype)))
+    return _commit(
+        _hierarchical_commit_kernel,
+        conf,
+        masked,
+        tau.to(conf.dtype),
+        low.to(torch.promote_types(conf.dtype, low.dtype)),
+    )
 
 
 # ---- attention of a block's queries over the KV cache -------------------------------------------
@@ -325,18 +421,54 @@ def _kv_tile(cache, fresh, cols, dims, Lk, start, Lq, sk_l, sn_l, NEW: tl.conste
     if NEW:
         is_fresh = (cols >= start) & (cols < start + Lq)
         old = in_range & ((cols < start) | (cols >= start + Lq))
-        tile = (tl.load(cache + cols[:, None] * sk_l + dims[None, :], mask=old[:, None], other=0.0)
-                + tl.load(fresh + (cols - start)[:, None] * sn_l + dims[None, :], mask=is_fresh[:, None], other=0.0))
+        tile = tl.load(
+            cache + cols[:, None] * sk_l + dims[None, :], mask=old[:, None], other=0.0
+        ) + tl.load(
+            fresh + (cols - start)[:, None] * sn_l + dims[None, :],
+            mask=is_fresh[:, None],
+            other=0.0,
+        )
     else:
-        tile = tl.load(cache + cols[:, None] * sk_l + dims[None, :], mask=in_range[:, None], other=0.0)
+        tile = tl.load(
+            cache + cols[:, None] * sk_l + dims[None, :], mask=in_range[:, None], other=0.0
+        )
     return tile
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk", "start"])  # one compiled kernel for every length
-def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_ptr, H, KV_H, Lq, Lk, start, scale,
-                      sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sn_b, sn_h, sn_l, so_b, so_h, so_l,
-                      MASK: tl.constexpr, NEW: tl.constexpr, WRITE: tl.constexpr,
-                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    new_k_ptr,
+    new_v_ptr,
+    mask_ptr,
+    out_ptr,
+    H,
+    KV_H,
+    Lq,
+    Lk,
+    start,
+    scale,
+    sq_b,
+    sq_h,
+    sq_l,
+    sk_b,
+    sk_h,
+    sk_l,
+    sn_b,
+    sn_h,
+    sn_l,
+    so_b,
+    so_h,
+    so_l,
+    MASK: tl.constexpr,
+    NEW: tl.constexpr,
+    WRITE: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """Bidirectional attention, online softmax over key blocks. Query head h reads KV head
     h // (H // KV_H). MASK: 0 none, 1 per key [B, Lk], 2 per query and key [B, Lq, Lk]. With NEW,
     keys [start, start + Lq) come from the fed tokens' new_k / new_v instead of the cache (so no
@@ -347,7 +479,11 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_p
     kvh = h // (H // KV_H)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :], mask=rows[:, None] < Lq, other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :],
+        mask=rows[:, None] < Lq,
+        other=0.0,
+    )
     m = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -364,7 +500,12 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_p
             valid = (rows[:, None] >= 0) & key_ok[None, :]
         elif MASK == 2:
             tile = (rows[:, None] < Lq) & in_range[None, :]
-            valid = tile & (tl.load(mask_ptr + (b * Lq + rows[:, None]) * Lk + cols[None, :], mask=tile, other=0) != 0)
+            valid = tile & (
+                tl.load(
+                    mask_ptr + (b * Lq + rows[:, None]) * Lk + cols[None, :], mask=tile, other=0
+                )
+                != 0
+            )
         else:
             valid = (rows[:, None] >= 0) & in_range[None, :]
         scores = tl.where(valid, scores, -float("inf"))
@@ -376,7 +517,11 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, new_k_ptr, new_v_ptr, mask_ptr, out_p
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m = new_m
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(out_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :], out.to(q.dtype), mask=rows[:, None] < Lq)
+    tl.store(
+        out_ptr + b * so_b + h * so_h + rows[:, None] * so_l + dims[None, :],
+        out.to(q.dtype),
+        mask=rows[:, None] < Lq,
+    )
     if WRITE:
         if (tl.program_id(1) == 0) & (h % (H // KV_H) == 0):
             for first in range(0, Lq, BLOCK_N):
@@ -401,7 +546,9 @@ def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_
         q = q.contiguous()
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
         if write:
-            raise ValueError("cache: keys and values must share strides with a contiguous last dimension to be written in place")
+            raise ValueError(
+                "cache: keys and values must share strides with a contiguous last dimension to be written in place"
+            )
         k, v = k.contiguous(), v.contiguous()
     fresh = new_k is not None  # the fed tokens' keys/values come apart from the cache
     if fresh:  # strided views of the projections are read in place when k and v share a layout
@@ -410,13 +557,44 @@ def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_
     else:
         new_k = new_v = k  # unread (NEW=False): any valid pointer
     out = torch.empty_like(q) if out is None else out  # q's layout: [B, L, H, D] in memory stays so
-    mask = key_mask.contiguous().view(torch.int8) if key_mask is not None else q  # bool as bytes, no copy
+    mask = (
+        key_mask.contiguous().view(torch.int8) if key_mask is not None else q
+    )  # bool as bytes, no copy
     kind = 0 if key_mask is None else key_mask.dim() - 1
     grid = (B * H, triton.cdiv(Lq, block_m))
-    _attention_kernel[grid](q, k, v, new_k, new_v, mask, out, H, KV_H, Lq, Lk, start, D ** -0.5,
-                            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                            new_k.stride(0), new_k.stride(1), new_k.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                            MASK=kind, NEW=fresh, WRITE=write, D=D, BLOCK_M=block_m, BLOCK_N=block_n)
+    _attention_kernel[grid](
+        q,
+        k,
+        v,
+        new_k,
+        new_v,
+        mask,
+        out,
+        H,
+        KV_H,
+        Lq,
+        Lk,
+        start,
+        D**-0.5,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        new_k.stride(0),
+        new_k.stride(1),
+        new_k.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        MASK=kind,
+        NEW=fresh,
+        WRITE=write,
+        D=D,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+    )
     return out
 
 
@@ -426,12 +604,25 @@ def attention(q, k, v, key_mask, out=None, block_m: int = 32, block_n: int = 64)
     return _launch_attention(q, k, v, key_mask, None, None, 0, False, out, block_m, block_n)
 
 
-def cached_attention(q, k, v, cache_k, cache_v, start: int, key_mask, write: bool, out=None,
-                     block_m: int = 32, block_n: int = 64):
+def cached_attention(
+    q,
+    k,
+    v,
+    cache_k,
+    cache_v,
+    start: int,
+    key_mask,
+    write: bool,
+    out=None,
+    block_m: int = 32,
+    block_n: int = 64,
+):
     """The fed tokens' queries q [B, H, Lq, D] over the cache view cache_k / cache_v
     [B, KV_H, Lk, D] with the fed tokens' own k, v [B, KV_H, Lq, D] in place at [start, start + Lq);
     `write` stores k, v there in the same launch (kernels.reference.cached_attention)."""
-    return _launch_attention(q, cache_k, cache_v, key_mask, k, v, start, write, out, block_m, block_n)
+    return _launch_attention(
+        q, cache_k, cache_v, key_mask, k, v, start, write, out, block_m, block_n
+    )
 
 
 def add_rms_norm(x, residual, weight, eps):
@@ -439,7 +630,15 @@ def add_rms_norm(x, residual, weight, eps):
     return rms_norm(x, weight, eps, residual=residual)
 
 
-KERNELS = {"rms_norm": rms_norm, "add_rms_norm": add_rms_norm, "swiglu": swiglu, "rope": rope, "confidence": confidence, "attention": attention,
-           "cached_attention": cached_attention,
-           "threshold_commit": threshold_commit, "factor_commit": factor_commit,
-           "hierarchical_commit": hierarchical_commit}
+KERNELS = {
+    "rms_norm": rms_norm,
+    "add_rms_norm": add_rms_norm,
+    "swiglu": swiglu,
+    "rope": rope,
+    "confidence": confidence,
+    "attention": attention,
+    "cached_attention": cached_attention,
+    "threshold_commit": threshold_commit,
+    "factor_commit": factor_commit,
+    "hierarchical_commit": hierarchical_commit,
+}

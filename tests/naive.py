@@ -15,7 +15,9 @@ def naive_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return torch.stack(rows) * weight
 
 
-def naive_rope(x: torch.Tensor, positions: list[int], theta: float, rot: int | None = None) -> torch.Tensor:
+def naive_rope(
+    x: torch.Tensor, positions: list[int], theta: float, rot: int | None = None
+) -> torch.Tensor:
     """Rotate each pair (x[i], x[i + rot/2]), i < rot/2, of the vector at position p by the angle
     p * theta^(-2i/rot); rot defaults to the whole width, and dims >= rot are left untouched."""
     rot = x.shape[1] if rot is None else rot
@@ -36,7 +38,9 @@ def naive_softmax(scores: torch.Tensor) -> torch.Tensor:
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def naive_attention_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def naive_attention_head(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
     """One head: softmax(q k^T / sqrt(D)) v, keys outside `allowed` ([Lk] or [Lq, Lk] bool) hidden."""
     scores = (q @ k.T) / math.sqrt(q.shape[-1])
     if allowed.dim() == 1:

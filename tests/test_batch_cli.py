@@ -26,22 +26,34 @@ def read_records(path):
 
 
 def ask(i):
-    return {"id": f"q{i}", "messages": [{"role": "user", "content": f"reverse word{chr(97 + i % 26)}x"}]}
+    return {
+        "id": f"q{i}",
+        "messages": [{"role": "user", "content": f"reverse word{chr(97 + i % 26)}x"}],
+    }
 
 
 def test_bad_lines_get_error_records_and_the_run_goes_on(tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_lines(src, [
-        {"id": "a", "messages": [{"role": "user", "content": "reverse abc"}]},
-        "{not json",
-        {"id": "b"},
-        {"id": "c", "prompt": "x", "gen_length": 10},
-        {"id": "a", "messages": [{"role": "user", "content": "reverse xyz"}]},
-        {"id": "d", "messages": [{"role": "robot", "content": "hi"}]},
-        [1, 2],
-        {"id": 7, "messages": [{"role": "user", "content": "in aab count a"}], "decoder": "fixed", "steps": 32, "cache": "none"},
-        {"id": "long", "prompt": "x" * 3000},
-    ])
+    write_lines(
+        src,
+        [
+            {"id": "a", "messages": [{"role": "user", "content": "reverse abc"}]},
+            "{not json",
+            {"id": "b"},
+            {"id": "c", "prompt": "x", "gen_length": 10},
+            {"id": "a", "messages": [{"role": "user", "content": "reverse xyz"}]},
+            {"id": "d", "messages": [{"role": "robot", "content": "hi"}]},
+            [1, 2],
+            {
+                "id": 7,
+                "messages": [{"role": "user", "content": "in aab count a"}],
+                "decoder": "fixed",
+                "steps": 32,
+                "cache": "none",
+            },
+            {"id": "long", "prompt": "x" * 3000},
+        ],
+    )
     assert main([str(src), str(dst)] + FAST) == 1
     out = read_records(dst)
     assert [o.get("id") for o in out] == ["a", None, "b", "c", "a", "d", None, 7, "long"]
@@ -62,8 +74,13 @@ def test_bad_lines_get_error_records_and_the_run_goes_on(tmp_path):
 
 def test_stdin_to_stdout_in_input_order_and_exit_code_zero():
     lines = [ask(i) for i in range(12)]
-    proc = subprocess.run(CLI + ["-", "-", "--max-concurrency", "4"] + FAST,
-                          input="".join(json.dumps(l) + "\n" for l in lines), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        CLI + ["-", "-", "--max-concurrency", "4"] + FAST,
+        input="".join(json.dumps(l) + "\n" for l in lines),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(l) for l in proc.stdout.splitlines()]
     assert [o["id"] for o in out] == [l["id"] for l in lines]
@@ -72,16 +89,30 @@ def test_stdin_to_stdout_in_input_order_and_exit_code_zero():
 
 def test_openai_batch_lines(tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_lines(src, [
-        {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
-         "body": {"model": "x", "messages": [{"role": "user", "content": "reverse abc"}], "max_tokens": 20}},
-        {"custom_id": "c2", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
-    ])
+    write_lines(
+        src,
+        [
+            {
+                "custom_id": "c1",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {
+                    "model": "x",
+                    "messages": [{"role": "user", "content": "reverse abc"}],
+                    "max_tokens": 20,
+                },
+            },
+            {"custom_id": "c2", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        ],
+    )
     assert main([str(src), str(dst)] + FAST) == 1
     ok, bad = read_records(dst)
     assert ok["custom_id"] == "c1" and ok["error"] is None and ok["response"]["status_code"] == 200
     body = ok["response"]["body"]
-    assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] in ("stop", "length")
+    assert body["object"] == "chat.completion" and body["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )
     assert isinstance(body["choices"][0]["message"]["content"], str)
     assert bad["custom_id"] == "c2" and bad["response"] is None and "url" in bad["error"]["message"]
 
@@ -125,7 +156,9 @@ def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_line_per_id(tmp_path
     final = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert final.returncode == 1, final.stderr  # the broken line failed
     text = dst.read_text()
-    assert sum(0 < size < len(text.encode()) for size in sizes) >= 2, f"kills did not land mid-run: {sizes}"
+    assert sum(0 < size < len(text.encode()) for size in sizes) >= 2, (
+        f"kills did not land mid-run: {sizes}"
+    )
     assert text.endswith("\n")
     out = [json.loads(l) for l in text.splitlines()]
     assert [o["id"] for o in out] == [l["id"] for l in lines], "one record per line, in input order"
@@ -157,20 +190,27 @@ def _children(pid):
 
 def test_memory_stays_bounded_on_a_long_input(tmp_path):
     """100,000 lines stream through: peak memory grows by far less than the file's size would."""
+
     def peak(n):
         src, dst = tmp_path / f"in{n}.jsonl", tmp_path / f"out{n}.jsonl"
         with open(src, "w") as f:
             for i in range(n):
                 f.write(json.dumps({"id": i, "prompt": "", "padding": "p" * 200}) + "\n")
-        code = ("import resource, sys; from dinfer_async.batch import main; "
-                f"rc = main([{str(src)!r}, {str(dst)!r}, '--threads', '1']); "
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        code = (
+            "import resource, sys; from dinfer_async.batch import main; "
+            f"rc = main([{str(src)!r}, {str(dst)!r}, '--threads', '1']); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+        )
         assert len(dst.read_text().splitlines()) == n, proc.stderr
         return int(proc.stdout.split()[-1]) / 1024  # MiB
 
     small, large = peak(1_000), peak(100_000)
-    assert large - small < 40, f"peak RSS {small:.0f} MiB for 1k lines, {large:.0f} MiB for 100k (input {100_000 * 230 / 2**20:.0f} MiB)"
+    assert large - small < 40, (
+        f"peak RSS {small:.0f} MiB for 1k lines, {large:.0f} MiB for 100k (input {100_000 * 230 / 2**20:.0f} MiB)"
+    )
 
 
 def test_output_file_cuts_a_partial_last_line_and_remembers_what_is_done(tmp_path):
@@ -188,7 +228,13 @@ def test_output_file_cuts_a_partial_last_line_and_remembers_what_is_done(tmp_pat
     assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == ["a", None, "x"]
     order.put(slots[1], {"id": "y"})
     out.close()
-    assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == ["a", None, "x", "y", "z"]
+    assert [json.loads(l)["id"] for l in path.read_text().splitlines()] == [
+        "a",
+        None,
+        "x",
+        "y",
+        "z",
+    ]
 
 
 def test_keeps_max_concurrency_requests_in_flight(tmp_path, monkeypatch):

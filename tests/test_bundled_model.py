@@ -29,9 +29,19 @@ def examples():
 def test_reference_sampler_accuracy(engine, examples):
     cfg = engine.config
     prompts = [engine.encode(messages=ex.messages) for ex in examples]
-    windows, _ = reference_generate(engine.model, prompts, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
-                                    gen_length=32, block_length=32, steps=32)
-    texts = [engine.tokenizer.decode(until_eos(w, cfg.eos_token_id), skip_special_tokens=True) for w in windows]
+    windows, _ = reference_generate(
+        engine.model,
+        prompts,
+        mask_id=cfg.mask_token_id,
+        eos_id=cfg.eos_token_id,
+        gen_length=32,
+        block_length=32,
+        steps=32,
+    )
+    texts = [
+        engine.tokenizer.decode(until_eos(w, cfg.eos_token_id), skip_special_tokens=True)
+        for w in windows
+    ]
     ok, total = tasks.accuracy_table(examples, texts)["all"]
     assert ok / total >= REFERENCE_FLOOR["all"], f"{ok}/{total}"
 
@@ -39,7 +49,9 @@ def test_reference_sampler_accuracy(engine, examples):
 def test_engine_default_accuracy_at_a_long_window(engine, examples):
     """Default decoder and cache, gen_length 256: early stop works and the answers survive a long
     window (less well than short ones: the model saw 256-token windows in 3% of its batches)."""
-    results = engine.generate([engine.encode(messages=ex.messages) for ex in examples], SamplingParams(gen_length=256))
+    results = engine.generate(
+        [engine.encode(messages=ex.messages) for ex in examples], SamplingParams(gen_length=256)
+    )
     ok, total = tasks.accuracy_table(examples, [r.text for r in results])["all"]
     assert ok / total >= ENGINE_FLOOR["all"], f"{ok}/{total}"
     assert sum(r.finish_reason == "eos" for r in results) >= EOS_FLOOR

@@ -1,7 +1,6 @@
 """The async client against real worker processes on the bundled model (each test has a timeout)."""
 
 import asyncio
-import glob
 import os
 import signal
 
@@ -10,12 +9,20 @@ import pytest
 import pytest_asyncio
 import zmq
 
-from dinfer_async import (Chunk, Client, ClientClosedError, InvalidRequestError, SamplingParams,
-                          WorkerDiedError)
+from dinfer_async import (
+    Chunk,
+    Client,
+    ClientClosedError,
+    InvalidRequestError,
+    SamplingParams,
+    WorkerDiedError,
+)
 from dinfer_async import protocol as wire
 
 FAST = SamplingParams(gen_length=32, block_length=32)
-SLOW = SamplingParams(gen_length=256, block_length=8, decoder="fixed", steps=256, cache="none", early_stop=False)
+SLOW = SamplingParams(
+    gen_length=256, block_length=8, decoder="fixed", steps=256, cache="none", early_stop=False
+)
 ASK = [{"role": "user", "content": "reverse planet"}]
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -28,7 +35,12 @@ async def client():
 
 async def test_stream_blocks_then_final_chunk(client):
     with anyio.fail_after(60):
-        chunks = [c async for c in client.stream(messages=ASK, params=SamplingParams(gen_length=64, block_length=32))]
+        chunks = [
+            c
+            async for c in client.stream(
+                messages=ASK, params=SamplingParams(gen_length=64, block_length=32)
+            )
+        ]
     assert all(isinstance(c, Chunk) for c in chunks)
     assert chunks[-1].finish_reason in ("eos", "length") and chunks[-1].final
     assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
@@ -36,7 +48,9 @@ async def test_stream_blocks_then_final_chunk(client):
     first = chunks[0]
     assert len(first.tokens) == 32 and first.text.count(wire.MASK_TEXT) == 32 - len(first.committed)
     committed = [j for c in chunks if c.block == 0 for j in c.committed]
-    assert sorted(committed) == list(range(32)), "every position of block 0 is committed exactly once"
+    assert sorted(committed) == list(range(32)), (
+        "every position of block 0 is committed exactly once"
+    )
 
 
 async def test_generate_equals_in_process_engine_and_text_mode(client):
@@ -116,9 +130,16 @@ async def test_fuzzed_frames_never_stop_a_worker(client):
     sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     sock.connect(client._workers[0].endpoint)
     frames = [bytes(rng.randrange(256) for _ in range(rng.randrange(0, 64))) for _ in range(1500)]
-    frames += [wire.encoder.encode({"type": rng.choice(["submit", "abort", "hello", "ping", "chunk", "nope"]),
-                                    "request_id": rng.choice([1, None, "x", [1]]), "params": rng.choice([{}, 3, {"gen_length": "x"}])})
-               for _ in range(1500)]
+    frames += [
+        wire.encoder.encode(
+            {
+                "type": rng.choice(["submit", "abort", "hello", "ping", "chunk", "nope"]),
+                "request_id": rng.choice([1, None, "x", [1]]),
+                "params": rng.choice([{}, 3, {"gen_length": "x"}]),
+            }
+        )
+        for _ in range(1500)
+    ]
     frames.append(wire.encode(wire.Submit(request_id="not-greeted", params=FAST, prompt="x")))
     with anyio.fail_after(60):
         for lo in range(0, len(frames), 100):  # in rounds: a peer that never reads may lose replies

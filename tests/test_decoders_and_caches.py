@@ -6,8 +6,7 @@ import math
 import pytest
 import torch
 
-import kernels
-
+import dinfer_kernels as kernels
 from dinfer_async import SamplingParams
 from tests.tiny_models import random_prompts, tiny_model
 from workers.scheduler import denoise
@@ -71,7 +70,9 @@ def straightforward(model, prompt, p, rule, credit=False):
                 for i in masked:
                     probs = torch.softmax(logits[i], -1)
                     tok = int(probs.argmax())
-                    credits[(i, tok)] = credits.get((i, tok), 0.0) + float(probs[tok]) ** p.credit_gamma
+                    credits[(i, tok)] = (
+                        credits.get((i, tok), 0.0) + float(probs[tok]) ** p.credit_gamma
+                    )
                 for (i, tok), c in credits.items():
                     logits[i, tok] += p.credit_alpha * math.log1p(c)
             probs = {i: torch.softmax(logits[i], -1) for i in masked}
@@ -85,7 +86,10 @@ CASES = {
     "threshold": (rule_threshold, dict(threshold=0.2)),
     "factor": (rule_factor, dict(factor=2.5)),
     "hierarchical": (rule_hierarchical, dict(threshold=0.5, low_threshold=0.15)),
-    "credit": (rule_threshold, dict(threshold=0.3, credit_alpha=0.9, credit_gamma=0.4, credit_beta=0.7)),
+    "credit": (
+        rule_threshold,
+        dict(threshold=0.3, credit_alpha=0.9, credit_gamma=0.4, credit_beta=0.7),
+    ),
 }
 
 
@@ -94,7 +98,9 @@ def test_decoder_equals_its_published_rule(decoder):
     rule, extra = CASES[decoder]
     model = tiny_model(21, std=0.7)
     prompts = random_prompts(21, [5, 2, 8], 39, MASK)
-    p = SamplingParams(gen_length=16, block_length=8, decoder=decoder, cache="none", early_stop=False, **extra).validate()
+    p = SamplingParams(
+        gen_length=16, block_length=8, decoder=decoder, cache="none", early_stop=False, **extra
+    ).validate()
     engine = [s.window for s in denoise(model, prompts, p, [0, 0, 0])]
     expected = [straightforward(model, q, p, rule, credit=decoder == "credit") for q in prompts]
     assert engine == expected
@@ -120,7 +126,9 @@ def forward_with_stale_keys(model, ids, fresh_lo, fresh_hi, stale):
         q = blk.q_proj(h).view(1, n, cfg.n_heads, -1).transpose(1, 2)
         k = blk.k_proj(h).view(1, n, cfg.n_kv_heads, -1).transpose(1, 2)
         v = blk.v_proj(h).view(1, n, cfg.n_kv_heads, -1).transpose(1, 2)
-        rot = lambda t: t * cos + torch.cat([-t[..., t.shape[-1] // 2 :], t[..., : t.shape[-1] // 2]], -1) * sin
+        rot = lambda t: (
+            t * cos + torch.cat([-t[..., t.shape[-1] // 2 :], t[..., : t.shape[-1] // 2]], -1) * sin
+        )
         q, k = rot(q), rot(k)
         K, V = stale[layer][0].clone(), stale[layer][1].clone()
         K[:, :, fresh_lo:fresh_hi], V[:, :, fresh_lo:fresh_hi] = k, v
@@ -130,7 +138,9 @@ def forward_with_stale_keys(model, ids, fresh_lo, fresh_hi, stale):
         x = x + blk.attn_out(att.transpose(1, 2).reshape(1, n, -1))
         h = blk.ff_norm(x)
         x = x + blk.ff_out(torch.nn.functional.silu(blk.ff_proj(h)) * blk.up_proj(h))
-    logits = torch.nn.functional.linear(model.model.transformer["ln_f"](x), model.lm_head_weight[: cfg.vocab_size])
+    logits = torch.nn.functional.linear(
+        model.model.transformer["ln_f"](x), model.lm_head_weight[: cfg.vocab_size]
+    )
     logits = logits[0].double()
     logits[:, MASK] = -math.inf
     return logits
@@ -176,18 +186,31 @@ def cached_straightforward(model, prompt, p):
     return x[P:]
 
 
-@pytest.mark.parametrize("cache,look", [("prefix", 0), ("dual", 0), ("vicinity", 3), ("vicinity", 0)])
+@pytest.mark.parametrize(
+    "cache,look", [("prefix", 0), ("dual", 0), ("vicinity", 3), ("vicinity", 0)]
+)
 def test_cache_equals_straightforward_stale_key_decoding(cache, look):
     model = tiny_model(22, std=0.7)
     prompts = random_prompts(22, [6, 3, 9], 39, MASK)
-    p = SamplingParams(gen_length=24, block_length=8, cache=cache, threshold=0.7, early_stop=False,
-                       prefix_look=look, after_look=look + 1).validate()
+    p = SamplingParams(
+        gen_length=24,
+        block_length=8,
+        cache=cache,
+        threshold=0.7,
+        early_stop=False,
+        prefix_look=look,
+        after_look=look + 1,
+    ).validate()
     engine = [s.window for s in denoise(model, prompts, p, [0, 0, 0])]
     expected = [cached_straightforward(model, q, p) for q in prompts]
     assert engine == expected
-    no_cache = SamplingParams(gen_length=24, block_length=8, cache="none", threshold=0.7, early_stop=False).validate()
+    no_cache = SamplingParams(
+        gen_length=24, block_length=8, cache="none", threshold=0.7, early_stop=False
+    ).validate()
     uncached = [s.window for s in denoise(model, prompts, no_cache, [0, 0, 0])]
-    assert uncached != engine, "stale keys should change some token here, or the test proves nothing"
+    assert uncached != engine, (
+        "stale keys should change some token here, or the test proves nothing"
+    )
 
 
 def test_soft_diffusion_feeds_mixed_embeddings():
@@ -195,20 +218,30 @@ def test_soft_diffusion_feeds_mixed_embeddings():
     E[mask] + w * softmax(logits) @ E (w = 0.15 at step 0): checked through a recording model."""
     model = tiny_model(23, std=0.7)
     prompt = random_prompts(23, [5], 39, MASK)[0]
-    p = SamplingParams(gen_length=8, block_length=8, cache="none", threshold=0.99, early_stop=False,
-                       soft_diffusion=True).validate()
+    p = SamplingParams(
+        gen_length=8,
+        block_length=8,
+        cache="none",
+        threshold=0.99,
+        early_stop=False,
+        soft_diffusion=True,
+    ).validate()
     seen = []
     original = model.forward
 
     def recording(ids, positions, key_mask=None, cache=None, start=0, inputs_embeds=None):
         seen.append((ids.clone(), None if inputs_embeds is None else inputs_embeds.clone()))
-        return original(ids, positions, key_mask, cache=cache, start=start, inputs_embeds=inputs_embeds)
+        return original(
+            ids, positions, key_mask, cache=cache, start=start, inputs_embeds=inputs_embeds
+        )
 
     model.forward = recording
     denoise(model, [prompt], p, [0])
     assert seen[0][1] is None and seen[1][1] is not None
     ids0 = seen[0][0]
-    logits = original(ids0, torch.arange(13)[None], torch.ones(1, 13, dtype=torch.bool))[0, 5:].double()
+    logits = original(ids0, torch.arange(13)[None], torch.ones(1, 13, dtype=torch.bool))[
+        0, 5:
+    ].double()
     logits[:, MASK] = -math.inf
     E = model.embed_weight
     mixed = E[MASK] + 0.15 * torch.softmax(logits, -1) @ E[:40]

@@ -8,8 +8,8 @@ from tests.tiny_models import random_prompts, tiny_model
 from workers.bundled import MODEL_DIR
 from workers.cache import KVCache
 from workers.engine import Engine
-from workers.scheduler import denoise
 from workers.reference import reference_generate
+from workers.scheduler import denoise
 from workers.tokenizer import load_tokenizer
 
 MASK, EOS = 39, 1
@@ -56,13 +56,24 @@ def test_early_stop_keeps_every_token_before_eos():
             assert cut == r.index(EOS)
 
 
-@pytest.mark.parametrize("decoder,cache", [("fixed", "dual"), ("threshold", "none"), ("threshold", "prefix"), ("threshold", "dual")])
+@pytest.mark.parametrize(
+    "decoder,cache",
+    [("fixed", "dual"), ("threshold", "none"), ("threshold", "prefix"), ("threshold", "dual")],
+)
 def test_batch_invariance(decoder, cache):
     """A request's tokens do not depend on what it is batched with."""
     model = tiny_model(9)
     prompts = random_prompts(9, [5, 12, 2], 40, MASK)
     seeds = [1, 2, 3]
-    kw = dict(decoder=decoder, cache=cache, gen_length=16, block_length=8, steps=8, threshold=0.3, temperature=0.6)
+    kw = dict(
+        decoder=decoder,
+        cache=cache,
+        gen_length=16,
+        block_length=8,
+        steps=8,
+        threshold=0.3,
+        temperature=0.6,
+    )
     together = run(model, prompts, seeds, **kw)
     alone = [run(model, [p], [s], **kw)[0] for p, s in zip(prompts, seeds)]
     assert together == alone
@@ -75,9 +86,9 @@ def test_refresh_through_the_cache_equals_the_full_forward():
     real = torch.zeros(2, 17, dtype=torch.bool)
     pos = torch.zeros(2, 17, dtype=torch.long)
     for i, p in enumerate(prompts):
-        ids[i, 9 - len(p):9] = torch.tensor(p)
-        real[i, 9 - len(p):] = True
-        pos[i, 9 - len(p):] = torch.arange(17 - 9 + len(p))
+        ids[i, 9 - len(p) : 9] = torch.tensor(p)
+        real[i, 9 - len(p) :] = True
+        pos[i, 9 - len(p) :] = torch.arange(17 - 9 + len(p))
     cache = KVCache(model.config, "cpu", torch.float64)
     cache.reserve(rows=3, length=20)  # larger than needed: views must cut it to the batch
     cache.reserve(rows=2, length=17)
@@ -93,8 +104,15 @@ def test_threshold_commits_everything_confident_and_at_least_one():
 
     dec = ThresholdDecoder([SamplingParams(threshold=0.5), SamplingParams(threshold=0.5)], "cpu")
     gens = [torch.Generator(), torch.Generator()]
-    logits = torch.log(torch.tensor([[[0.6, 0.4], [0.3, 0.7], [0.45, 0.55], [0.9, 0.1]],
-                                     [[0.4, 0.6], [0.5, 0.5], [0.45, 0.55], [0.52, 0.48]]], dtype=torch.float64))
+    logits = torch.log(
+        torch.tensor(
+            [
+                [[0.6, 0.4], [0.3, 0.7], [0.45, 0.55], [0.9, 0.1]],
+                [[0.4, 0.6], [0.5, 0.5], [0.45, 0.55], [0.52, 0.48]],
+            ],
+            dtype=torch.float64,
+        )
+    )
     masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
     token, commit = dec.select(logits, masked, 0, gens)
     assert commit.tolist() == [[True, True, True, False], [True, True, True, True]]

@@ -27,7 +27,9 @@ def as_family(model, **traits):
 
 
 def tiny(seed=7, **traits):
-    return as_family(tiny_model(seed, vocab_size=12, embedding_size=16, mask_token_id=MASK), **traits)
+    return as_family(
+        tiny_model(seed, vocab_size=12, embedding_size=16, mask_token_id=MASK), **traits
+    )
 
 
 def answers(model, prompts, seeds, **kw):
@@ -46,7 +48,9 @@ FIXED = [
 ]
 
 
-@pytest.mark.parametrize("traits", [dict(logit_shift=1), dict(block_causal=True)], ids=["shifted", "block_causal"])
+@pytest.mark.parametrize(
+    "traits", [dict(logit_shift=1), dict(block_causal=True)], ids=["shifted", "block_causal"]
+)
 @pytest.mark.parametrize("kw", FIXED)
 def test_fixed_without_cache_equals_reference(traits, kw):
     model = tiny(**traits)
@@ -60,14 +64,18 @@ def test_the_shift_matters():
     """Guards the tests above: the same weights without the shift decode differently."""
     prompts = random_prompts(3, PROMPT_LENGTHS, 11, MASK)
     kw = dict(gen_length=16, block_length=8, steps=8)
-    assert reference(tiny(logit_shift=1), prompts, [0] * 5, **kw) != reference(tiny(), prompts, [0] * 5, **kw)
+    assert reference(tiny(logit_shift=1), prompts, [0] * 5, **kw) != reference(
+        tiny(), prompts, [0] * 5, **kw
+    )
 
 
 def test_block_causal_prompt_tail_joins_the_first_block():
     """LLaDA2's layout: a 9-token prompt with blocks of 4 decodes positions 9..11 with the
     prompt's 9th token in their block, and the answer is exactly gen_length tokens."""
     model = tiny(block_causal=True)
-    params = SamplingParams(gen_length=8, block_length=4, steps=8, decoder="fixed", cache="none", early_stop=False).validate()
+    params = SamplingParams(
+        gen_length=8, block_length=4, steps=8, decoder="fixed", cache="none", early_stop=False
+    ).validate()
     prompt = random_prompts(5, [9], 11, MASK)[0]
     seq = denoise(model, [prompt], params, [0])[0]
     assert seq.prompt == prompt[:8] and seq.skip == 1 and seq.window[0] == prompt[8]
@@ -80,11 +88,21 @@ def test_block_causal_caches_are_exact(decoder, cache):
     """Finished blocks never see later ones, so every cache equals no cache token for token."""
     model = tiny(block_causal=True)
     prompts = random_prompts(4, PROMPT_LENGTHS, 11, MASK)
-    kw = dict(gen_length=16, block_length=4, decoder=decoder, threshold=0.5, early_stop=False, prefix_look=2, after_look=2)
+    kw = dict(
+        gen_length=16,
+        block_length=4,
+        decoder=decoder,
+        threshold=0.5,
+        early_stop=False,
+        prefix_look=2,
+        after_look=2,
+    )
     if decoder == "fixed":
         kw["steps"] = 16
     seeds = [0, 1, 2, 3, 4]
-    assert answers(model, prompts, seeds, cache=cache, **kw) == answers(model, prompts, seeds, cache="none", **kw)
+    assert answers(model, prompts, seeds, cache=cache, **kw) == answers(
+        model, prompts, seeds, cache="none", **kw
+    )
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual", "vicinity"])
@@ -93,7 +111,14 @@ def test_shifted_caches_decode_every_position(cache):
     cached runs fill every position and stay batch invariant."""
     model = tiny(logit_shift=1)
     prompts = random_prompts(6, PROMPT_LENGTHS, 11, MASK)
-    kw = dict(gen_length=16, block_length=8, decoder="threshold", threshold=0.6, cache=cache, early_stop=False)
+    kw = dict(
+        gen_length=16,
+        block_length=8,
+        decoder="threshold",
+        threshold=0.6,
+        cache=cache,
+        early_stop=False,
+    )
     together = answers(model, prompts, [0] * 5, **kw)
     alone = [answers(model, [p], [0], **kw)[0] for p in prompts]
     assert together == alone
@@ -103,7 +128,9 @@ def test_shifted_caches_decode_every_position(cache):
 def test_block_causal_streamed_blocks_hold_only_the_answer():
     """Step updates never show the prompt's tail or positions past gen_length."""
     model = tiny(block_causal=True)
-    params = SamplingParams(gen_length=8, block_length=4, threshold=0.5, early_stop=False).validate()
+    params = SamplingParams(
+        gen_length=8, block_length=4, threshold=0.5, early_stop=False
+    ).validate()
     prompt = random_prompts(8, [6], 11, MASK)[0]  # tail of 2: window of 12, answer 8
     scheduler = Scheduler(model, report=True)
     seq = scheduler.add(0, prompt, params, 0)
@@ -124,7 +151,9 @@ def test_block_causal_early_stop_ignores_eos_in_the_prompt_tail():
     model = tiny(block_causal=True)
     prompt = random_prompts(9, [5], 11, MASK)[0]
     prompt[-1] = EOS
-    params = SamplingParams(gen_length=12, block_length=4, steps=12, decoder="fixed", cache="none", suppress_eos=True).validate()
+    params = SamplingParams(
+        gen_length=12, block_length=4, steps=12, decoder="fixed", cache="none", suppress_eos=True
+    ).validate()
     seq = denoise(model, [prompt], params, [0])[0]
     assert seq.skip == 1 and EOS not in seq.generated() and seq.finish_reason == "length"
 
@@ -147,7 +176,9 @@ def test_family_fixed_without_cache_equals_reference(family):
     seeds = [5, 6, 7, 8, 9]
     params = SamplingParams(decoder="fixed", cache="none", early_stop=False, **kw).validate()
     got = [s.generated() for s in denoise(model, prompts, params, seeds)]
-    want, _ = reference_generate(model, prompts, mask_id=mask, eos_id=model.config.eos_token_id, seeds=seeds, **kw)
+    want, _ = reference_generate(
+        model, prompts, mask_id=mask, eos_id=model.config.eos_token_id, seeds=seeds, **kw
+    )
     assert got == want
 
 
@@ -156,8 +187,14 @@ def test_llada2_cached_block_decoding_equals_uncached(cache):
     model, mask = family_model("llada2_moe", seed=3)
     prompts = random_prompts(12, PROMPT_LENGTHS, model.config.vocab_size - 1, mask)
     kw = dict(gen_length=16, block_length=4, decoder="threshold", threshold=0.5, early_stop=False)
-    uncached = [s.generated() for s in denoise(model, prompts, SamplingParams(cache="none", **kw).validate(), [0] * 5)]
-    cached = [s.generated() for s in denoise(model, prompts, SamplingParams(cache=cache, **kw).validate(), [0] * 5)]
+    uncached = [
+        s.generated()
+        for s in denoise(model, prompts, SamplingParams(cache="none", **kw).validate(), [0] * 5)
+    ]
+    cached = [
+        s.generated()
+        for s in denoise(model, prompts, SamplingParams(cache=cache, **kw).validate(), [0] * 5)
+    ]
     assert cached == uncached
 
 
@@ -165,7 +202,9 @@ def test_block_causal_cache_feeds_each_token_once_per_block():
     """A block's first forward feeds the block just finished and the new one, not the prompt
     again: the prompt goes through the model once (widths of every forward below)."""
     model = Recorder(tiny(block_causal=True))
-    params = SamplingParams(gen_length=12, block_length=4, steps=12, decoder="fixed", cache="dual", early_stop=False).validate()
+    params = SamplingParams(
+        gen_length=12, block_length=4, steps=12, decoder="fixed", cache="dual", early_stop=False
+    ).validate()
     prompt = random_prompts(10, [8], 11, MASK)[0]
     denoise(model, [prompt], params, [0])
     assert [ids.shape[1] for ids in model.inputs] == [12, 4, 4, 4, 8, 4, 4, 4, 8, 4, 4, 4]

@@ -10,11 +10,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels import triton_ops as tk
+import dinfer_kernels as kernels
+from dinfer_kernels import reference
+from dinfer_kernels import triton_ops as tk
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter evaluates both sides of tl.where
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::RuntimeWarning"
+)  # the interpreter evaluates both sides of tl.where
 
 
 def nan_like(t):
@@ -28,7 +30,12 @@ def test_rms_norm(dtype, rows, cols):
     x = torch.randn(rows, cols, generator=g).to(dtype)
     r = torch.randn(rows, cols, generator=g).to(dtype)
     w = (1 + 0.3 * torch.randn(cols, generator=g)).to(dtype)
-    torch.testing.assert_close(tk.rms_norm(x, w, 1e-5, out=nan_like(x)), reference.rms_norm(x, w, 1e-5), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        tk.rms_norm(x, w, 1e-5, out=nan_like(x)),
+        reference.rms_norm(x, w, 1e-5),
+        rtol=2e-3,
+        atol=2e-3,
+    )
     normed, total = tk.rms_norm(x, w, 1e-5, residual=r, out=nan_like(x))
     torch.testing.assert_close(total, x + r, rtol=0, atol=0)
     torch.testing.assert_close(normed, reference.rms_norm(x + r, w, 1e-5), rtol=2e-3, atol=2e-3)
@@ -41,7 +48,9 @@ def test_rms_norm(dtype, rows, cols):
 def test_swiglu(dtype):
     g = torch.Generator().manual_seed(1)
     gate, up = (torch.randn(5, 3, 999, generator=g).to(dtype) for _ in range(2))
-    torch.testing.assert_close(tk.swiglu(gate, up, out=nan_like(up)), reference.swiglu(gate, up), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        tk.swiglu(gate, up, out=nan_like(up)), reference.swiglu(gate, up), rtol=2e-3, atol=2e-3
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -53,7 +62,9 @@ def test_rope(dtype):
     x = torch.randn(B, H, L, D, generator=g).to(dtype)
     positions = torch.randint(0, 300, (B, L), generator=g)
     cos, sin = Rotary(D, 10000.0)(positions, dtype)
-    torch.testing.assert_close(tk.rope(x, cos, sin, out=nan_like(x)), reference.rope(x, cos, sin), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(
+        tk.rope(x, cos, sin, out=nan_like(x)), reference.rope(x, cos, sin), rtol=2e-3, atol=2e-3
+    )
 
 
 def reference_stats(logits, exclude):
@@ -75,13 +86,17 @@ def test_confidence(dtype, vocab, chunk):
     exclude = vocab - 3
     logits[0, exclude] = 1e4 if dtype == torch.float32 else 6e4  # the excluded token would win
     logits[1, : vocab // 2] = -torch.inf  # forbidden tokens
-    token, prob, margin, entropy = tk.confidence_stats(logits, exclude=exclude, chunk=chunk)  # outputs start as NaN / -1
+    token, prob, margin, entropy = tk.confidence_stats(
+        logits, exclude=exclude, chunk=chunk
+    )  # outputs start as NaN / -1
     ref_token, ref_prob, ref_margin, ref_entropy = reference_stats(logits, exclude)
     assert torch.equal(token, ref_token)
     torch.testing.assert_close(prob.double(), ref_prob, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(margin.double(), ref_margin, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
-    t2, p2 = tk.confidence(logits)  # the dispatcher's signature: nothing excluded, float64 probabilities
+    t2, p2 = tk.confidence(
+        logits
+    )  # the dispatcher's signature: nothing excluded, float64 probabilities
     r2, rp2 = reference.confidence(logits)
     assert torch.equal(t2, r2) and p2.dtype == torch.float64
     torch.testing.assert_close(p2, rp2, rtol=1e-4, atol=1e-6)
@@ -116,7 +131,9 @@ def test_gumbel_noise_samples_the_softmax(temperature):
     seeds, positions = torch.arange(2000) * 7919 + 12345, 20
     tokens = []
     for seed in seeds.split(500):
-        t, _ = reference.confidence(logits.expand(len(seed), positions, 6), torch.full((len(seed),), temperature), seed)
+        t, _ = reference.confidence(
+            logits.expand(len(seed), positions, 6), torch.full((len(seed),), temperature), seed
+        )
         tokens.append(t.flatten())
     counts = torch.bincount(torch.cat(tokens), minlength=6).double()
     n = counts.sum()
@@ -130,7 +147,9 @@ def test_noise_depends_on_seed_position_and_token_only():
     assert torch.equal(w[0], w[1])  # a pure function of its counter
     assert (w[0] != w[2]).all() and (w[0] != w[3]).all()  # both halves of the seed matter
     assert len(torch.unique(w[0])) == 32 and ((w > 0) & (w < 1)).all()
-    assert torch.equal(reference.uniform(torch.tensor([5]), 2, torch.tensor([7]))[0, 1, 0], w[0, 1, 7])
+    assert torch.equal(
+        reference.uniform(torch.tensor([5]), 2, torch.tensor([7]))[0, 1, 0], w[0, 1, 7]
+    )
 
 
 def test_threshold_commit_matches_the_decoder_rule():
@@ -165,9 +184,18 @@ def commit_inputs(B, K, seed):
 
 
 COMMIT_RULES = {  # name -> (kernel, reference, dispatcher, per-row parameters from commit_inputs)
-    "factor": (tk.factor_commit, reference.factor_commit, kernels.factor_commit, lambda f, tau, low: (f,)),
-    "hierarchical": (tk.hierarchical_commit, reference.hierarchical_commit, kernels.hierarchical_commit,
-                     lambda f, tau, low: (tau, low)),
+    "factor": (
+        tk.factor_commit,
+        reference.factor_commit,
+        kernels.factor_commit,
+        lambda f, tau, low: (f,),
+    ),
+    "hierarchical": (
+        tk.hierarchical_commit,
+        reference.hierarchical_commit,
+        kernels.hierarchical_commit,
+        lambda f, tau, low: (tau, low),
+    ),
 }
 
 
@@ -181,9 +209,15 @@ def test_commit_rules(rule, dtype, B, K):
     params = params(f, tau, low)
     c = conf.to(dtype)
     expected = ref(c, masked, *params)
-    assert torch.equal(kernel(c, masked, *params), expected.to(torch.int8))  # the kernel's output starts as 7
-    assert not kernel(c, torch.zeros_like(masked), *params).any()  # nothing masked: nothing committed
-    if dtype == torch.float32:  # once per shape, the engine's float64: the dispatcher (the reference on CPU), the kernel
+    assert torch.equal(
+        kernel(c, masked, *params), expected.to(torch.int8)
+    )  # the kernel's output starts as 7
+    assert not kernel(
+        c, torch.zeros_like(masked), *params
+    ).any()  # nothing masked: nothing committed
+    if (
+        dtype == torch.float32
+    ):  # once per shape, the engine's float64: the dispatcher (the reference on CPU), the kernel
         commit = dispatch(conf, masked, *params)
         assert commit.dtype == torch.bool and torch.equal(commit, ref(conf, masked, *params))
         assert torch.equal(kernel(conf, masked, *params), commit.to(torch.int8))
@@ -194,7 +228,9 @@ def test_commit_rules_break_ties_leftmost():
     0.1, 0.15, 0.4, 4, so f = 0.12 commits position 1 alone and f = 0.3 both 0.95s. Hierarchical,
     runs [0, 1] and [3, 5]: the first run picks 0 (leftmost 0.3), the second 4 (leftmost 0.4), and
     the threshold rule (tau_eff = best = 0.4) adds 5."""
-    conf = torch.tensor([[0.9, 0.95, 0.95, 0.2, 0.0, 0.0], [0.3, 0.3, 0.9, 0.2, 0.4, 0.4]], dtype=torch.float64)
+    conf = torch.tensor(
+        [[0.9, 0.95, 0.95, 0.2, 0.0, 0.0], [0.3, 0.3, 0.9, 0.2, 0.4, 0.4]], dtype=torch.float64
+    )
     masked = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
     for f, committed in ((0.12, [1]), (0.3, [1, 2])):
         expected = torch.zeros(6, dtype=torch.int8)
@@ -202,13 +238,21 @@ def test_commit_rules_break_ties_leftmost():
         f = torch.full((2, 1), f, dtype=torch.float64)
         for fn in (tk.factor_commit, reference.factor_commit):
             assert torch.equal(fn(conf, masked, f)[0].to(torch.int8), expected)
-    tau, low = torch.full((2, 1), 0.9, dtype=torch.float64), torch.full((2, 1), 0.25, dtype=torch.float64)
+    tau, low = (
+        torch.full((2, 1), 0.9, dtype=torch.float64),
+        torch.full((2, 1), 0.25, dtype=torch.float64),
+    )
     for fn in (tk.hierarchical_commit, reference.hierarchical_commit):
-        assert torch.equal(fn(conf, masked, tau, low)[1].to(torch.int8), torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.int8))
+        assert torch.equal(
+            fn(conf, masked, tau, low)[1].to(torch.int8),
+            torch.tensor([1, 0, 0, 0, 1, 1], dtype=torch.int8),
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("B,H,KV,Lq,Lk,D", [(2, 4, 2, 9, 70, 32), (1, 3, 3, 32, 32, 16), (3, 6, 1, 5, 130, 64)])
+@pytest.mark.parametrize(
+    "B,H,KV,Lq,Lk,D", [(2, 4, 2, 9, 70, 32), (1, 3, 3, 32, 32, 16), (3, 6, 1, 5, 130, 64)]
+)
 def test_attention_over_a_cache_view(dtype, B, H, KV, Lq, Lk, D):
     """Queries of a block over keys that are a slice of a larger preallocated cache, with
     per-request padding masks (one row's first keys hidden) and grouped KV heads."""
@@ -223,7 +267,12 @@ def test_attention_over_a_cache_view(dtype, B, H, KV, Lq, Lk, D):
     expected = reference.attention(q.float(), k.float(), v.float(), mask).to(dtype)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-    torch.testing.assert_close(tk.attention(q, k, v, None), reference.attention(q.float(), k.float(), v.float(), None).to(dtype), rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        tk.attention(q, k, v, None),
+        reference.attention(q.float(), k.float(), v.float(), None).to(dtype),
+        rtol=tol,
+        atol=tol,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -245,13 +294,23 @@ def test_rope_and_cached_attention_read_projection_views_in_place(dtype):
     torch.testing.assert_close(rk, reference.rope(k, cos, sin), rtol=2e-3, atol=2e-3)
     cache_k, cache_v = (torch.randn(B, KV, Lk, D, generator=g).to(dtype) for _ in range(2))
     mask = torch.rand(B, Lk, generator=g) > 0.2
-    expected = reference.cached_attention(rq.float(), rk.float(), v.float(), cache_k.float().clone(),
-                                          cache_v.float().clone(), start, mask, write=False).to(dtype)
+    expected = reference.cached_attention(
+        rq.float(),
+        rk.float(),
+        v.float(),
+        cache_k.float().clone(),
+        cache_v.float().clone(),
+        start,
+        mask,
+        write=False,
+    ).to(dtype)
     out = tk.cached_attention(rq, rk, v, cache_k, cache_v, start, mask, True)
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
     assert out.transpose(1, 2).is_contiguous()
-    assert torch.equal(cache_k[:, :, start : start + L], rk) and torch.equal(cache_v[:, :, start : start + L], v)
+    assert torch.equal(cache_k[:, :, start : start + L], rk) and torch.equal(
+        cache_v[:, :, start : start + L], v
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -275,23 +334,58 @@ def test_cached_attention_writes_the_block_in_place(dtype, write, mask_kind):
         mask = (blocks[None, :] <= blocks[start : start + Lq, None]).expand(B, Lq, Lk).clone()
         mask[1, :, :5] = False
     ref_k, ref_v = big_k.clone(), big_v.clone()
-    expected = reference.cached_attention(q.float(), k.float(), v.float(), ref_k[1, :B, :, :Lk].float(),
-                                          ref_v[1, :B, :, :Lk].float(), start, mask, write=False).to(dtype)
+    expected = reference.cached_attention(
+        q.float(),
+        k.float(),
+        v.float(),
+        ref_k[1, :B, :, :Lk].float(),
+        ref_v[1, :B, :, :Lk].float(),
+        start,
+        mask,
+        write=False,
+    ).to(dtype)
     if write:
         ref_k[1, :B, :, start : start + Lq], ref_v[1, :B, :, start : start + Lq] = k, v
-    out = tk.cached_attention(q, k, v, big_k[1, :B, :, :Lk], big_v[1, :B, :, :Lk], start, mask, write, out=nan_like(q))
+    out = tk.cached_attention(
+        q, k, v, big_k[1, :B, :, :Lk], big_v[1, :B, :, :Lk], start, mask, write, out=nan_like(q)
+    )
     tol = 2e-3 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-    assert torch.equal(big_k, ref_k) and torch.equal(big_v, ref_v)  # written exactly there, nothing else
-    dispatched = kernels.cached_attention(q.float(), k.float(), v.float(), big_k[1, :B, :, :Lk].float().clone(),
-                                          big_v[1, :B, :, :Lk].float().clone(), start, mask, write)
-    torch.testing.assert_close(dispatched.to(dtype), expected, rtol=tol, atol=tol)  # CPU: the reference
+    assert torch.equal(big_k, ref_k) and torch.equal(
+        big_v, ref_v
+    )  # written exactly there, nothing else
+    dispatched = kernels.cached_attention(
+        q.float(),
+        k.float(),
+        v.float(),
+        big_k[1, :B, :, :Lk].float().clone(),
+        big_v[1, :B, :, :Lk].float().clone(),
+        start,
+        mask,
+        write,
+    )
+    torch.testing.assert_close(
+        dispatched.to(dtype), expected, rtol=tol, atol=tol
+    )  # CPU: the reference
 
 
-@pytest.mark.parametrize("family,overrides", [
-    ("llada", dict(d_model=64, n_heads=4, n_kv_heads=2, vocab_size=300, embedding_size=304, mask_token_id=299)),
-    ("llada2_moe", dict(head_dim=16)),  # block-causal masks through the attention kernel
-])
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        (
+            "llada",
+            dict(
+                d_model=64,
+                n_heads=4,
+                n_kv_heads=2,
+                vocab_size=300,
+                embedding_size=304,
+                mask_token_id=299,
+            ),
+        ),
+        ("llada2_moe", dict(head_dim=16)),  # block-causal masks through the attention kernel
+    ],
+)
 def test_engine_through_the_kernels_matches_torch(family, overrides, monkeypatch):
     """The whole engine with every op on its Triton kernel (the interpreter, on CPU) decodes the
     same tokens in the same forwards as with the torch references: the model, caches and decoders
@@ -305,8 +399,10 @@ def test_engine_through_the_kernels_matches_torch(family, overrides, monkeypatch
     cfg = model.config
     prompts = random_prompts(5, [7, 3], cfg.vocab_size, cfg.mask_token_id)
     common = dict(gen_length=8, block_length=4, cache="dual", early_stop=False)
-    params = [SamplingParams(decoder="threshold", threshold=0.5, **common).validate(),
-              SamplingParams(decoder="factor", temperature=0.9, **common).validate()]
+    params = [
+        SamplingParams(decoder="threshold", threshold=0.5, **common).validate(),
+        SamplingParams(decoder="factor", temperature=0.9, **common).validate(),
+    ]
 
     def run():
         return [(s.window, s.forwards) for s in denoise(model, prompts, params, [11, 12])]
@@ -314,8 +410,20 @@ def test_engine_through_the_kernels_matches_torch(family, overrides, monkeypatch
     expected = run()
     calls = set()
     for name, fn in kernels._triton().items():  # count which kernels really ran
-        monkeypatch.setitem(kernels._TRITON, name, lambda *a, _name=name, _fn=fn, **k: calls.add(_name) or _fn(*a, **k))
+        monkeypatch.setitem(
+            kernels._TRITON,
+            name,
+            lambda *a, _name=name, _fn=fn, **k: calls.add(_name) or _fn(*a, **k),
+        )
     with kernels.triton_everywhere():
         assert run() == expected
-    assert calls >= {"rms_norm", "add_rms_norm", "rope", "swiglu", "cached_attention", "confidence", "threshold_commit",
-                     "factor_commit"}
+    assert calls >= {
+        "rms_norm",
+        "add_rms_norm",
+        "rope",
+        "swiglu",
+        "cached_attention",
+        "confidence",
+        "threshold_commit",
+        "factor_commit",
+    }

@@ -205,7 +205,9 @@ def test_unknown_extra_tensor_is_named(good):
     path, raw, tensors = good
     tensors["model.transformer.blocks.0.q_proj.bias"] = torch.zeros(raw["d_model"])
     write_checkpoint(path, raw, tensors)
-    with pytest.raises(ModelLoadError, match=r"unknown tensors.*model\.transformer\.blocks\.0\.q_proj\.bias"):
+    with pytest.raises(
+        ModelLoadError, match=r"unknown tensors.*model\.transformer\.blocks\.0\.q_proj\.bias"
+    ):
         load_model(path)
 
 

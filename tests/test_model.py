@@ -28,7 +28,9 @@ def naive_forward(model, input_ids, positions, key_mask=None) -> torch.Tensor:
     w = {name: p.detach() for name, p in model.named_parameters()}
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     B, L = input_ids.shape
-    head_w = w["model.transformer.wte.weight" if cfg.weight_tying else "model.transformer.ff_out.weight"]
+    head_w = w[
+        "model.transformer.wte.weight" if cfg.weight_tying else "model.transformer.ff_out.weight"
+    ]
     out = []
     for b in range(B):
         pos = [int(p) for p in positions[b]]
@@ -37,7 +39,11 @@ def naive_forward(model, input_ids, positions, key_mask=None) -> torch.Tensor:
         for layer in range(cfg.n_layers):
             p = f"model.transformer.blocks.{layer}."
             h = naive_rms_norm(x, w[p + "attn_norm.weight"], cfg.rms_norm_eps)
-            q, k, v = h @ w[p + "q_proj.weight"].T, h @ w[p + "k_proj.weight"].T, h @ w[p + "v_proj.weight"].T
+            q, k, v = (
+                h @ w[p + "q_proj.weight"].T,
+                h @ w[p + "k_proj.weight"].T,
+                h @ w[p + "v_proj.weight"].T,
+            )
             heads = []
             for hq in range(H):
                 g = hq // (H // Hkv)  # the kv head this query head reads
@@ -67,7 +73,9 @@ CASES = [
 ]
 
 
-def random_raw_config(raw_config, seed: int, n_kv: int, groups: int, tying: bool, extra: int) -> dict:
+def random_raw_config(
+    raw_config, seed: int, n_kv: int, groups: int, tying: bool, extra: int
+) -> dict:
     rng = random.Random(seed)
     n_heads = n_kv * groups
     head_dim = rng.choice([4, 6, 8])  # >= 2 frequency pairs, so RoPE pairing and frequencies matter
@@ -82,7 +90,9 @@ def random_raw_config(raw_config, seed: int, n_kv: int, groups: int, tying: bool
         embedding_size=vocab + extra,
         mask_token_id=vocab - 1,
         weight_tying=tying,
-        rope_theta=rng.choice([10.0, 500.0, 10000.0]),  # small thetas rotate visibly at short lengths
+        rope_theta=rng.choice(
+            [10.0, 500.0, 10000.0]
+        ),  # small thetas rotate visibly at short lengths
         rms_norm_eps=rng.choice([1e-5, 1e-6]),
     )
 
@@ -191,7 +201,9 @@ def test_token_order_matters_only_through_positions(raw_config, make_model):
     perm = torch.tensor([3, 0, 7, 1, 6, 2, 5, 4])
 
     same = torch.zeros(1, L, dtype=torch.long)
-    torch.testing.assert_close(model(ids[:, perm], same), model(ids, same)[:, perm], rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        model(ids[:, perm], same), model(ids, same)[:, perm], rtol=0, atol=1e-10
+    )
 
     ordered = torch.arange(L)[None]
     moved = model(ids[:, perm], ordered) - model(ids, ordered)[:, perm]

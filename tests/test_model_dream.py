@@ -30,8 +30,15 @@ INDEX = "model.safetensors.index.json"
 def dream_raw_config(**overrides) -> dict:
     """A tiny config.json in the upstream format (Qwen2 field names plus Dream's extras), with
     sizes and token ids of its own: hidden 24, vocabulary 29, mask 28."""
-    fields = dict(hidden_size=24, intermediate_size=37, vocab_size=29, bos_token_id=25, eos_token_id=26,
-                  pad_token_id=26, mask_token_id=28)
+    fields = dict(
+        hidden_size=24,
+        intermediate_size=37,
+        vocab_size=29,
+        bos_token_id=25,
+        eos_token_id=26,
+        pad_token_id=26,
+        mask_token_id=28,
+    )
     return tiny_family_raw("Dream", **{**fields, **overrides})
 
 
@@ -91,16 +98,23 @@ def test_forward_matches_naive_reference(n_kv, groups, tied, length):
     heads, tied and untied heads, odd lengths. Also with arbitrary offsets and no mask."""
     n_heads = n_kv * groups
     raw = dream_raw_config(
-        hidden_size=n_heads * 6, num_attention_heads=n_heads, num_key_value_heads=n_kv, tie_word_embeddings=tied
+        hidden_size=n_heads * 6,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv,
+        tie_word_embeddings=tied,
     )
     model = random_dream(raw, seed=length + 10 * n_kv)
     ids, positions, key_mask = left_padded_batch(raw, [length, max(1, length - 3)], seed=length)
     got = model(ids, positions, key_mask)
     assert got.shape == (2, length, raw["vocab_size"]) and got.dtype == F64
-    torch.testing.assert_close(got, naive_forward(model, raw, ids, positions, key_mask), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        got, naive_forward(model, raw, ids, positions, key_mask), rtol=0, atol=1e-10
+    )
 
     shifted = positions + torch.tensor([[3], [17]])
-    torch.testing.assert_close(model(ids, shifted), naive_forward(model, raw, ids, shifted), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        model(ids, shifted), naive_forward(model, raw, ids, shifted), rtol=0, atol=1e-10
+    )
 
 
 def test_left_padding_is_invisible_and_per_query_masks_agree():
@@ -137,14 +151,27 @@ def test_interface_and_upstream_sizes():
     assert FAMILIES["Dream"] == (DreamConfig, DreamModel)
     assert DreamModel.logit_shift == 1 and DreamModel.block_causal is False
     raw = dream_raw_config(
-        hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=28,
-        intermediate_size=18944, vocab_size=152064, rope_theta=1000000.0, max_position_embeddings=131072,
-        bos_token_id=151643, eos_token_id=151643, pad_token_id=151643, mask_token_id=151666,
+        hidden_size=3584,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        num_hidden_layers=28,
+        intermediate_size=18944,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+        max_position_embeddings=131072,
+        bos_token_id=151643,
+        eos_token_id=151643,
+        pad_token_id=151643,
+        mask_token_id=151666,
     )
     cfg = DreamConfig.from_dict(raw)
     got = (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.vocab_size)
     assert got == (28, 28, 4, 128, 3584, 152064)
-    assert (cfg.mask_token_id, cfg.eos_token_id, cfg.max_sequence_length) == (151666, 151643, 131072)
+    assert (cfg.mask_token_id, cfg.eos_token_id, cfg.max_sequence_length) == (
+        151666,
+        151643,
+        131072,
+    )
     with torch.device("meta"):
         model = DreamModel(cfg)
     assert sum(p.numel() for p in model.parameters()) == 7_615_616_512
@@ -160,7 +187,9 @@ def expected_names(raw: dict) -> set[str]:
         p = f"model.layers.{i}."
         names |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"}
         names |= {p + f"self_attn.{n}_proj.{t}" for n in "qkv" for t in ("weight", "bias")}
-        names |= {p + "self_attn.o_proj.weight"} | {p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")}
+        names |= {p + "self_attn.o_proj.weight"} | {
+            p + f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")
+        }
     return names if raw["tie_word_embeddings"] else names | {"lm_head.weight"}
 
 
@@ -191,7 +220,9 @@ def test_round_trip_through_the_loader(tmp_path, tied, sharded):
     # Bit-equal weights; the logits may differ in the last bits only, since tensors read from a
     # safetensors file are not 64-byte aligned and BLAS then sums in another order.
     ids, positions, key_mask = left_padded_batch(raw, [7, 5], seed=6)
-    torch.testing.assert_close(loaded(ids, positions, key_mask), model(ids, positions, key_mask), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        loaded(ids, positions, key_mask), model(ids, positions, key_mask), rtol=0, atol=1e-12
+    )
     assert torch.equal(loaded.embed(ids), model.embed(ids))
 
 
@@ -211,7 +242,10 @@ def test_missing_mask_token_id_is_a_clear_error(tmp_path):
         (dict(num_attention_heads=5), r"hidden_size=24, num_attention_heads=5.*must divide"),
         (dict(num_key_value_heads=3), r"num_key_value_heads=3.*must divide"),
         (dict(hidden_size=None), r"'hidden_size' is missing"),
-        (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_scaling=.*yarn.*not supported"),
+        (
+            dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+            r"rope_scaling=.*yarn.*not supported",
+        ),
         (dict(hidden_act="gelu"), r"hidden_act='gelu' is not supported"),
         (dict(mask_token_id=29), r"mask_token_id=29 must be a token id below vocab_size=29"),
         (dict(head_dim=8), r"head_dim=8 differs"),

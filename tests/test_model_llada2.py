@@ -40,9 +40,19 @@ def tiny_raw(**overrides) -> dict:
 CASES = {
     "mini-like": {},
     "variant": dict(
-        num_attention_heads=6, num_key_value_heads=3, head_dim=8, partial_rotary_factor=1.0, rotary_dim=8,
-        tie_word_embeddings=True, use_qkv_bias=True, use_bias=True, num_shared_experts=2,
-        moe_router_enable_expert_bias=False, n_group=2, topk_group=1, num_experts_per_tok=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        head_dim=8,
+        partial_rotary_factor=1.0,
+        rotary_dim=8,
+        tie_word_embeddings=True,
+        use_qkv_bias=True,
+        use_bias=True,
+        num_shared_experts=2,
+        moe_router_enable_expert_bias=False,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=3,
     ),
 }
 
@@ -73,15 +83,21 @@ def upstream_names(raw: dict) -> set[str]:
             names.add(p + "mlp.gate.weight")
             if raw["moe_router_enable_expert_bias"]:
                 names.add(p + "mlp.gate.expert_bias")
-            mlps = [p + f"mlp.experts.{e}." for e in range(raw["num_experts"])] + [p + "mlp.shared_experts."]
-        names |= {m + f"{proj}.weight" for m in mlps for proj in ("gate_proj", "up_proj", "down_proj")}
+            mlps = [p + f"mlp.experts.{e}." for e in range(raw["num_experts"])] + [
+                p + "mlp.shared_experts."
+            ]
+        names |= {
+            m + f"{proj}.weight" for m in mlps for proj in ("gate_proj", "up_proj", "down_proj")
+        }
     return names
 
 
 # ---------------------------------------------------------------- naive reference
 
 
-def naive_route(h: torch.Tensor, gate_w: torch.Tensor, bias, cfg: LLaDA2Config, grouped: bool = True) -> list[tuple[int, float]]:
+def naive_route(
+    h: torch.Tensor, gate_w: torch.Tensor, bias, cfg: LLaDA2Config, grouped: bool = True
+) -> list[tuple[int, float]]:
     """(expert, weight) pairs for one token vector h."""
     E = cfg.num_experts
     scores = [1 / (1 + math.exp(-float(gate_w[e] @ h))) for e in range(E)]
@@ -89,7 +105,10 @@ def naive_route(h: torch.Tensor, gate_w: torch.Tensor, bias, cfg: LLaDA2Config, 
     size = E // cfg.n_group
     allowed = set(range(E))
     if grouped:
-        group_score = {g: sum(sorted(biased[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(cfg.n_group)}
+        group_score = {
+            g: sum(sorted(biased[g * size : (g + 1) * size], reverse=True)[:2])
+            for g in range(cfg.n_group)
+        }
         kept = sorted(group_score, key=group_score.get, reverse=True)[: cfg.topk_group]
         allowed = {e for e in range(E) if e // size in kept}
     chosen = sorted(allowed, key=lambda e: biased[e], reverse=True)[: cfg.top_k]
@@ -103,12 +122,16 @@ def naive_mask(positions: list[int], real: list[bool], block_length: int | None)
     allowed = torch.zeros(L, L, dtype=torch.bool)
     for q in range(L):
         for k in range(L):
-            same_or_earlier = block_length is None or positions[k] // block_length <= positions[q] // block_length
+            same_or_earlier = (
+                block_length is None or positions[k] // block_length <= positions[q] // block_length
+            )
             allowed[q, k] = real[k] and same_or_earlier
     return allowed
 
 
-def naive_forward(model: LLaDA2Model, ids, positions, real, block_length: int | None) -> torch.Tensor:
+def naive_forward(
+    model: LLaDA2Model, ids, positions, real, block_length: int | None
+) -> torch.Tensor:
     cfg = model.config
     w = {name: p.detach() for name, p in model.named_parameters()}
     H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -145,8 +168,12 @@ def naive_forward(model: LLaDA2Model, ids, positions, real, block_length: int | 
                 continue
             moe = torch.zeros_like(h)
             for t in range(h.shape[0]):
-                for expert, weight in naive_route(h[t], w[p + "mlp.gate.weight"], w.get(p + "mlp.gate.expert_bias"), cfg):
-                    moe[t] += weight * naive_swiglu(h[t : t + 1], w, p + f"mlp.experts.{expert}.")[0]
+                for expert, weight in naive_route(
+                    h[t], w[p + "mlp.gate.weight"], w.get(p + "mlp.gate.expert_bias"), cfg
+                ):
+                    moe[t] += (
+                        weight * naive_swiglu(h[t : t + 1], w, p + f"mlp.experts.{expert}.")[0]
+                    )
             if p + "mlp.shared_experts.gate_proj.weight" in w:
                 moe = moe + naive_swiglu(h, w, p + "mlp.shared_experts.")
             x = x + moe
@@ -181,7 +208,9 @@ def test_block_causal_mask_matches_loops():
     assert got.shape == (2, 7, 7) and got.dtype == torch.bool
     for b in range(2):
         assert torch.equal(got[b], naive_mask(positions[b].tolist(), real[b].tolist(), 3))
-    assert not got[0, 0, 3] and got[0, 3, 0] and got[0, 3, 5]  # causal across blocks, bidirectional inside
+    assert (
+        not got[0, 0, 3] and got[0, 3, 0] and got[0, 3, 5]
+    )  # causal across blocks, bidirectional inside
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -194,7 +223,9 @@ def test_forward_matches_naive_reference(case, length, block):
     for mask, bl in ((block_causal_mask(positions, positions, block, real), block), (real, None)):
         got = model(ids, positions, mask)
         assert got.shape == (2, length, raw["vocab_size"]) and got.dtype == F64
-        torch.testing.assert_close(got, naive_forward(model, ids, positions, real, bl), rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            got, naive_forward(model, ids, positions, real, bl), rtol=0, atol=1e-10
+        )
 
 
 def test_router_matches_naive_and_grouping_and_bias_matter():
@@ -213,12 +244,16 @@ def test_router_matches_naive_and_grouping_and_bias_matter():
         assert set(got) == {e for e, _ in want}
         for e, wt in want:
             assert abs(got[e] - wt) < 1e-12
-        ungrouped = {e for e, _ in naive_route(h[t], router.weight, router.expert_bias, cfg, grouped=False)}
+        ungrouped = {
+            e for e, _ in naive_route(h[t], router.weight, router.expert_bias, cfg, grouped=False)
+        }
         unbiased = {e for e, _ in naive_route(h[t], router.weight, None, cfg)}
         grouping_mattered += ungrouped != set(got)
         bias_mattered += unbiased != set(got)
     assert grouping_mattered > 0 and bias_mattered > 0
-    torch.testing.assert_close(weights.sum(-1), torch.full((64,), cfg.routed_scaling_factor, dtype=F64))
+    torch.testing.assert_close(
+        weights.sum(-1), torch.full((64,), cfg.routed_scaling_factor, dtype=F64)
+    )
 
 
 def test_reference_is_sensitive_to_the_expert_bias():
@@ -253,13 +288,26 @@ def test_round_trip_through_safetensors(tmp_path, case, sharded):
     mask = block_causal_mask(positions, positions, 4, real)
     # bit-identical weights; the logits may still differ in the last bits because BLAS picks its
     # code path by address alignment and loaded tensors keep the file's (unaligned) offsets
-    torch.testing.assert_close(loaded(ids, positions, mask), model(ids, positions, mask), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        loaded(ids, positions, mask), model(ids, positions, mask), rtol=0, atol=1e-12
+    )
 
 
 def test_config_maps_upstream_names():
     cfg = LLaDA2Config.from_dict(tiny_raw())
-    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model) == (3, 4, 2, 16, 48)
-    assert (cfg.vocab_size, cfg.mask_token_id, cfg.eos_token_id, cfg.max_sequence_length) == (37, 36, 35, 512)
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model) == (
+        3,
+        4,
+        2,
+        16,
+        48,
+    )
+    assert (cfg.vocab_size, cfg.mask_token_id, cfg.eos_token_id, cfg.max_sequence_length) == (
+        37,
+        36,
+        35,
+        512,
+    )
     assert cfg.rotary_dim == 8 and cfg.is_moe(1) and not cfg.is_moe(0)
 
 
@@ -279,7 +327,9 @@ def test_clear_config_errors(tmp_path, change, fragment):
     raw = {k: v for k, v in tiny_raw(**change).items() if v is not None}
     with pytest.raises(ModelConfigError, match=fragment):
         LLaDA2Config.from_dict(raw)
-    (tmp_path / "config.json").write_text(json.dumps(raw))  # the loader reports it before reading weights
+    (tmp_path / "config.json").write_text(
+        json.dumps(raw)
+    )  # the loader reports it before reading weights
     with pytest.raises(ModelConfigError, match=fragment):
         load_model(tmp_path)
 
@@ -314,12 +364,16 @@ def test_last_block_over_cache_is_exact(case):
     torch.testing.assert_close(part, full[:, s:], rtol=0, atol=1e-10)
 
     changed = ids.clone()
-    changed[:, s:] = torch.randint(0, raw["vocab_size"], (2, L - s), generator=torch.Generator().manual_seed(4))
+    changed[:, s:] = torch.randint(
+        0, raw["vocab_size"], (2, L - s), generator=torch.Generator().manual_seed(4)
+    )
     changed[0, s] = raw["mask_token_id"]
     part = model(changed[:, s:], positions[:, s:], mask[:, s:], cache=cache, start=s)
     fresh = model(changed, positions, mask)[:, s:]
     torch.testing.assert_close(part, fresh, rtol=0, atol=1e-10)
-    assert (fresh - full[:, s:]).abs().max() > 1e-3  # the change is visible, so the check above has teeth
+    assert (
+        fresh - full[:, s:]
+    ).abs().max() > 1e-3  # the change is visible, so the check above has teeth
 
 
 def test_cache_reuse_needs_the_block_causal_mask():

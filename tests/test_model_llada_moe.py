@@ -17,7 +17,13 @@ import torch
 from safetensors.torch import save_file
 
 from tests import tiny_models
-from tests.naive import naive_attention_head, naive_rms_norm, naive_rope, naive_softmax, naive_swiglu
+from tests.naive import (
+    naive_attention_head,
+    naive_rms_norm,
+    naive_rope,
+    naive_softmax,
+    naive_swiglu,
+)
 from tests.tiny_models import left_padded_batch, tiny_family_raw
 from workers.cache import KVCache
 from workers.errors import ModelConfigError, ModelLoadError
@@ -48,16 +54,30 @@ def upstream_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (vocab, d)
 
     def mlp(prefix, hidden):
-        shapes.update({prefix + "gate_proj.weight": (hidden, d), prefix + "up_proj.weight": (hidden, d),
-                       prefix + "down_proj.weight": (d, hidden)})
+        shapes.update(
+            {
+                prefix + "gate_proj.weight": (hidden, d),
+                prefix + "up_proj.weight": (hidden, d),
+                prefix + "down_proj.weight": (d, hidden),
+            }
+        )
 
     for i, moe in enumerate(raw["moe_layer_freq"]):
         p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                       p + "self_attn.q_proj.weight": (heads * hd, d), p + "self_attn.k_proj.weight": (kv * hd, d),
-                       p + "self_attn.v_proj.weight": (kv * hd, d), p + "self_attn.o_proj.weight": (d, d)})
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (d,),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (heads * hd, d),
+                p + "self_attn.k_proj.weight": (kv * hd, d),
+                p + "self_attn.v_proj.weight": (kv * hd, d),
+                p + "self_attn.o_proj.weight": (d, d),
+            }
+        )
         if raw["qk_layernorm"]:
-            shapes.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+            shapes.update(
+                {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
+            )
         if not moe:
             mlp(p + "mlp.", raw["dense_intermediate_size"])
             continue
@@ -81,7 +101,9 @@ def naive_moe(h, w, p, raw, chosen: list | None):
         scores = naive_softmax(h[t] @ w[p + "mlp.gate.weight"].T)
         if raw["moe_router_enable_expert_bias"]:
             scores = scores + w[p + "mlp.expert_bias"]
-        top = sorted(range(raw["num_experts"]), key=lambda e: -float(scores[e]))[: raw["num_experts_per_tok"]]
+        top = sorted(range(raw["num_experts"]), key=lambda e: -float(scores[e]))[
+            : raw["num_experts_per_tok"]
+        ]
         weights = [scores[e] for e in top]
         if raw["norm_topk_prob"]:
             weights = [x / sum(weights) for x in weights]
@@ -113,13 +135,20 @@ def naive_forward(model, raw, input_ids, positions, key_mask=None, chosen=None):
             heads = []
             for hq in range(H):
                 g = hq // (H // Hkv)  # consecutive query heads share a kv head
-                qh, kh, vh = q[:, hq * D : (hq + 1) * D], k[:, g * D : (g + 1) * D], v[:, g * D : (g + 1) * D]
+                qh, kh, vh = (
+                    q[:, hq * D : (hq + 1) * D],
+                    k[:, g * D : (g + 1) * D],
+                    v[:, g * D : (g + 1) * D],
+                )
                 if raw["qk_layernorm"]:
                     qh = naive_rms_norm(qh, w[p + "self_attn.q_norm.weight"], eps)
                     kh = naive_rms_norm(kh, w[p + "self_attn.k_norm.weight"], eps)
                 if clip is not None:
                     qh, kh, vh = qh.clamp(-clip, clip), kh.clamp(-clip, clip), vh.clamp(-clip, clip)
-                qh, kh = naive_rope(qh, pos, raw["rope_theta"]), naive_rope(kh, pos, raw["rope_theta"])
+                qh, kh = (
+                    naive_rope(qh, pos, raw["rope_theta"]),
+                    naive_rope(kh, pos, raw["rope_theta"]),
+                )
                 heads.append(naive_attention_head(qh, kh, vh, allowed))
             x = x + torch.cat(heads, dim=-1) @ w[p + "self_attn.o_proj.weight"].T
             h = naive_rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
@@ -137,11 +166,22 @@ def left_padded(raw, L: int, pad: int, seed: int):
 
 CASES = {
     "gqa": dict(),
-    "renorm+shared+dense-first+tied": dict(num_attention_heads=8, num_key_value_heads=2, norm_topk_prob=True,
-                                           shared_expert_intermediate_size=10, moe_layer_freq=[0, 1],
-                                           tie_word_embeddings=True),
-    "mha+no-qk-norm+expert-bias+clip": dict(num_key_value_heads=4, qk_layernorm=False, num_experts_per_tok=3,
-                                            moe_router_enable_expert_bias=True, clip_qkv=1.5, norm_topk_prob=True),
+    "renorm+shared+dense-first+tied": dict(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        norm_topk_prob=True,
+        shared_expert_intermediate_size=10,
+        moe_layer_freq=[0, 1],
+        tie_word_embeddings=True,
+    ),
+    "mha+no-qk-norm+expert-bias+clip": dict(
+        num_key_value_heads=4,
+        qk_layernorm=False,
+        num_experts_per_tok=3,
+        moe_router_enable_expert_bias=True,
+        clip_qkv=1.5,
+        norm_topk_prob=True,
+    ),
 }
 
 
@@ -205,7 +245,9 @@ def test_round_trip_in_upstream_format(tmp_path, case, sharded):
     ids, positions, key_mask = left_padded(raw, 7, pad=2, seed=5)
     # Equal weights, but loaded float64 tensors sit in safetensors' buffer at addresses that are not
     # 64-byte aligned, which can switch BLAS to a kernel summing in another order: last-ulp noise.
-    torch.testing.assert_close(loaded(ids, positions, key_mask), model(ids, positions, key_mask), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        loaded(ids, positions, key_mask), model(ids, positions, key_mask), rtol=0, atol=1e-12
+    )
 
 
 def test_wrong_expert_shape_is_named(tmp_path):
@@ -227,7 +269,9 @@ def test_missing_mask_token_id_names_the_field_and_the_fix(tmp_path):
     raw = raw_config()
     del raw["mask_token_id"]
     save_model(random_model(raw_config()), tmp_path, raw)
-    with pytest.raises(ModelConfigError, match=r"'mask_token_id' is missing.*\"mask_token_id\": 156895"):
+    with pytest.raises(
+        ModelConfigError, match=r"'mask_token_id' is missing.*\"mask_token_id\": 156895"
+    ):
         load_model(tmp_path)
 
 
@@ -238,7 +282,10 @@ def test_missing_mask_token_id_names_the_field_and_the_fix(tmp_path):
         (dict(num_experts_per_tok=7), r"num_experts_per_tok=7 exceeds num_experts=6"),
         (dict(num_key_value_heads=3), r"num_key_value_heads=3.*must divide"),
         (dict(moe_layer_freq=[1]), r"moe_layer_freq=\[1\] must be a list of 2"),
-        (dict(shared_expert_intermediate_size=-1), r"shared_expert_intermediate_size=-1 must be an integer >= 1"),
+        (
+            dict(shared_expert_intermediate_size=-1),
+            r"shared_expert_intermediate_size=-1 must be an integer >= 1",
+        ),
         (dict(partial_rotary_factor=0.5), r"partial_rotary_factor=0.5 is not supported"),
         (dict(mask_token_id=37), r"mask_token_id=37 must be a token id below vocab_size=37"),
         (dict(expert_intermediate_size=None), r"'expert_intermediate_size' is missing"),
@@ -251,8 +298,19 @@ def test_malformed_fields_are_named(overrides, pattern):
 
 def test_config_exposes_the_engine_attributes():
     cfg = LLaDAMoEConfig.from_dict(raw_config(eos_token_id=[5, 6]))
-    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model) == (2, 4, 2, 8, 32)
-    assert (cfg.vocab_size, cfg.mask_token_id, cfg.eos_token_id, cfg.max_sequence_length) == (37, 36, 5, 64)
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model) == (
+        2,
+        4,
+        2,
+        8,
+        32,
+    )
+    assert (cfg.vocab_size, cfg.mask_token_id, cfg.eos_token_id, cfg.max_sequence_length) == (
+        37,
+        36,
+        5,
+        64,
+    )
     raw = raw_config()
     del raw["max_position_embeddings"]
     assert LLaDAMoEConfig.from_dict(raw).max_sequence_length == 4096
@@ -277,8 +335,12 @@ def test_cached_slice_matches_full_forward(case):
     part = model(ids[:, s:e], positions[:, s:e], key_mask, cache=cache, start=s)
     torch.testing.assert_close(part, full[:, s:e], rtol=0, atol=1e-10)
     per_query = key_mask[:, None, :].expand(2, e - s, L)
-    torch.testing.assert_close(model(ids[:, s:e], positions[:, s:e], per_query, cache=cache, start=s),
-                               full[:, s:e], rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        model(ids[:, s:e], positions[:, s:e], per_query, cache=cache, start=s),
+        full[:, s:e],
+        rtol=0,
+        atol=1e-10,
+    )
 
 
 def test_released_config_with_model_type_llada_loads_as_moe(tmp_path):
@@ -286,7 +348,9 @@ def test_released_config_with_model_type_llada_loads_as_moe(tmp_path):
     entry (LLaDAMoEModelLM) must route it to this family, not to a confusing dense-LLaDA error."""
     raw = raw_config()
     model = random_model(raw, seed=2)
-    save_model(model, tmp_path, {**raw, "model_type": "llada", "architectures": ["LLaDAMoEModelLM"]})
+    save_model(
+        model, tmp_path, {**raw, "model_type": "llada", "architectures": ["LLaDAMoEModelLM"]}
+    )
     loaded = load_model(tmp_path, dtype="float64")
     assert isinstance(loaded, LLaDAMoEModel)
     for name, p in loaded.named_parameters():

@@ -11,7 +11,13 @@ from dinfer_async import InvalidRequestError, SamplingParams
 
 def test_defaults_are_valid_and_match_the_design():
     p = SamplingParams().validate()
-    assert (p.gen_length, p.block_length, p.decoder, p.threshold, p.cache) == (256, 32, "threshold", 0.9, "dual")
+    assert (p.gen_length, p.block_length, p.decoder, p.threshold, p.cache) == (
+        256,
+        32,
+        "threshold",
+        0.9,
+        "dual",
+    )
     assert p.steps is None and p.total_steps == 256 and p.early_stop is True
 
 
@@ -60,15 +66,34 @@ def test_importing_the_sdk_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_our_kernels_package_does_not_break_transformers():
-    """Hugging Face also publishes a package named `kernels`; transformers must not mistake ours for it."""
+def test_our_kernels_do_not_clash_with_hugging_face_kernels(tmp_path):
+    """transformers depends on Hugging Face's package named `kernels`; ours is installed as
+    `dinfer_kernels`, so from any directory each name resolves to its own package."""
     code = (
-        "import kernels, transformers; from transformers import AutoTokenizer; "
-        "from transformers.utils import is_kernels_available; assert not is_kernels_available(); "
-        "import transformers.integrations.hub_kernels; from transformers import PreTrainedModel; "
-        "from workers.bundled import MODEL_DIR; "
-        "t = AutoTokenizer.from_pretrained(str(MODEL_DIR)); print(kernels.__file__, len(t))"
+        "import dinfer_kernels, transformers; from transformers import AutoTokenizer; "
+        "from workers.bundled import MODEL_DIR; import workers.models.layers; "
+        "t = AutoTokenizer.from_pretrained(str(MODEL_DIR)); print(dinfer_kernels.__file__, len(t))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "/kernels/__init__.py" in out.stdout
+    assert out.stdout.split()[0].endswith("/kernels/__init__.py")
+    assert "site-packages" not in out.stdout.split()[0]
+
+
+def test_max_tokens_sets_gen_length_in_whole_blocks():
+    assert SamplingParams(max_tokens=40).validate().gen_length == 64
+    assert SamplingParams(max_tokens=64, block_length=32).validate().gen_length == 64
+    assert SamplingParams(max_tokens=1, block_length=8, gen_length=256).validate().gen_length == 8
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(max_tokens=0).validate()
+    assert e.value.field == "max_tokens"
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(max_tokens=1000).validate(max_gen_length=512)
+    assert e.value.field == "gen_length"
+
+
+@pytest.mark.parametrize("stop,field", [([], "stop"), ([""], "stop[0]"), (["a", 3], "stop[1]")])
+def test_bad_stop_strings_name_the_field(stop, field):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(stop=stop).validate()
+    assert e.value.field == field

@@ -2,7 +2,6 @@
 and never change each other's tokens."""
 
 import pytest
-import torch
 
 from dinfer_async import SamplingParams
 from tests.tiny_models import random_prompts, tiny_model
@@ -17,11 +16,32 @@ def model():
 
 MIXED = [
     SamplingParams(gen_length=24, block_length=8, decoder="threshold", threshold=0.5, cache="dual"),
-    SamplingParams(gen_length=16, block_length=8, decoder="fixed", steps=8, cache="dual", temperature=0.8, early_stop=False),
-    SamplingParams(gen_length=32, block_length=8, decoder="credit", threshold=0.6, cache="dual", cfg_scale=0.5),
-    SamplingParams(gen_length=24, block_length=8, decoder="hierarchical", cache="dual", soft_diffusion=True, suppress_eos=True),
-    SamplingParams(gen_length=16, block_length=8, decoder="factor", cache="dual", remasking="random"),
-    SamplingParams(gen_length=16, block_length=4, decoder="threshold", cache="none"),  # another group
+    SamplingParams(
+        gen_length=16,
+        block_length=8,
+        decoder="fixed",
+        steps=8,
+        cache="dual",
+        temperature=0.8,
+        early_stop=False,
+    ),
+    SamplingParams(
+        gen_length=32, block_length=8, decoder="credit", threshold=0.6, cache="dual", cfg_scale=0.5
+    ),
+    SamplingParams(
+        gen_length=24,
+        block_length=8,
+        decoder="hierarchical",
+        cache="dual",
+        soft_diffusion=True,
+        suppress_eos=True,
+    ),
+    SamplingParams(
+        gen_length=16, block_length=8, decoder="factor", cache="dual", remasking="random"
+    ),
+    SamplingParams(
+        gen_length=16, block_length=4, decoder="threshold", cache="none"
+    ),  # another group
 ]
 
 
@@ -41,8 +61,12 @@ def test_rounds_share_one_forward_and_finished_requests_leave():
     original = m.forward
     m.forward = lambda ids, *a, **k: (calls.append(ids.shape[0]), original(ids, *a, **k))[1]
     sched = Scheduler(m, max_batch_size=8)
-    params = [SamplingParams(gen_length=32, block_length=8, decoder="fixed", steps=16, cache="none", early_stop=e).validate()
-              for e in (False, False, True)]
+    params = [
+        SamplingParams(
+            gen_length=32, block_length=8, decoder="fixed", steps=16, cache="none", early_stop=e
+        ).validate()
+        for e in (False, False, True)
+    ]
     prompts = random_prompts(43, [4, 6, 3], MASK, MASK)  # the third stops at EOS in its first block
     seqs = [sched.add(i, p, q, 0) for i, (p, q) in enumerate(zip(prompts, params))]
     finished = []
@@ -58,7 +82,9 @@ def test_rounds_share_one_forward_and_finished_requests_leave():
 
 def test_a_request_joining_mid_run_is_unaffected():
     m = model()
-    p = SamplingParams(gen_length=24, block_length=8, threshold=0.4, cache="dual", temperature=0.5).validate()
+    p = SamplingParams(
+        gen_length=24, block_length=8, threshold=0.4, cache="dual", temperature=0.5
+    ).validate()
     prompts = random_prompts(33, [5, 8], MASK, MASK)
     sched = Scheduler(m)
     first = sched.add("first", prompts[0], p, 1)
@@ -74,7 +100,9 @@ def test_a_request_joining_mid_run_is_unaffected():
 
 def test_aborted_request_leaves_and_sends_nothing_more():
     m = model()
-    p = SamplingParams(gen_length=32, block_length=8, decoder="fixed", steps=32, cache="dual", early_stop=False).validate()
+    p = SamplingParams(
+        gen_length=32, block_length=8, decoder="fixed", steps=32, cache="dual", early_stop=False
+    ).validate()
     sched = Scheduler(m)
     a = sched.add("a", [3, 4, 5], p, 0)
     b = sched.add("b", [6, 7], p, 0)
@@ -93,8 +121,23 @@ def test_abort_mid_block_drops_the_row_before_the_next_step():
     calls = []
     original = m.forward
     m.forward = lambda ids, *a, **k: (calls.append(ids.shape[0]), original(ids, *a, **k))[1]
-    params = [SamplingParams(gen_length=16, block_length=16, decoder=d, steps=16, cache=c, early_stop=False, cfg_scale=g).validate()
-              for d, c, g in [("fixed", "dual", 0.0), ("credit", "dual", 0.5), ("fixed", "dual", 0.3), ("fixed", "dual", 0.0)]]
+    params = [
+        SamplingParams(
+            gen_length=16,
+            block_length=16,
+            decoder=d,
+            steps=16,
+            cache=c,
+            early_stop=False,
+            cfg_scale=g,
+        ).validate()
+        for d, c, g in [
+            ("fixed", "dual", 0.0),
+            ("credit", "dual", 0.5),
+            ("fixed", "dual", 0.3),
+            ("fixed", "dual", 0.0),
+        ]
+    ]
     prompts = random_prompts(36, [4, 6, 3, 5], MASK, MASK)
     sched = Scheduler(m)
     seqs = [sched.add(i, p, q, 7) for i, (p, q) in enumerate(zip(prompts, params))]
@@ -117,12 +160,23 @@ def test_rows_done_with_the_block_leave_the_forwards():
     rows = []
     original = m.forward
     m.forward = lambda ids, *a, **k: (rows.append(ids.shape[0]), original(ids, *a, **k))[1]
-    fast = SamplingParams(gen_length=16, block_length=8, decoder="threshold", threshold=0.01, cache="dual", early_stop=False).validate()
-    slow = SamplingParams(gen_length=16, block_length=8, decoder="fixed", steps=16, cache="dual", early_stop=False).validate()
+    fast = SamplingParams(
+        gen_length=16,
+        block_length=8,
+        decoder="threshold",
+        threshold=0.01,
+        cache="dual",
+        early_stop=False,
+    ).validate()
+    slow = SamplingParams(
+        gen_length=16, block_length=8, decoder="fixed", steps=16, cache="dual", early_stop=False
+    ).validate()
     prompts = random_prompts(37, [4, 6, 5], MASK, MASK)
     params = [fast, slow, fast]
     seqs = denoise(m, prompts, params, [0, 1, 2])
-    assert rows[:2] == [3, 1], "after one step the two threshold rows (tau 0.01 commits all) are gone"
+    assert rows[:2] == [3, 1], (
+        "after one step the two threshold rows (tau 0.01 commits all) are gone"
+    )
     for p, q, seq, seed in zip(prompts, params, seqs, [0, 1, 2]):
         assert seq.window == denoise(m, [p], q, [seed])[0].window
 
@@ -133,8 +187,12 @@ def test_queued_steps_between_host_checks_change_nothing(decoder):
     stats (forwards counted only while a row had work) are the same as checking every step."""
     m = model()
     prompts = random_prompts(38, [4, 7, 2, 5], MASK, MASK)
-    params = SamplingParams(gen_length=24, block_length=8, decoder=decoder, threshold=0.6, cache="dual").validate()
+    params = SamplingParams(
+        gen_length=24, block_length=8, decoder=decoder, threshold=0.6, cache="dual"
+    ).validate()
     runs = [denoise(m, prompts, params, [0, 1, 2, 3], steps_per_check=n) for n in (1, 3, 8)]
     for seqs in runs[1:]:
         assert [s.window for s in seqs] == [s.window for s in runs[0]]
-        assert [(s.forwards, s.committed, s.finish_reason) for s in seqs] == [(s.forwards, s.committed, s.finish_reason) for s in runs[0]]
+        assert [(s.forwards, s.committed, s.finish_reason) for s in seqs] == [
+            (s.forwards, s.committed, s.finish_reason) for s in runs[0]
+        ]

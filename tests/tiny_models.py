@@ -97,7 +97,10 @@ FAMILY_RAW = {
     ),
     "Dream": {  # Qwen2 field names plus Dream's extras
         "architectures": ["DreamModel"],
-        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+        "auto_map": {
+            "AutoConfig": "configuration_dream.DreamConfig",
+            "AutoModel": "modeling_dream.DreamModel",
+        },
         "model_type": "Dream",
         "hidden_size": 32,
         "num_attention_heads": 4,

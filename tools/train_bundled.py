@@ -32,11 +32,19 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from workers.bundled import tasks
 from workers.loader import save_model
+from workers.models.llada import LLaDAConfig, LLaDAModel
 from workers.reference import reference_generate, until_eos
 from workers.tokenizer import chat_ids
-from workers.models.llada import LLaDAConfig, LLaDAModel
 
-SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|eot_id|>", "<|user|>", "<|assistant|>", "<|system|>", "<|mdm_mask|>"]
+SPECIALS = [
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|mdm_mask|>",
+]
 # One special token per role keeps the template to 4 tokens around a single message: at this
 # model's size the prompt is a third of the training compute, so every template token counts.
 CHAT_TEMPLATE = (
@@ -71,7 +79,12 @@ def build_tokenizer(out: Path):
                 "eos_token": "<|endoftext|>",
                 "pad_token": "<|endoftext|>",
                 "mask_token": "<|mdm_mask|>",
-                "additional_special_tokens": ["<|eot_id|>", "<|user|>", "<|assistant|>", "<|system|>"],
+                "additional_special_tokens": [
+                    "<|eot_id|>",
+                    "<|user|>",
+                    "<|assistant|>",
+                    "<|system|>",
+                ],
                 "model_max_length": 1024,
                 "chat_template": CHAT_TEMPLATE,
             },
@@ -90,7 +103,9 @@ def answer_window(rng, answer_len: int, window) -> int:
     return answer_len + rng.randint(0, 8) if window == "short" else window
 
 
-def make_batch(tokenizer, rng, window, tokens, exclude, eos_id, mask_id, pick_task, eps=0.05, prefix_prob=0.0):
+def make_batch(
+    tokenizer, rng, window, tokens, exclude, eos_id, mask_id, pick_task, eps=0.05, prefix_prob=0.0
+):
     """Examples until the padded batch holds `tokens` positions: prompts left-padded to the longest
     (so answers start in one column), windows right-padded; padding is hidden and never masked.
     With probability `prefix_prob` an example's first 1..len-1 window tokens join its prompt."""
@@ -108,7 +123,9 @@ def make_batch(tokenizer, rng, window, tokens, exclude, eos_id, mask_id, pick_ta
             break
         prompts.append(ids)
         answers.append(ans)
-        heads.append(rng.randint(1, len(ans) - 1) if len(ans) > 1 and rng.random() < prefix_prob else 0)
+        heads.append(
+            rng.randint(1, len(ans) - 1) if len(ans) > 1 and rng.random() < prefix_prob else 0
+        )
     B, P = len(prompts), max(map(len, prompts))
     L = P + max(map(len, answers))
     input_ids = torch.full((B, L), eos_id, dtype=torch.long)
@@ -120,7 +137,7 @@ def make_batch(tokenizer, rng, window, tokens, exclude, eos_id, mask_id, pick_ta
         input_ids[i, lo:hi] = torch.tensor(p + a)
         key_mask[i, lo:hi] = True
         positions[i, lo:hi] = torch.arange(hi - lo)
-        in_window[i, P + head:hi] = True
+        in_window[i, P + head : hi] = True
     target = input_ids.clone()
     # t ~ U(eps, 1) per example, stratified over the batch (one draw per 1/B slice), which keeps
     # the 1/t-weighted loss's variance down at small batch sizes
@@ -133,19 +150,47 @@ def make_batch(tokenizer, rng, window, tokens, exclude, eos_id, mask_id, pick_ta
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--out", type=Path, default=Path("workers/bundled/model"))
     ap.add_argument("--minutes", type=float, default=55.0, help="wall-clock training budget")
-    ap.add_argument("--tokens-per-batch", type=int, default=1024, help="small batches, many steps: faster learning per minute")
+    ap.add_argument(
+        "--tokens-per-batch",
+        type=int,
+        default=1024,
+        help="small batches, many steps: faster learning per minute",
+    )
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
-                    help="one task per batch (prompts and answers of similar length pad less)")
-    ap.add_argument("--init-std", type=float, default=0.02, help="normal init of matrices (0: PyTorch's defaults)")
-    ap.add_argument("--tasks", nargs="*", default=sorted(tasks.TASKS), help="train on these tasks only (experiments)")
-    ap.add_argument("--prefix-prob", type=float, default=0.2, help="share of examples whose answer head joins the prompt")
-    ap.add_argument("--eval-every", type=float, default=10.0, help="minutes between held-out accuracy checks")
+    ap.add_argument(
+        "--bucket",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one task per batch (prompts and answers of similar length pad less)",
+    )
+    ap.add_argument(
+        "--init-std",
+        type=float,
+        default=0.02,
+        help="normal init of matrices (0: PyTorch's defaults)",
+    )
+    ap.add_argument(
+        "--tasks",
+        nargs="*",
+        default=sorted(tasks.TASKS),
+        help="train on these tasks only (experiments)",
+    )
+    ap.add_argument(
+        "--prefix-prob",
+        type=float,
+        default=0.2,
+        help="share of examples whose answer head joins the prompt",
+    )
+    ap.add_argument(
+        "--eval-every", type=float, default=10.0, help="minutes between held-out accuracy checks"
+    )
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -192,17 +237,30 @@ def main():
     step, ema, last_eval = 0, None, start
     while (elapsed := time.time() - start) < budget:
         frac = elapsed / budget
-        lr = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = (
+            args.lr
+            * min(1.0, (step + 1) / 100)
+            * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         window = rng.choices(WINDOWS, WINDOW_WEIGHTS)[0]
         if args.bucket:  # one task for the whole batch
             task = weighted_task()
-            pick_task = lambda: task  # noqa: E731
+            pick_task = lambda: task
         else:
             pick_task = weighted_task
-        ids, pos, kmask, target, masked, scale = make_batch(tokenizer, rng, window, args.tokens_per_batch, exclude,
-                                                            eos_id, mask_id, pick_task, prefix_prob=args.prefix_prob)
+        ids, pos, kmask, target, masked, scale = make_batch(
+            tokenizer,
+            rng,
+            window,
+            args.tokens_per_batch,
+            exclude,
+            eos_id,
+            mask_id,
+            pick_task,
+            prefix_prob=args.prefix_prob,
+        )
         logits = model(ids, pos, kmask)
         ce = F.cross_entropy(logits[masked], target[masked], reduction="none")
         loss = (ce / scale.expand_as(masked)[masked]).sum() / ids.shape[0]
@@ -213,11 +271,16 @@ def main():
         step += 1
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 50 == 0:
-            print(f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  loss {ema:.4f}", flush=True)
+            print(
+                f"step {step:5d}  {elapsed / 60:5.1f} min  lr {lr:.2e}  loss {ema:.4f}", flush=True
+            )
         if step % 500 == 0:
             save_model(model, args.out, raw_config, dtype=SAVE_DTYPE)
         if time.time() - last_eval > args.eval_every * 60:
-            print(f"held-out accuracy at {elapsed / 60:.1f} min: {held_out_accuracy(model, tokenizer, eos_id, mask_id)}", flush=True)
+            print(
+                f"held-out accuracy at {elapsed / 60:.1f} min: {held_out_accuracy(model, tokenizer, eos_id, mask_id)}",
+                flush=True,
+            )
             last_eval = time.time()
     save_model(model, args.out, raw_config, dtype=SAVE_DTYPE)
     print(f"saved {args.out} after {step} steps, {(time.time() - start) / 60:.1f} min")
@@ -230,8 +293,15 @@ def held_out_accuracy(model, tokenizer, eos_id, mask_id, per_task=10, gen_length
     examples = tasks.held_out(per_task)
     prompts = [chat_ids(tokenizer, ex.messages) for ex in examples]
     model.eval()
-    windows, _ = reference_generate(model, prompts, mask_id=mask_id, eos_id=eos_id,
-                                    gen_length=gen_length, block_length=gen_length, steps=gen_length)
+    windows, _ = reference_generate(
+        model,
+        prompts,
+        mask_id=mask_id,
+        eos_id=eos_id,
+        gen_length=gen_length,
+        block_length=gen_length,
+        steps=gen_length,
+    )
     model.train()
     texts = [tokenizer.decode(until_eos(w, eos_id), skip_special_tokens=True) for w in windows]
     table = tasks.accuracy_table(examples, texts)

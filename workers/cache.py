@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import dinfer_kernels as kernels
 
 
 class KVCache:
@@ -51,8 +51,16 @@ class KVCache:
     def attention(self, layer: int, q, k, v, start: int, key_mask, write: bool = True):
         """The fed tokens (sequence offset `start`) attend over the cache with their own k, v at
         [start, start + n), written into it there by the same kernel when `write`."""
-        return kernels.cached_attention(q, k, v, self.k[layer, : self.rows, :, : self.length],
-                                        self.v[layer, : self.rows, :, : self.length], start, key_mask, write)
+        return kernels.cached_attention(
+            q,
+            k,
+            v,
+            self.k[layer, : self.rows, :, : self.length],
+            self.v[layer, : self.rows, :, : self.length],
+            start,
+            key_mask,
+            write,
+        )
 
 
 class Overlay:
@@ -70,7 +78,9 @@ class NoCache:
         pass
 
     def block_logits(self, run, batch, start, end, step):
-        return run(batch.ids, batch.positions, batch.real)[:, start - batch.shift : end - batch.shift]
+        return run(batch.ids, batch.positions, batch.real)[
+            :, start - batch.shift : end - batch.shift
+        ]
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         pass
@@ -118,7 +128,9 @@ class VicinityCache(_RefreshingCache):
             return super().block_logits(run, batch, start, end, step)
         s = batch.shift
         lo, hi = max(0, start - max(self.before, s)), min(batch.length, end + self.after)
-        logits = run(batch.ids[:, lo:hi], batch.positions[:, lo:hi], batch.real, Overlay(self.kv), lo)
+        logits = run(
+            batch.ids[:, lo:hi], batch.positions[:, lo:hi], batch.real, Overlay(self.kv), lo
+        )
         return logits[:, start - s - lo : end - s - lo]
 
 
@@ -155,7 +167,12 @@ class BlockCausalCache(DualCache):
             seq = batch.seqs[i]
             a, n = batch.row_start[i], batch.block_start - batch.row_start[i]
             if seq.kv is None:
-                shape = (self.kv.k.shape[0], self.kv.k.shape[2], len(seq.prompt) + len(seq.window), self.kv.k.shape[4])
+                shape = (
+                    self.kv.k.shape[0],
+                    self.kv.k.shape[2],
+                    len(seq.prompt) + len(seq.window),
+                    self.kv.k.shape[4],
+                )
                 seq.kv = (self.kv.k.new_empty(shape), self.kv.v.new_empty(shape))
             seq.kv[0][:, :, :n] = self.kv.k[:, i, :, a : a + n]
             seq.kv[1][:, :, :n] = self.kv.v[:, i, :, a : a + n]

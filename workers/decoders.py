@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels.reference import descending_rank, random_scores
+import dinfer_kernels as kernels
+from dinfer_kernels.reference import descending_rank, random_scores
 from workers.reference import transfer_counts
 from workers.sampling import predict
 
@@ -28,7 +28,9 @@ def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 class Decoder:
     def __init__(self, params: list, device):
-        self.temperature = torch.tensor([p.temperature for p in params], device=device, dtype=torch.float64)
+        self.temperature = torch.tensor(
+            [p.temperature for p in params], device=device, dtype=torch.float64
+        )
         self.sampling = any(p.temperature > 0 for p in params)  # decided on the host, once
 
     def predict(self, logits, seeds):
@@ -56,7 +58,9 @@ class FixedDecoder(Decoder):
         K = params[0].block_length
         per_block = [p.total_steps // p.num_blocks for p in params]
         width = max(per_block)
-        self.counts = torch.tensor([transfer_counts(K, n) + [0] * (width - n) for n in per_block], device=device)
+        self.counts = torch.tensor(
+            [transfer_counts(K, n) + [0] * (width - n) for n in per_block], device=device
+        )
         self.steps = torch.tensor(per_block, device=device)
         self.random = torch.tensor([p.remasking == "random" for p in params], device=device)
         self.any_random = any(p.remasking == "random" for p in params)  # decided on the host, once
@@ -69,7 +73,11 @@ class FixedDecoder(Decoder):
         if self.any_random:
             score = torch.where(self.random[:, None], random_scores(seeds, masked.shape[1]), score)
         score = torch.where(masked, score, -torch.inf)
-        count = self.counts[:, step : step + 1] if step < self.counts.shape[1] else torch.zeros_like(self.counts[:, :1])
+        count = (
+            self.counts[:, step : step + 1]
+            if step < self.counts.shape[1]
+            else torch.zeros_like(self.counts[:, :1])
+        )
         return token, masked & (descending_rank(score) < count)
 
 

@@ -10,8 +10,8 @@ import torch
 
 from dinfer_async.errors import InvalidRequestError
 from dinfer_async.params import SamplingParams
-from workers.scheduler import denoise
 from workers.loader import load_model, resolve_dtype
+from workers.scheduler import denoise
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
 
 
@@ -34,7 +34,14 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, name: str = "model", max_batch_size: int = 32, steps_per_check: int = 1):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str = "model",
+        max_batch_size: int = 32,
+        steps_per_check: int = 1,
+    ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound); results do not depend on it."""
         self.model, self.tokenizer, self.name = model, tokenizer, name
@@ -42,7 +49,9 @@ class Engine:
         self.max_batch_size, self.steps_per_check = max_batch_size, steps_per_check
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device="cpu", dtype="float32", **kwargs) -> "Engine":
+    def from_pretrained(
+        cls, path: str | Path | None = None, device="cpu", dtype="float32", **kwargs
+    ) -> Engine:
         """Load a local Hugging Face directory; None loads the bundled model."""
         name = "dinfer-bundled" if path is None else Path(path).name
         if path is None:
@@ -66,25 +75,40 @@ class Engine:
             raise InvalidRequestError("prompt", "must be a non-empty string")
         return text_ids(self.tokenizer, prompt)
 
-    def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None) -> list[GenerationResult]:
+    def generate(
+        self,
+        prompts: list[list[int] | str],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
         """Generate for each prompt (token ids, or raw text), with one params for all or one each.
         All requests go through one scheduler, so different params still share forwards."""
-        per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        per_prompt = (
+            params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        )
         if len(per_prompt) != len(prompts):
-            raise InvalidRequestError("params", f"{len(per_prompt)} params for {len(prompts)} prompts")
+            raise InvalidRequestError(
+                "params", f"{len(per_prompt)} params for {len(prompts)} prompts"
+            )
         per_prompt = [p.validate() for p in per_prompt]
         ids = [self.encode(prompt=p) if isinstance(p, str) else list(p) for p in prompts]
         for i, (p, q) in enumerate(zip(ids, per_prompt)):
             self.check_prompt(p, q, f"prompts[{i}]")
         draw = random.Random()
         seeds = [q.seed if q.seed is not None else draw.randrange(2**63) for q in per_prompt]
-        return [self._result(seq) for seq in denoise(self.model, ids, per_prompt, seeds, self.max_batch_size, self.steps_per_check)]
+        return [
+            self._result(seq)
+            for seq in denoise(
+                self.model, ids, per_prompt, seeds, self.max_batch_size, self.steps_per_check
+            )
+        ]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
         if not ids:
             raise InvalidRequestError(field, "is empty; give at least one token")
         if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in ids):
-            raise InvalidRequestError(field, f"token ids must be integers in [0, {self.config.vocab_size})")
+            raise InvalidRequestError(
+                field, f"token ids must be integers in [0, {self.config.vocab_size})"
+            )
         # a block-causal model decodes whole blocks from the first token: up to a block more
         padded = len(ids) + params.gen_length
         if self.model.block_causal:
@@ -99,7 +123,9 @@ class Engine:
     def _result(self, seq) -> GenerationResult:
         answer = seq.answer(self.config.eos_token_id)
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
-        return GenerationResult(text, answer, seq.finish_reason, Stats(**seq.stats(self.config.eos_token_id)))
+        return GenerationResult(
+            text, answer, seq.finish_reason, Stats(**seq.stats(self.config.eos_token_id))
+        )
 
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -112,4 +138,6 @@ def _check_messages(messages) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise InvalidRequestError(f"messages[{i}]", "must be an object with a string 'content'")
         if m.get("role") not in ROLES:
-            raise InvalidRequestError(f"messages[{i}].role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}")
+            raise InvalidRequestError(
+                f"messages[{i}].role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}"
+            )

@@ -46,7 +46,9 @@ class Sequence:
     kv_len: int = 0  # ... valid for its first kv_len tokens (prompt head + finished blocks)
 
     @classmethod
-    def create(cls, id, prompt: list[int], params, seed: int, mask_id: int, block_aligned: bool = False):
+    def create(
+        cls, id, prompt: list[int], params, seed: int, mask_id: int, block_aligned: bool = False
+    ):
         K, tail = params.block_length, len(prompt) % params.block_length if block_aligned else 0
         head, tail_ids = list(prompt[: len(prompt) - tail]), list(prompt[len(prompt) - tail :])
         length = -(-(tail + params.gen_length) // K) * K
@@ -115,14 +117,18 @@ class Batch:
     def _row_options(self, seqs: list[Sequence]) -> None:
         device = self.ids.device
         scales = [s.params.cfg_scale for s in seqs]
-        self.guided = torch.tensor([i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device)
+        self.guided = torch.tensor(
+            [i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device
+        )
         self.scales = torch.tensor([c for c in scales if c > 0], device=device)[:, None, None]
         self.soft_rows = torch.tensor([s.params.soft_diffusion for s in seqs], device=device)
 
     def keep(self, rows: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Only `rows` stay (mid-block, e.g. after an abort). Returns the cache rows to keep:
         the kept rows, then their unconditional copies."""
-        cache_rows = torch.cat([rows, self.rows + torch.nonzero(torch.isin(self.guided, rows))[:, 0]])
+        cache_rows = torch.cat(
+            [rows, self.rows + torch.nonzero(torch.isin(self.guided, rows))[:, 0]]
+        )
         self.seqs, self.row_start = seqs, [self.row_start[i] for i in rows.tolist()]
         self.ids, self.real = self.ids[rows], self.real[rows]
         self.positions, self.in_prompt = self.positions[rows], self.in_prompt[rows]
@@ -142,11 +148,17 @@ class Batch:
         key_positions = self.positions
         if len(g):
             uncond = torch.where(self.in_prompt[g, start : start + n], self.mask_id, ids[g])
-            ids, positions, real = torch.cat([ids, uncond]), torch.cat([positions, positions[g]]), torch.cat([real, real[g]])
+            ids, positions, real = (
+                torch.cat([ids, uncond]),
+                torch.cat([positions, positions[g]]),
+                torch.cat([real, real[g]]),
+            )
             key_positions = torch.cat([key_positions, key_positions[g]])
         if self.model.block_causal:
             real = block_causal_mask(positions, key_positions, self.block_length, real)
-        logits = self.model(ids, positions, real, cache=cache, start=start, inputs_embeds=self._inputs(ids, start))
+        logits = self.model(
+            ids, positions, real, cache=cache, start=start, inputs_embeds=self._inputs(ids, start)
+        )
         if not len(g):
             return logits
         logits, uncond = logits[: self.rows], logits[self.rows :]
@@ -158,7 +170,9 @@ class Batch:
         E[mask] + w * sum_v softmax(logits)_v E[v], with w = min(0.15 + 0.02 step, 0.3)."""
         table = self.model.embed_weight
         probs = torch.softmax(logits.to(table.dtype), dim=-1)
-        soft = table[self.mask_id] + min(0.15 + 0.02 * step, 0.3) * (probs @ table[: logits.shape[-1]])
+        soft = table[self.mask_id] + min(0.15 + 0.02 * step, 0.3) * (
+            probs @ table[: logits.shape[-1]]
+        )
         plain = table[self.ids[:, self.block_start : self.block_end]]
         use = still_masked & self.soft_rows[:, None]
         self.soft = torch.where(use[..., None], soft, plain)
@@ -170,7 +184,9 @@ class Batch:
         embeds = self.model.embed(ids)
         lo, hi = max(self.block_start, start), min(self.block_end, start + ids.shape[1])
         if lo < hi:
-            embeds[:, lo - start : hi - start] = soft[:, lo - self.block_start : hi - self.block_start]
+            embeds[:, lo - start : hi - start] = soft[
+                :, lo - self.block_start : hi - self.block_start
+            ]
         return embeds
 
     @property
@@ -192,14 +208,18 @@ class StepUpdate:
 class BlockRound:
     """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`."""
 
-    def __init__(self, model, seqs: list[Sequence], cache, report: bool = True, steps_per_check: int = 1):
+    def __init__(
+        self, model, seqs: list[Sequence], cache, report: bool = True, steps_per_check: int = 1
+    ):
         cfg = model.config
         self.model, self.seqs = model, seqs
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         device = model.lm_head_weight.device
         self.batch = Batch(model, seqs, self.mask_id, self.eos_id, device)
         self.decoders = DecoderSet([s.params for s in seqs], device)
-        self.block_seeds = torch.tensor([block_seed(s.seed, s.block) for s in seqs], dtype=torch.long, device=device)
+        self.block_seeds = torch.tensor(
+            [block_seed(s.seed, s.block) for s in seqs], dtype=torch.long, device=device
+        )
         self.cache = cache  # a policy from workers.cache.make_cache
         self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
@@ -217,12 +237,20 @@ class BlockRound:
 
     def drop(self, leaving: set[int]) -> None:
         """Remove the rows at `leaving` before the next step; their cache rows are released."""
-        rows = torch.tensor([i for i in range(len(self.seqs)) if i not in leaving], dtype=torch.long, device=self.row_done.device)
+        rows = torch.tensor(
+            [i for i in range(len(self.seqs)) if i not in leaving],
+            dtype=torch.long,
+            device=self.row_done.device,
+        )
         self.seqs = [self.seqs[i] for i in rows.tolist()]
         cache_rows = self.batch.keep(rows, self.seqs)
         self.cache.keep_rows(cache_rows)
         self.decoders.keep(rows)
-        self.suppress_eos, self.row_done, self.block_seeds = self.suppress_eos[rows], self.row_done[rows], self.block_seeds[rows]
+        self.suppress_eos, self.row_done, self.block_seeds = (
+            self.suppress_eos[rows],
+            self.row_done[rows],
+            self.block_seeds[rows],
+        )
         self.forwards, self.committed = self.forwards[rows], self.committed[rows]
         if self.seqs and bool(self.row_done.all()):
             self._finish()
@@ -231,7 +259,9 @@ class BlockRound:
         batch, seqs, t = self.batch, self.seqs, self.step_index
         lo, hi = batch.block_start, batch.block_end
         logits = self.cache.block_logits(batch.forward, batch, lo, hi, t)
-        logits = forbid_tokens(logits, self.mask_id, self.eos_id, self.suppress_eos if self.any_suppress else None)
+        logits = forbid_tokens(
+            logits, self.mask_id, self.eos_id, self.suppress_eos if self.any_suppress else None
+        )
         masked = batch.ids[:, lo:hi] == self.mask_id
         token, commit = self.decoders.select(logits, masked, t, step_seeds(self.block_seeds, t))
         working = ~self.row_done
@@ -241,7 +271,9 @@ class BlockRound:
         self.committed += commit.sum(-1)
         self.row_done |= self.decoders.done(t + 1, masked & ~commit)
         self.step_index += 1
-        done = int(self.row_done.sum()) if self.step_index % self.steps_per_check == 0 else 0  # the host sync
+        done = (
+            int(self.row_done.sum()) if self.step_index % self.steps_per_check == 0 else 0
+        )  # the host sync
         self.finished = done == len(seqs)
         if not self.finished and self.any_soft:
             batch.set_soft(logits, masked & ~commit, t)
@@ -259,24 +291,37 @@ class BlockRound:
             self.drop(set(leaving))
         return updates
 
-    def _updates(self, working: torch.Tensor, commit: torch.Tensor, only: list[int] | None = None) -> list[StepUpdate]:
+    def _updates(
+        self, working: torch.Tensor, commit: torch.Tensor, only: list[int] | None = None
+    ) -> list[StepUpdate]:
         """What changed for each request this step (`only` those rows), limited to the block's
         answer positions; rows done with the block say so (block_final)."""
         lo, hi = self.batch.block_start, self.batch.block_end
-        block, commits, work, done = self.batch.ids[:, lo:hi].tolist(), commit.tolist(), working.tolist(), self.row_done.tolist()
+        block, commits, work, done = (
+            self.batch.ids[:, lo:hi].tolist(),
+            commit.tolist(),
+            working.tolist(),
+            self.row_done.tolist(),
+        )
         updates = []
         for i in range(len(self.seqs)) if only is None else only:
             s, row, c = self.seqs[i], block[i], commits[i]
             if work[i] or self.finished:
                 a, b = (x - s.block * (hi - lo) for x in s.span(s.block))
-                updates.append(StepUpdate(s, s.block, row[a:b], [j - a for j in range(a, b) if c[j]], done[i]))
+                updates.append(
+                    StepUpdate(s, s.block, row[a:b], [j - a for j in range(a, b) if c[j]], done[i])
+                )
         return updates
 
     def _write_back(self, rows: list[int]) -> None:
         """Copy the block, counters and (block-causal) cache of `rows` into their requests."""
         lo, hi = self.batch.block_start, self.batch.block_end
         index = torch.tensor(rows, dtype=torch.long, device=self.row_done.device)
-        blocks, forwards, committed = self.batch.ids[index, lo:hi].tolist(), self.forwards[index].tolist(), self.committed[index].tolist()
+        blocks, forwards, committed = (
+            self.batch.ids[index, lo:hi].tolist(),
+            self.forwards[index].tolist(),
+            self.committed[index].tolist(),
+        )
         for r, row, n, c in zip(rows, blocks, forwards, committed):
             s = self.seqs[r]
             s.window[s.block * (hi - lo) : (s.block + 1) * (hi - lo)] = row

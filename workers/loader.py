@@ -31,7 +31,9 @@ def resolve_dtype(dtype) -> torch.dtype:
 def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not path.is_dir():
-        raise ModelLoadError(f"model directory {str(path)!r} does not exist (pass a local Hugging Face directory)")
+        raise ModelLoadError(
+            f"model directory {str(path)!r} does not exist (pass a local Hugging Face directory)"
+        )
     if not file.is_file():
         raise ModelLoadError(f"{file}: missing; a model directory needs config.json")
     try:
@@ -55,7 +57,9 @@ def shard_files(path: Path) -> dict[str, Path]:
     if (path / SINGLE).is_file():
         with safe_open(path / SINGLE, framework="pt") as f:
             return {name: path / SINGLE for name in f.keys()}
-    raise ModelLoadError(f"{path}: no {SINGLE} or {INDEX}; the weights must be in safetensors format")
+    raise ModelLoadError(
+        f"{path}: no {SINGLE} or {INDEX}; the weights must be in safetensors format"
+    )
 
 
 def load_model(path: str | Path, device="cpu", dtype="float32"):
@@ -76,10 +80,14 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
     files = shard_files(path)
     missing = sorted(set(expected) - set(files))
     if missing:
-        raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise ModelLoadError(
+            f"{path}: tensors missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
     unexpected = sorted(n for n in files if n not in expected)
     if unexpected:
-        raise ModelLoadError(f"{path}: unknown tensors for model_type {model_type!r}: {unexpected[:8]}")
+        raise ModelLoadError(
+            f"{path}: unknown tensors for model_type {model_type!r}: {unexpected[:8]}"
+        )
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -88,7 +96,9 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
             present = set(f.keys())
             for name in names:
                 if name not in present:
-                    raise ModelLoadError(f"{file.name}: tensor {name!r} is not in this shard, though {INDEX} says it is")
+                    raise ModelLoadError(
+                        f"{file.name}: tensor {name!r} is not in this shard, though {INDEX} says it is"
+                    )
                 tensor = f.get_tensor(name)
                 want = tuple(expected[name].shape)
                 if tuple(tensor.shape) != want:
@@ -106,7 +116,13 @@ def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> No
     owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
 
 
-def save_model(model: torch.nn.Module, path: str | Path, config: dict, max_shard_bytes: int | None = None, dtype=None) -> None:
+def save_model(
+    model: torch.nn.Module,
+    path: str | Path,
+    config: dict,
+    max_shard_bytes: int | None = None,
+    dtype=None,
+) -> None:
     """Write config.json and the weights in the upstream layout (sharded above `max_shard_bytes`)."""
     from safetensors.torch import save_file
 
@@ -115,7 +131,10 @@ def save_model(model: torch.nn.Module, path: str | Path, config: dict, max_shard
     for stale in [path / SINGLE, path / INDEX, *path.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)  # a leftover index would otherwise win over new weights
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {n: (p.detach().to(dtype) if dtype else p.detach()).contiguous().cpu() for n, p in model.named_parameters()}
+    tensors = {
+        n: (p.detach().to(dtype) if dtype else p.detach()).contiguous().cpu()
+        for n, p in model.named_parameters()
+    }
     if max_shard_bytes is None:
         save_file(tensors, path / SINGLE, metadata={"format": "pt"})
         return
@@ -134,4 +153,6 @@ def save_model(model: torch.nn.Module, path: str | Path, config: dict, max_shard
         save_file(shard, path / fname, metadata={"format": "pt"})
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (path / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )

@@ -49,16 +49,30 @@ def exit_with_parent() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dinfer-worker", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local Hugging Face directory (default: the bundled model)")
+    ap = argparse.ArgumentParser(
+        prog="dinfer-worker",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--model", default=None, help="local Hugging Face directory (default: the bundled model)"
+    )
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
+    )
     ap.add_argument("--allow-remote", action="store_true")
-    ap.add_argument("--secret-env", default="DINFER_SECRET", help="environment variable holding the shared secret")
-    ap.add_argument("--exit-with-parent", action="store_true", help="exit when the launching process is gone")
+    ap.add_argument(
+        "--secret-env",
+        default="DINFER_SECRET",
+        help="environment variable holding the shared secret",
+    )
+    ap.add_argument(
+        "--exit-with-parent", action="store_true", help="exit when the launching process is gone"
+    )
     args = ap.parse_args(argv)
     if args.exit_with_parent:
         exit_with_parent()
@@ -73,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_worker(args.model, args.endpoint, args.device, args.dtype, args.max_batch_size, secret, args.exit_with_parent)
+    run_worker(
+        args.model,
+        args.endpoint,
+        args.device,
+        args.dtype,
+        args.max_batch_size,
+        secret,
+        args.exit_with_parent,
+    )
     return 0
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.reference import gumbel, random_scores
+from dinfer_kernels.reference import gumbel, random_scores
 from workers.sampling import block_seed, step_seeds
 
 
@@ -62,9 +62,21 @@ def reference_generate(
 ) -> tuple[list[list[int]], int]:
     """Return each prompt's generated window (gen_length ids) and the number of model calls."""
     if getattr(model, "block_causal", False) and len(prompts) > 1:
-        options = dict(mask_id=mask_id, eos_id=eos_id, gen_length=gen_length, block_length=block_length, steps=steps,
-                       temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, suppress_eos=suppress_eos)
-        alone = [reference_generate(model, [p], seeds=[seed], **options) for p, seed in zip(prompts, seeds or [0] * len(prompts))]
+        options = dict(
+            mask_id=mask_id,
+            eos_id=eos_id,
+            gen_length=gen_length,
+            block_length=block_length,
+            steps=steps,
+            temperature=temperature,
+            cfg_scale=cfg_scale,
+            remasking=remasking,
+            suppress_eos=suppress_eos,
+        )
+        alone = [
+            reference_generate(model, [p], seeds=[seed], **options)
+            for p, seed in zip(prompts, seeds or [0] * len(prompts))
+        ]
         return [w[0] for w, _ in alone], sum(n for _, n in alone)
     assert gen_length % block_length == 0, "gen_length must be a multiple of block_length"
     answer_blocks = gen_length // block_length
@@ -103,7 +115,11 @@ def reference_generate(
         for step in range(steps_per_block):
             if cfg_scale > 0:
                 unconditional = torch.where(is_prompt, mask_id, x)[:, :seen]
-                both = model(torch.cat([x[:, :seen], unconditional]), positions[:, :seen].repeat(2, 1), keys.repeat(2, *[1] * (keys.dim() - 1))).double()
+                both = model(
+                    torch.cat([x[:, :seen], unconditional]),
+                    positions[:, :seen].repeat(2, 1),
+                    keys.repeat(2, *[1] * (keys.dim() - 1)),
+                ).double()
                 cond, uncond = both.chunk(2)
                 logits = uncond + (cfg_scale + 1) * (cond - uncond)
             else:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels.reference import mix32
+import dinfer_kernels as kernels
+from dinfer_kernels.reference import mix32
 
 
 def block_seed(seed: int, block: int) -> int:
@@ -32,7 +32,9 @@ def step_seeds(block_seeds: torch.Tensor, step: int) -> torch.Tensor:
     return (hi << 32) | lo
 
 
-def forbid_tokens(logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos: torch.Tensor | None) -> torch.Tensor:
+def forbid_tokens(
+    logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos: torch.Tensor | None
+) -> torch.Tensor:
     """Never predict the mask token; never predict EOS on rows whose `suppress_eos` [B] is set
     (None: no row suppresses EOS)."""
     logits[..., mask_id] = -torch.inf
@@ -41,12 +43,16 @@ def forbid_tokens(logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos:
     return logits
 
 
-def predict(logits: torch.Tensor, temperature: torch.Tensor | None, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    logits: torch.Tensor, temperature: torch.Tensor | None, seeds: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, K, V] -> (token [B, K], probability of that token [B, K] float64).
 
     `temperature` [B] (None when every row is greedy; 0 rows take the argmax), `seeds` [B] the
     rows' step keys."""
-    token, prob = kernels.confidence(logits, temperature, seeds if temperature is not None else None)
+    token, prob = kernels.confidence(
+        logits, temperature, seeds if temperature is not None else None
+    )
     # a NaN confidence (a broken model or checkpoint) would never pass "the best one commits"
     # and a block would step forever; as 0 it still lets every step commit something
     return token, torch.nan_to_num(prob, nan=0.0)

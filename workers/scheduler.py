@@ -31,15 +31,21 @@ def group_key(params) -> tuple:
 
 
 class Scheduler:
-    def __init__(self, model, max_batch_size: int = 32, report: bool = True, steps_per_check: int = 1):
+    def __init__(
+        self, model, max_batch_size: int = 32, report: bool = True, steps_per_check: int = 1
+    ):
         """report: produce a StepUpdate per request per step (streaming); without it, updates
         come only at block ends and a step syncs the host once."""
         self.model, self.max_batch_size, self.report = model, max_batch_size, report
-        self.steps_per_check = steps_per_check  # see BlockRound; 1 suits CPUs, more hides GPU latency
+        self.steps_per_check = (
+            steps_per_check  # see BlockRound; 1 suits CPUs, more hides GPU latency
+        )
         cfg = model.config
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         self.device = model.lm_head_weight.device
-        self.kv = KVCache(cfg, self.device, model.lm_head_weight.dtype)  # shared: one round at a time
+        self.kv = KVCache(
+            cfg, self.device, model.lm_head_weight.dtype
+        )  # shared: one round at a time
         self.waiting: deque[Sequence] = deque()
         self.running: dict[tuple, list[Sequence]] = {}
         self.round: BlockRound | None = None
@@ -101,7 +107,13 @@ class Scheduler:
         seqs = self.running.pop(key)
         self.running[key] = seqs
         self.round_key = key
-        self.round = BlockRound(self.model, seqs, make_cache(seqs[0].params, self.kv, self.model.block_causal), self.report, self.steps_per_check)
+        self.round = BlockRound(
+            self.model,
+            seqs,
+            make_cache(seqs[0].params, self.kv, self.model.block_causal),
+            self.report,
+            self.steps_per_check,
+        )
         return True
 
     def _end_round(self) -> list[Finished]:
@@ -128,12 +140,21 @@ class Scheduler:
         return done
 
 
-def denoise(model, prompts: list[list[int]], params, seeds: list[int], max_batch_size: int = 64,
-            steps_per_check: int = 1) -> list[Sequence]:
+def denoise(
+    model,
+    prompts: list[list[int]],
+    params,
+    seeds: list[int],
+    max_batch_size: int = 64,
+    steps_per_check: int = 1,
+) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     scheduler = Scheduler(model, max_batch_size, report=False, steps_per_check=steps_per_check)
-    seqs = [scheduler.add(i, p, q, s) for i, (p, q, s) in enumerate(zip(prompts, per_prompt, seeds, strict=True))]
+    seqs = [
+        scheduler.add(i, p, q, s)
+        for i, (p, q, s) in enumerate(zip(prompts, per_prompt, seeds, strict=True))
+    ]
     with torch.no_grad():
         while scheduler.has_work():
             scheduler.step()

@@ -108,7 +108,9 @@ class Worker:
                 continue
             if isinstance(u, Finished):
                 chunk = chunks.get(u.seq.id)
-                if chunk is None:  # it finished without a step of its own (its batch-mates' abort ended the block)
+                if (
+                    chunk is None
+                ):  # it finished without a step of its own (its batch-mates' abort ended the block)
                     chunk = self.final_chunk(live)
                     by_client.setdefault(live.client, []).append(chunk)
                 chunk.finish_reason, chunk.stats = u.seq.finish_reason, u.seq.stats(self.eos_id)
@@ -130,7 +132,14 @@ class Worker:
             return
         if isinstance(msg, wire.Hello):
             if msg.protocol != wire.PROTOCOL_VERSION:
-                self.send(client, wire.Error(None, "protocol", f"worker speaks {wire.PROTOCOL_VERSION}, client {msg.protocol}"))
+                self.send(
+                    client,
+                    wire.Error(
+                        None,
+                        "protocol",
+                        f"worker speaks {wire.PROTOCOL_VERSION}, client {msg.protocol}",
+                    ),
+                )
             elif msg.secret != self.secret:
                 self.send(client, wire.Error(None, "secret", "wrong shared secret"))
             else:
@@ -138,7 +147,9 @@ class Worker:
                 self.send(client, self.welcome())
             return
         if client not in self.greeted:
-            self.send(client, wire.Error(None, "hello", "send Hello (with the shared secret) first"))
+            self.send(
+                client, wire.Error(None, "hello", "send Hello (with the shared secret) first")
+            )
         elif isinstance(msg, wire.Submit):
             self.submit(client, msg)
         elif isinstance(msg, wire.Abort):
@@ -148,7 +159,9 @@ class Worker:
         elif isinstance(msg, wire.Ping):
             self.send(client, wire.Pong(active=len(self.live)))
         else:
-            self.send(client, wire.Error(None, "type", f"a worker does not accept {type(msg).__name__}"))
+            self.send(
+                client, wire.Error(None, "type", f"a worker does not accept {type(msg).__name__}")
+            )
 
     def submit(self, client: bytes, msg: wire.Submit) -> None:
         rid = msg.request_id
@@ -158,7 +171,9 @@ class Worker:
             params = msg.params.validate(max_gen_length=self.max_gen_length)
             given = [x is not None for x in (msg.prompt, msg.messages, msg.token_ids)]
             if sum(given) != 1:
-                raise InvalidRequestError("prompt", "give exactly one of prompt, messages or token_ids")
+                raise InvalidRequestError(
+                    "prompt", "give exactly one of prompt, messages or token_ids"
+                )
             if msg.token_ids is not None:
                 ids = msg.token_ids
             else:
@@ -213,13 +228,27 @@ class Worker:
         parts = []
         for is_mask, group in itertools.groupby(tokens, key=lambda t: t == self.mask_id):
             run = list(group)
-            parts.append(wire.MASK_TEXT * len(run) if is_mask else self.engine.tokenizer.decode(run, skip_special_tokens=True))
+            parts.append(
+                wire.MASK_TEXT * len(run)
+                if is_mask
+                else self.engine.tokenizer.decode(run, skip_special_tokens=True)
+            )
         return "".join(parts)
 
-def run_worker(model: str | None, endpoint: str, device: str, dtype: str, max_batch_size: int, secret: str,
-               exit_with_parent: bool = False) -> None:
+
+def run_worker(
+    model: str | None,
+    endpoint: str,
+    device: str,
+    dtype: str,
+    max_batch_size: int,
+    secret: str,
+    exit_with_parent: bool = False,
+) -> None:
     parent = os.getppid() if exit_with_parent else None
-    engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=max_batch_size)
+    engine = Engine.from_pretrained(
+        model, device=device, dtype=dtype, max_batch_size=max_batch_size
+    )
     worker = Worker(engine, endpoint, secret)
     print(f"dinfer-worker: serving {engine.name} on {endpoint}", file=sys.stderr, flush=True)
     try:

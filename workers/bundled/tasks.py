@@ -17,13 +17,7 @@ from dataclasses import dataclass
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 COUNT_LETTERS = "abcd"
-WORDS = (
-    "apple river stone cloud green quick brown fox jumps over lazy dog small house light "
-    "water bread music happy table chair paper plant night storm ocean field horse train "
-    "sugar tiger zebra mango lemon olive pearl smile dance dream flame frost glass honey "
-    "ivory jelly knife magic noble orbit piano quiet robot sunny tower urban vivid whale "
-    "yacht amber blaze coral delta eagle fable giant haven index joker karma lunar maple"
-).split()
+WORDS = ["apple", "river", "stone", "cloud", "green", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "small", "house", "light", "water", "bread", "music", "happy", "table", "chair", "paper", "plant", "night", "storm", "ocean", "field", "horse", "train", "sugar", "tiger", "zebra", "mango", "lemon", "olive", "pearl", "smile", "dance", "dream", "flame", "frost", "glass", "honey", "ivory", "jelly", "knife", "magic", "noble", "orbit", "piano", "quiet", "robot", "sunny", "tower", "urban", "vivid", "whale", "yacht", "amber", "blaze", "coral", "delta", "eagle", "fable", "giant", "haven", "index", "joker", "karma", "lunar", "maple"]
 
 
 @dataclass(frozen=True)

@@ -26,5 +26,15 @@ def family_name(raw: dict) -> str | None:
     return model_type if model_type in FAMILIES else None
 
 
-__all__ = ["FAMILIES", "family_name", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModel",
-           "LLaDAMoEConfig", "LLaDAMoEModel", "LLaDA2Config", "LLaDA2Model"]
+__all__ = [
+    "FAMILIES",
+    "family_name",
+    "DreamConfig",
+    "DreamModel",
+    "LLaDAConfig",
+    "LLaDAModel",
+    "LLaDAMoEConfig",
+    "LLaDAMoEModel",
+    "LLaDA2Config",
+    "LLaDA2Model",
+]

@@ -17,7 +17,14 @@ from functools import partial
 from torch import nn
 
 from workers.errors import ModelConfigError
-from workers.models.layers import ConfigFields, GatedMLP, HFDiffusionLM, RMSNorm, Rotary, rotary_attention
+from workers.models.layers import (
+    ConfigFields,
+    GatedMLP,
+    HFDiffusionLM,
+    RMSNorm,
+    Rotary,
+    rotary_attention,
+)
 
 DREAM_MASK_TOKEN_ID = 151666  # `<|mask|>` in Dream's tokenizer, for the error message
 
@@ -42,15 +49,20 @@ class DreamConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "DreamConfig":
+    def from_dict(cls, raw: dict) -> DreamConfig:
         """Read an upstream config.json (Qwen2 field names); refuse what the model cannot run."""
         fields = ConfigFields(raw, "Dream")
         integer = partial(fields.integer, minimum=0)
-        fields.need("mask_token_id", fix="a diffusion model needs the id of its mask token "
-                    f"(Dream uses {DREAM_MASK_TOKEN_ID}, '<|mask|>'): add it to config.json")
+        fields.need(
+            "mask_token_id",
+            fix="a diffusion model needs the id of its mask token "
+            f"(Dream uses {DREAM_MASK_TOKEN_ID}, '<|mask|>'): add it to config.json",
+        )
         fields.only({"hidden_act": ("silu", None)})
         scaling = raw.get("rope_scaling")
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        kind = (
+            scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        )
         if kind not in (None, "default"):
             raise ModelConfigError(
                 f"config.json: rope_scaling={scaling!r} is not supported for Dream; only plain RoPE "
@@ -67,8 +79,11 @@ class DreamConfig:
             )
         head_dim = d_model // n_heads
         if raw.get("head_dim") not in (None, head_dim):  # upstream derives it and ignores the field
-            fields.fail("head_dim", f"differs from hidden_size / num_attention_heads = {head_dim}; Dream's "
-                        "attention uses the latter: remove head_dim or fix it")
+            fields.fail(
+                "head_dim",
+                f"differs from hidden_size / num_attention_heads = {head_dim}; Dream's "
+                "attention uses the latter: remove head_dim or fix it",
+            )
         if head_dim % 2:
             raise ModelConfigError(
                 f"config.json: head dimension hidden_size / num_attention_heads = {head_dim} must be even for RoPE"

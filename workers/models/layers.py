@@ -7,13 +7,14 @@ the state dict's keys stay the safetensors names.
 
 from __future__ import annotations
 
-from typing import Iterable, NoReturn
+from collections.abc import Iterable
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import dinfer_kernels as kernels
 from workers.errors import ModelConfigError
 
 _REQUIRED = object()
@@ -39,7 +40,9 @@ class ConfigFields:
         checkpoints define it)."""
         value = self.raw.get(field)
         if value is None:
-            raise ModelConfigError(f"config.json: field {field!r} is missing; {fix or f'{self.family} checkpoints define it'}")
+            raise ModelConfigError(
+                f"config.json: field {field!r} is missing; {fix or f'{self.family} checkpoints define it'}"
+            )
         return value
 
     def _get(self, field: str, default):
@@ -50,7 +53,11 @@ class ConfigFields:
         value = self._get(field, default)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or (minimum is not None and value < minimum)
+        ):
             self.fail(field, "must be an integer" + ("" if minimum is None else f" >= {minimum}"))
         return value
 
@@ -59,7 +66,11 @@ class ConfigFields:
         value = self._get(field, default)
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (positive and value <= 0)
+        ):
             self.fail(field, "must be a positive number" if positive else "must be a number")
         return float(value)
 
@@ -78,8 +89,18 @@ class ConfigFields:
         value = self.need(field, fix)
         if isinstance(value, list) and value:
             value = value[0]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (vocab_size is not None and value >= vocab_size):
-            self.fail(field, "must be a token id" + ("" if vocab_size is None else f" below vocab_size={vocab_size}"), value)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or value < 0
+            or (vocab_size is not None and value >= vocab_size)
+        ):
+            self.fail(
+                field,
+                "must be a token id"
+                + ("" if vocab_size is None else f" below vocab_size={vocab_size}"),
+                value,
+            )
         return value
 
     def only(self, supported: dict[str, tuple]) -> None:
@@ -120,7 +141,9 @@ class Rotary(nn.Module):
         super().__init__()
         self.dim, self.theta, self.model_dtype_tables = dim, theta, model_dtype_tables
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         compute = torch.promote_types(dtype, torch.float32)
         exponent = torch.arange(0, self.dim, 2, device=positions.device, dtype=compute) / self.dim
         inv_freq = 1.0 / (self.theta**exponent)
@@ -171,7 +194,9 @@ class GatedMLP(nn.Module):
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def grouped_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+def grouped_experts(
+    h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList
+) -> torch.Tensor:
     """sum_j weights[:, j] * experts[ids[:, j]](h) for h [N, d], ids and weights [N, k]: [N, d] in
     weights' dtype.
 
@@ -234,7 +259,9 @@ class DiffusionLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(input_ids)
 
-    def forward(self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None):
+    def forward(
+        self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
+    ):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary(positions, x.dtype)
         for i, block in enumerate(self.blocks):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels
+import dinfer_kernels as kernels
 from workers.errors import ModelConfigError
 from workers.models.layers import ConfigFields, DiffusionLM, RMSNorm, Rotary, rotary_attention
 
@@ -37,21 +37,26 @@ class LLaDAConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "LLaDAConfig":
+    def from_dict(cls, raw: dict) -> LLaDAConfig:
         fields = ConfigFields(raw, "LLaDA dense")
         need = fields.need
-        need("mask_token_id", fix="a diffusion model needs the id of its mask token (LLaDA uses 126336): add it to config.json")
-        fields.only({
-            "block_type": ("llama", None),
-            "layer_norm_type": ("rms", None),
-            "activation_type": ("silu", "swiglu", None),
-            "rope": (True, None),
-            "alibi": (False, None),
-            "include_bias": (False, None),
-            "include_qkv_bias": (False, None),
-            "attention_layer_norm": (False, None),
-            "scale_logits": (False, None),
-        })
+        need(
+            "mask_token_id",
+            fix="a diffusion model needs the id of its mask token (LLaDA uses 126336): add it to config.json",
+        )
+        fields.only(
+            {
+                "block_type": ("llama", None),
+                "layer_norm_type": ("rms", None),
+                "activation_type": ("silu", "swiglu", None),
+                "rope": (True, None),
+                "alibi": (False, None),
+                "include_bias": (False, None),
+                "include_qkv_bias": (False, None),
+                "attention_layer_norm": (False, None),
+                "scale_logits": (False, None),
+            }
+        )
         d_model, n_heads = int(need("d_model")), int(need("n_heads"))
         n_kv_heads = int(raw.get("n_kv_heads") or n_heads)
         if d_model % n_heads or n_heads % n_kv_heads:
@@ -60,7 +65,9 @@ class LLaDAConfig:
                 "d_model must divide by n_heads and n_heads by n_kv_heads"
             )
         if (d_model // n_heads) % 2:
-            raise ModelConfigError(f"config.json: head dimension d_model / n_heads = {d_model // n_heads} must be even for RoPE")
+            raise ModelConfigError(
+                f"config.json: head dimension d_model / n_heads = {d_model // n_heads} must be even for RoPE"
+            )
         mlp = raw.get("mlp_hidden_size") or int(need("mlp_ratio")) * d_model
         vocab = int(need("vocab_size"))
         return cls(
@@ -123,7 +130,9 @@ class LLaDAModel(DiffusionLM):
             )
         )
         if not cfg.weight_tying:
-            self.model.transformer["ff_out"] = nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
+            self.model.transformer["ff_out"] = nn.Linear(
+                cfg.d_model, cfg.embedding_size, bias=False
+            )
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     @property

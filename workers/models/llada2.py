@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.errors import ModelConfigError
-from workers.models.layers import ConfigFields, GatedMLP, HFDiffusionLM, RMSNorm, Rotary, grouped_experts, rotary_attention
+from workers.models.layers import (
+    ConfigFields,
+    GatedMLP,
+    HFDiffusionLM,
+    RMSNorm,
+    Rotary,
+    grouped_experts,
+    rotary_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class LLaDA2Config:
         return self.num_experts > 0 and layer >= self.first_k_dense_replace
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "LLaDA2Config":
+    def from_dict(cls, raw: dict) -> LLaDA2Config:
         """Defaults are those of upstream's LLaDA2MoeConfig where config.json may omit a field."""
         fields = ConfigFields(raw, "LLaDA2")
         mask_fix = (
@@ -65,14 +73,18 @@ class LLaDA2Config:
             "the engine needs it to end answers: add "
             '"eos_token_id": 156892 (upstream generate()\'s eos_id, also their pad_token_id)'
         )
-        fields.need("mask_token_id", mask_fix)  # before anything else: the fix is the first thing to know
+        fields.need(
+            "mask_token_id", mask_fix
+        )  # before anything else: the fix is the first thing to know
         fields.need("eos_token_id", eos_fix)
-        fields.only({
-            "hidden_act": ("silu", None),
-            "score_function": ("sigmoid", None),
-            "rope_scaling": (None,),
-            "using_split_qkv_in_self_attention": (False, None),
-        })
+        fields.only(
+            {
+                "hidden_act": ("silu", None),
+                "score_function": ("sigmoid", None),
+                "rope_scaling": (None,),
+                "using_split_qkv_in_self_attention": (False, None),
+            }
+        )
         integer, number, flag = fields.integer, fields.number, fields.flag
 
         d_model, n_heads = integer("hidden_size"), integer("num_attention_heads")
@@ -112,7 +124,9 @@ class LLaDA2Config:
                     f"config.json: num_experts={num_experts} must split into n_group={n_group} groups of at least "
                     "2 experts (a group is scored by its top-2 experts)"
                 )
-            if not 0 < topk_group <= n_group or not 0 < top_k <= topk_group * (num_experts // n_group):
+            if not 0 < topk_group <= n_group or not 0 < top_k <= topk_group * (
+                num_experts // n_group
+            ):
                 raise ModelConfigError(
                     f"config.json: topk_group={topk_group} must be in [1, n_group={n_group}] and num_experts_per_tok={top_k} "
                     f"in [1, topk_group * experts per group = {topk_group * (num_experts // max(n_group, 1))}]"
@@ -165,7 +179,11 @@ class Router(nn.Module):
         self.top_k, self.n_group, self.topk_group = cfg.top_k, cfg.n_group, cfg.topk_group
         self.scale = cfg.routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.d_model))
-        self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False) if cfg.expert_bias else None
+        self.expert_bias = (
+            nn.Parameter(torch.zeros(cfg.num_experts), requires_grad=False)
+            if cfg.expert_bias
+            else None
+        )
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h [N, d] -> expert ids [N, top_k], weights [N, top_k] in at least fp32 (upstream's router_dtype)."""
@@ -189,9 +207,13 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg: LLaDA2Config):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(GatedMLP(cfg.d_model, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList(
+            GatedMLP(cfg.d_model, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+        )
         self.shared_experts = (
-            GatedMLP(cfg.d_model, cfg.moe_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts > 0 else None
+            GatedMLP(cfg.d_model, cfg.moe_intermediate_size * cfg.num_shared_experts)
+            if cfg.num_shared_experts > 0
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,7 +240,10 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
         B, L, _ = x.shape
         qkv = self.query_key_value(x).view(B, L, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2))
+        q, k, v = (
+            t.transpose(1, 2)
+            for t in qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
+        )
         if self.use_qk_norm:
             q, k = self.query_layernorm(q), self.key_layernorm(k)
         return self.dense(rotary_attention(q, k, v, cos, sin, key_mask, cache, layer, start))
@@ -230,7 +255,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.attention = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mlp = SparseMoE(cfg) if cfg.is_moe(layer) else GatedMLP(cfg.d_model, cfg.intermediate_size)
+        self.mlp = (
+            SparseMoE(cfg) if cfg.is_moe(layer) else GatedMLP(cfg.d_model, cfg.intermediate_size)
+        )
 
     def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
         attn = self.attention(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
@@ -247,4 +274,6 @@ class LLaDA2Model(HFDiffusionLM):
 
     def __init__(self, cfg: LLaDA2Config):
         layers = (DecoderLayer(cfg, i) for i in range(cfg.n_layers))
-        super().__init__(cfg, layers, Rotary(cfg.rotary_dim, cfg.rope_theta))  # RoPE on the first rotary_dim dims
+        super().__init__(
+            cfg, layers, Rotary(cfg.rotary_dim, cfg.rope_theta)
+        )  # RoPE on the first rotary_dim dims

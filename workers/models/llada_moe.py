@@ -17,9 +17,19 @@ import torch
 from torch import nn
 
 from workers.errors import ModelConfigError
-from workers.models.layers import ConfigFields, GatedMLP, HFDiffusionLM, RMSNorm, Rotary, grouped_experts, rotary_attention
+from workers.models.layers import (
+    ConfigFields,
+    GatedMLP,
+    HFDiffusionLM,
+    RMSNorm,
+    Rotary,
+    grouped_experts,
+    rotary_attention,
+)
 
-MASK_TOKEN_ID = 156895  # LLaDA-MoE's <|mdm_mask|>; upstream passes it to generate(), config.json lacks it
+MASK_TOKEN_ID = (
+    156895  # LLaDA-MoE's <|mdm_mask|>; upstream passes it to generate(), config.json lacks it
+)
 
 
 @dataclass(frozen=True)
@@ -51,18 +61,23 @@ class LLaDAMoEConfig:
         return self.d_model // self.n_heads
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "LLaDAMoEConfig":
+    def from_dict(cls, raw: dict) -> LLaDAMoEConfig:
         fields = ConfigFields(raw, "LLaDA-MoE")
         count = partial(fields.integer, minimum=1)  # sizes and counts
 
-        fields.need("mask_token_id", fix="a diffusion model needs the id of its mask token and LLaDA-MoE's "
-                    f"config.json does not carry it: add \"mask_token_id\": {MASK_TOKEN_ID}")
-        fields.only({  # field -> values implemented here (None: absent; taken as full rotary for RoPE)
-            "hidden_act": ("silu", None),
-            "attention_bias": (False, None),
-            "rope_scaling": (None,),
-            "partial_rotary_factor": (1, 1.0, None),
-        })
+        fields.need(
+            "mask_token_id",
+            fix="a diffusion model needs the id of its mask token and LLaDA-MoE's "
+            f'config.json does not carry it: add "mask_token_id": {MASK_TOKEN_ID}',
+        )
+        fields.only(
+            {  # field -> values implemented here (None: absent; taken as full rotary for RoPE)
+                "hidden_act": ("silu", None),
+                "attention_bias": (False, None),
+                "rope_scaling": (None,),
+                "partial_rotary_factor": (1, 1.0, None),
+            }
+        )
 
         d_model, n_heads = count("hidden_size"), count("num_attention_heads")
         n_kv_heads = count("num_key_value_heads", n_heads)
@@ -73,7 +88,10 @@ class LLaDAMoEConfig:
             )
         head_dim = d_model // n_heads
         if raw.get("head_dim") not in (None, head_dim):
-            fields.fail("head_dim", f"differs from hidden_size / num_attention_heads = {head_dim}, which upstream uses")
+            fields.fail(
+                "head_dim",
+                f"differs from hidden_size / num_attention_heads = {head_dim}, which upstream uses",
+            )
         if head_dim % 2:
             raise ModelConfigError(
                 f"config.json: head dimension hidden_size / num_attention_heads = {head_dim} must be even for RoPE"
@@ -81,8 +99,15 @@ class LLaDAMoEConfig:
 
         n_layers = count("num_hidden_layers")
         freq = raw.get("moe_layer_freq") or [1] * n_layers  # upstream: 0 = dense layer, else MoE
-        if not isinstance(freq, list) or len(freq) != n_layers or any(f not in (0, 1) for f in freq):
-            fields.fail("moe_layer_freq", f"must be a list of {n_layers} zeros (dense layer) and ones (MoE layer)")
+        if (
+            not isinstance(freq, list)
+            or len(freq) != n_layers
+            or any(f not in (0, 1) for f in freq)
+        ):
+            fields.fail(
+                "moe_layer_freq",
+                f"must be a list of {n_layers} zeros (dense layer) and ones (MoE layer)",
+            )
         moe_layers = tuple(bool(f) for f in freq)
 
         num_experts = count("num_experts")
@@ -123,8 +148,12 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(GatedMLP(cfg.d_model, cfg.expert_intermediate_size) for _ in range(cfg.num_experts))
-        if cfg.expert_bias:  # upstream's `expert_bias` buffer; a parameter here so the loader fills it
+        self.experts = nn.ModuleList(
+            GatedMLP(cfg.d_model, cfg.expert_intermediate_size) for _ in range(cfg.num_experts)
+        )
+        if (
+            cfg.expert_bias
+        ):  # upstream's `expert_bias` buffer; a parameter here so the loader fills it
             self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +161,9 @@ class SparseMoE(nn.Module):
         compute = torch.promote_types(x.dtype, torch.float32)
         probs = torch.softmax(self.gate(x).to(compute), dim=-1)
         if hasattr(self, "expert_bias"):
-            probs = probs + self.expert_bias.to(compute)  # upstream weights by the biased scores too
+            probs = probs + self.expert_bias.to(
+                compute
+            )  # upstream weights by the biased scores too
         weights, experts = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -149,7 +180,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: LLaDAMoEConfig):
         super().__init__()
         d, hd = cfg.d_model, cfg.head_dim
-        self.n_heads, self.n_kv_heads, self.head_dim, self.clip = cfg.n_heads, cfg.n_kv_heads, hd, cfg.clip_qkv
+        self.n_heads, self.n_kv_heads, self.head_dim, self.clip = (
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            hd,
+            cfg.clip_qkv,
+        )
         self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=False)
         self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
@@ -179,7 +215,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = SparseMoE(cfg) if moe else GatedMLP(cfg.d_model, cfg.dense_intermediate_size)
-        if moe and cfg.shared_expert_intermediate_size is not None:  # upstream hangs it off the layer
+        if (
+            moe and cfg.shared_expert_intermediate_size is not None
+        ):  # upstream hangs it off the layer
             self.shared_expert = GatedMLP(cfg.d_model, cfg.shared_expert_intermediate_size)
 
     def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
@@ -195,4 +233,8 @@ class LLaDAMoEModel(HFDiffusionLM):
     """The DiffusionLM contract (see workers.models.layers) over OLMoE-style layers."""
 
     def __init__(self, cfg: LLaDAMoEConfig):
-        super().__init__(cfg, (DecoderLayer(cfg, i) for i in range(cfg.n_layers)), Rotary(cfg.head_dim, cfg.rope_theta))
+        super().__init__(
+            cfg,
+            (DecoderLayer(cfg, i) for i in range(cfg.n_layers)),
+            Rotary(cfg.head_dim, cfg.rope_theta),
+        )
