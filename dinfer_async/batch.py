@@ -18,6 +18,7 @@ from typing import IO
 
 import anyio
 
+from dinfer_async.cli import add_engine_flags, add_sampling_flags, sampling_defaults
 from dinfer_async.errors import DinferError, InvalidRequestError, WorkerDiedError
 from dinfer_async.jsonl import Job, LineError, completion_record, error_record, parse_line
 from dinfer_async.output import InOrder, OutputFile
@@ -180,47 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("input", help="JSONL input file, or - for stdin")
     ap.add_argument("output", help="JSONL output file (appended to and resumed), or - for stdout")
-    ap.add_argument(
-        "--model",
-        default=None,
-        help="local Hugging Face model directory (default: the bundled model)",
-    )
-    ap.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU)")
+    add_engine_flags(ap)
     ap.add_argument("--max-concurrency", type=int, default=64, help="requests in flight at once")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    ap.add_argument(
-        "--threads", type=int, default=0, help="CPU threads per worker (0: torch's default)"
-    )
-    for name, kind in [
-        ("decoder", str),
-        ("threshold", float),
-        ("steps", int),
-        ("cache", str),
-        ("gen-length", int),
-        ("block-length", int),
-        ("temperature", float),
-        ("seed", int),
-        ("cfg-scale", float),
-    ]:
-        ap.add_argument(f"--{name}", type=kind, default=None)
+    add_sampling_flags(ap)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    names = (
-        "decoder",
-        "threshold",
-        "steps",
-        "cache",
-        "gen_length",
-        "block_length",
-        "temperature",
-        "seed",
-        "cfg_scale",
-    )
-    defaults = {f: getattr(args, f) for f in names if getattr(args, f) is not None}
+    defaults = sampling_defaults(args)
     try:
         SamplingParams(**defaults).validate()
         for flag in ("workers", "max_concurrency"):

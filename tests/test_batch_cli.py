@@ -10,6 +10,7 @@ import sys
 import time
 
 import anyio
+import pytest
 
 from dinfer_async.batch import main
 
@@ -118,8 +119,12 @@ def test_openai_batch_lines(tmp_path):
 
 
 def test_bad_flag_is_refused_before_starting_anything(capsys):
-    assert main(["in", "out", "--decoder", "greedy"]) == 2
-    assert "decoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse checks the choices, which come from params.py
+        main(["in", "out", "--decoder", "greedy"])
+    assert e.value.code == 2
+    assert "--decoder" in capsys.readouterr().err
+    assert main(["in", "out", "--threshold", "1.5"]) == 2
+    assert "threshold" in capsys.readouterr().err
 
 
 def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_line_per_id(tmp_path):

@@ -15,7 +15,12 @@ from safetensors import safe_open
 from workers.errors import ModelConfigError, ModelLoadError
 from workers.models import FAMILIES, family_name
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--endpoint", required=True)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
+    )
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument(
         "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"

@@ -1,0 +1,92 @@
+"""Command-line flags shared by dinfer-batch, dinfer-serve and dinfer-worker, in one place.
+
+Every SamplingParams field is a flag of the same name (dashes for underscores), with its type,
+its choices and a help line taken from the SamplingParams docstring; a flag left out keeps the
+SamplingParams default. Engine flags (model, workers, device, dtype, ...) are listed once here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import types
+import typing
+
+from dinfer_async import params as sp
+from dinfer_async.params import SamplingParams
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+CHOICES = {"decoder": sp.DECODERS, "cache": sp.CACHES, "remasking": sp.REMASKING}
+
+
+def _field_help() -> dict[str, str]:
+    """The `name: text` entries of SamplingParams' docstring (a line may name several fields)."""
+    found: dict[str, str] = {}
+    entry = re.compile(r"^    ([a-z_, /]+): (.*)$")
+    names: list[str] = []
+    for line in (SamplingParams.__doc__ or "").splitlines():
+        m = entry.match(line)
+        if m:
+            names = [n.strip() for n in re.split(r"[,/]", m.group(1)) if n.strip()]
+            for n in names:
+                found[n] = m.group(2).strip()
+        elif names and line.startswith("        "):
+            for n in names:
+                found[n] += " " + line.strip()
+        else:
+            names = []
+    return found
+
+
+def _base_type(annotation) -> type:
+    """int | None -> int; list[str] | None -> list (a repeated flag)."""
+    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SamplingParams field, in a group of its own."""
+    group = parser.add_argument_group("sampling (defaults for every request; see SamplingParams)")
+    helps, defaults = _field_help(), SamplingParams()
+    for name, annotation in SamplingParams.__annotations__.items():
+        kind = _base_type(annotation)
+        flag = "--" + name.replace("_", "-")
+        text = f"{helps.get(name, '')} (default: {getattr(defaults, name)!r})".strip()
+        text = text.replace("%", "%%")
+        if kind is list:
+            group.add_argument(flag, action="append", default=None, metavar="TEXT", help=text)
+        elif kind is bool:
+            group.add_argument(flag, type=_bool, default=None, metavar="BOOL", help=text)
+        else:
+            group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name), help=text)
+
+
+def sampling_defaults(args: argparse.Namespace) -> dict:
+    """The SamplingParams fields given on the command line."""
+    names = SamplingParams.__struct_fields__
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the model comes from and the processes that serve it."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model directory (default: the bundled model)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (one per GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads per worker (0: torch's default)"
+    )
