@@ -22,7 +22,8 @@ from workers.cache import KVCache
 from workers.errors import ModelConfigError
 from workers.loader import load_model, save_model
 from workers.models import FAMILIES
-from workers.models.llada2 import LLaDA2Config, LLaDA2Model, block_causal_mask
+from workers.models.llada2 import LLaDA2Config, LLaDA2Model
+from workers.shared import block_causal_mask
 
 F64 = torch.float64
 INDEX = "model.safetensors.index.json"

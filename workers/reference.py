@@ -30,18 +30,16 @@ from __future__ import annotations
 import torch
 
 from dinfer_kernels.reference import gumbel, random_scores
-from workers.sampling import block_seed, step_seeds
+from workers.shared import (
+    block_causal_mask,
+    block_seed,
+    forbid_tokens,
+    step_seeds,
+    transfer_counts,
+    until_eos,
+)
 
-
-def until_eos(ids: list[int], eos_id: int) -> list[int]:
-    """A generated window's answer: the ids before the first EOS (all of them without one)."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
-
-
-def transfer_counts(masked: int, steps: int) -> list[int]:
-    """How many positions each of `steps` steps commits, `masked` in all (LLaDA's schedule)."""
-    base, extra = divmod(masked, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
+__all__ = ["reference_generate", "transfer_counts", "until_eos"]  # the last two: from shared
 
 
 @torch.no_grad()
@@ -109,9 +107,8 @@ def reference_generate(
         # a block-causal model sees nothing after the block; the block sees itself and what precedes
         seen = end if aligned else L
         keys = real[:, :seen]
-        if aligned:
-            blocks = torch.arange(seen, device=device) // block_length
-            keys = keys[:, None, :] & (blocks[None, :] <= blocks[:, None])[None]
+        if aligned:  # one prompt, no padding: its positions are its columns
+            keys = block_causal_mask(positions[:, :seen], positions[:, :seen], block_length, keys)
         for step in range(steps_per_block):
             if cfg_scale > 0:
                 unconditional = torch.where(is_prompt, mask_id, x)[:, :seen]
@@ -127,9 +124,8 @@ def reference_generate(
             if shift:
                 logits = torch.cat([logits[:, :shift], logits[:, :-shift]], dim=1)
             forwards += 1
-            logits[..., mask_id] = -torch.inf
-            if suppress_eos:
-                logits[..., eos_id] = -torch.inf
+            everyone = torch.ones(B, dtype=torch.bool, device=device)
+            forbid_tokens(logits, mask_id, eos_id, everyone if suppress_eos else None)
             step_keys = step_seeds(block_keys, step)
             for i in range(B):
                 key = step_keys[i : i + 1]  # request i's own key: its noise ignores the batch

@@ -4,9 +4,10 @@ Per layer: RMSNorm -> fused query_key_value (grouped KV) -> per-head RMSNorm on 
 the first `rotary_dim` dims of each head -> attention -> dense; RMSNorm -> SwiGLU MLP (the first
 `first_k_dense_replace` layers) or MoE (sigmoid router, group-limited top-k, shared experts).
 
-Attention is block-causal in upstream generation; the caller builds that mask (`block_causal_mask`)
-and the model only passes it on. Module names mirror the upstream checkpoint
-(`model.layers.N.attention.query_key_value`, ...), so state-dict keys are the safetensors names.
+Attention is block-causal in upstream generation; the caller builds that mask
+(`workers.shared.block_causal_mask`) and the model only passes it on. Module names mirror the
+upstream checkpoint (`model.layers.N.attention.query_key_value`, ...), so state-dict keys are the
+safetensors names.
 """
 
 from __future__ import annotations
@@ -162,15 +163,6 @@ class LLaDA2Config:
         )
 
 
-def block_causal_mask(positions_q, positions_k, block_length: int, key_mask=None) -> torch.Tensor:
-    """[B, Lq, Lk] bool: a query sees every key of its own block and of earlier blocks, blocks being
-    position // block_length (upstream's block-diffusion mask); `key_mask` [B, Lk] hides padding."""
-    q_block = torch.div(positions_q, block_length, rounding_mode="floor")
-    k_block = torch.div(positions_k, block_length, rounding_mode="floor")
-    mask = k_block[:, None, :] <= q_block[:, :, None]
-    return mask if key_mask is None else mask & key_mask[:, None, :].bool()
-
-
 class Router(nn.Module):
     """Sigmoid scores; the expert bias steers which experts are chosen but not their weights."""
 
@@ -267,7 +259,7 @@ class DecoderLayer(nn.Module):
 
 class LLaDA2Model(HFDiffusionLM):
     """The DiffusionLM contract (see workers.models.layers) over Bailing-style layers. `key_mask`
-    is [B, Lk] or, for block-causal decoding, [B, Lq, Lk] (see `block_causal_mask`)."""
+    is [B, Lk] or, for block-causal decoding, [B, Lq, Lk] (workers.shared.block_causal_mask)."""
 
     block_causal = True  # upstream decodes with block-causal attention; the caller builds the mask
     embed_name = "word_embeddings"
