@@ -16,10 +16,8 @@ from workers.scheduler import denoise
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase as Tokenizer
-
+    from workers.interfaces import DiffusionModel, Tokenizer
     from workers.iteration import Sequence
-    from workers.models.layers import DiffusionLM
 
 
 @dataclass
@@ -43,7 +41,7 @@ class GenerationResult:
 class Engine:
     def __init__(
         self,
-        model: DiffusionLM,
+        model: DiffusionModel,
         tokenizer: Tokenizer,
         name: str = "model",
         max_batch_size: int = 32,
@@ -70,9 +68,11 @@ class Engine:
         if path is None:
             from workers.bundled import MODEL_DIR
 
-            name, folder = "dinfer-bundled", Path(MODEL_DIR)
+            name = "dinfer-bundled"
+            folder = Path(MODEL_DIR)
         else:
-            name, folder = Path(path).name, Path(path)
+            folder = Path(path)
+            name = folder.name
         model = load_model(folder, device=torch.device(device), dtype=resolve_dtype(dtype))
         return cls(model, load_tokenizer(folder), name=name, **kwargs)
 
@@ -133,6 +133,7 @@ class Engine:
             )
 
     def _result(self, seq: Sequence) -> GenerationResult:
+        assert seq.finish_reason is not None, "denoise runs every request to its end"
         answer = seq.answer(self.config.eos_token_id)
         text = self.tokenizer.decode(answer, skip_special_tokens=True)
         return GenerationResult(

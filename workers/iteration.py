@@ -8,9 +8,8 @@ different prompts and decoding parameters; only the block length and cache polic
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,8 +19,8 @@ from workers.shared import block_causal_mask, block_seed, forbid_tokens, step_se
 
 if TYPE_CHECKING:
     from workers.cache import CachePolicy
+    from workers.interfaces import DiffusionModel
     from workers.kv_cache import KVCache, Overlay
-    from workers.models.layers import DiffusionLM
 
 
 @dataclass(eq=False)  # identity equality: a request is hashable and equal only to itself
@@ -35,7 +34,7 @@ class Sequence:
     holding the last answer position; only [skip, skip + gen_length) is the answer.
     """
 
-    id: Hashable
+    id: Any  # the caller's handle (the worker's request id, denoise's index); never read here
     prompt: list[int]
     params: SamplingParams  # validated
     seed: int
@@ -52,7 +51,7 @@ class Sequence:
     @classmethod
     def create(
         cls,
-        id: Hashable,
+        id: Any,
         prompt: list[int],
         params: SamplingParams,
         seed: int,
@@ -143,7 +142,7 @@ class Batch:
     0 on each row's first real token and padding is hidden from attention, so every row computes
     what it would alone."""
 
-    def __init__(self, model: DiffusionLM, seqs: list[Sequence], mask_id: int, pad_id: int):
+    def __init__(self, model: DiffusionModel, seqs: list[Sequence], mask_id: int, pad_id: int):
         device = model.lm_head_weight.device
         self.model = model
         self.mask_id = mask_id
@@ -265,7 +264,7 @@ class BlockRound:
 
     def __init__(
         self,
-        model: DiffusionLM,
+        model: DiffusionModel,
         seqs: list[Sequence],
         policy: CachePolicy,
         report: bool = True,

@@ -20,7 +20,9 @@ class KVCache:
     grown only when a round needs more rows or a longer sequence than any before it."""
 
     def __init__(self, config: Any, device: torch.device | str, dtype: torch.dtype):
-        self.config, self.device, self.dtype = config, device, dtype
+        self.config = config
+        self.device = device
+        self.dtype = dtype
         self.k = torch.empty(0, device=device, dtype=dtype)
         self.v = torch.empty(0, device=device, dtype=dtype)
         self.rows = 0

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,7 +24,7 @@ from workers.iteration import BlockRound, Sequence, StepUpdate
 from workers.kv_cache import KVCache
 
 if TYPE_CHECKING:
-    from workers.models.layers import DiffusionLM
+    from workers.interfaces import DiffusionModel
 
 GroupKey = tuple[Hashable, ...]
 
@@ -44,7 +44,7 @@ def group_key(params: SamplingParams, block_causal: bool) -> GroupKey:
 class Scheduler:
     def __init__(
         self,
-        model: DiffusionLM,
+        model: DiffusionModel,
         max_batch_size: int = 32,
         report: bool = True,
         steps_per_check: int = 1,
@@ -68,7 +68,7 @@ class Scheduler:
         self.round: BlockRound | None = None
         self.round_key: GroupKey = ()
 
-    def add(self, id: Hashable, prompt: list[int], params: SamplingParams, seed: int) -> Sequence:
+    def add(self, id: Any, prompt: list[int], params: SamplingParams, seed: int) -> Sequence:
         seq = Sequence.create(id, prompt, params, seed, self.mask_id, self.model.block_causal)
         seq.admitted_at = time.perf_counter()
         self.waiting.append(seq)
@@ -172,7 +172,7 @@ class Scheduler:
 
 
 def denoise(
-    model: DiffusionLM,
+    model: DiffusionModel,
     prompts: list[list[int]],
     params: SamplingParams | list[SamplingParams],
     seeds: list[int],
