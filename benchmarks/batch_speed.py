@@ -73,15 +73,18 @@ def main():
     batch_acc = tasks.accuracy_table(examples, [o["text"] for o in out])["all"]
 
     print(
-        f"\n{len(examples)} held-out prompts, gen_length {args.gen_length}, default decoder/cache, {args.threads} CPU threads\n"
+        f"\n{len(examples)} held-out prompts, gen_length {args.gen_length}, default "
+        f"decoder/cache, {args.threads} CPU threads\n"
     )
     print("| mode | seconds | tokens/s | accuracy |")
     print("|---|---|---|---|")
     print(
-        f"| in-process Engine, one request at a time | {alone_s:.1f} | {alone_tokens / alone_s:.1f} | {alone_acc[0]}/{alone_acc[1]} |"
+        f"| in-process Engine, one request at a time | {alone_s:.1f} | "
+        f"{alone_tokens / alone_s:.1f} | {alone_acc[0]}/{alone_acc[1]} |"
     )
     print(
-        f"| dinfer-batch, default --max-concurrency (64) | {batch_s:.1f} | {batch_tokens / batch_s:.1f} | {batch_acc[0]}/{batch_acc[1]} |"
+        f"| dinfer-batch, default --max-concurrency (64) | {batch_s:.1f} | "
+        f"{batch_tokens / batch_s:.1f} | {batch_acc[0]}/{batch_acc[1]} |"
     )
     print(f"\nratio: {batch_tokens / batch_s / (alone_tokens / alone_s):.2f}x")
     print(proc.stderr.strip().splitlines()[-1])

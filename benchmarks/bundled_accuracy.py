@@ -80,7 +80,8 @@ def main():
 
     names = sorted(tasks.TASKS) + ["all"]
     print(
-        f"\nbundled model, {args.per_task} held-out prompts per task, gen_length {G}, block_length {K}, float32\n"
+        f"\nbundled model, {args.per_task} held-out prompts per task, gen_length {G}, "
+        f"block_length {K}, float32\n"
     )
     print("| sampler | " + " | ".join(names) + " | forwards/prompt | seconds |")
     print("|---" * (len(names) + 3) + "|")

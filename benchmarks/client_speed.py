@@ -82,11 +82,13 @@ async def main():
             remote, ttfc = await client_rate(client, messages, params, concurrency)
         rows.append((concurrency, local, remote, ttfc))
     print(
-        f"\n{len(messages)} held-out prompts, gen_length {args.gen_length}, block_length {args.block_length}, "
+        f"\n{len(messages)} held-out prompts, gen_length {args.gen_length}, block_length "
+        f"{args.block_length}, "
         f"default decoder/cache, {args.threads} CPU threads\n"
     )
     print(
-        "| streams | in-process Engine tok/s | Client tok/s | Client / Engine | median time to first chunk |"
+        "| streams | in-process Engine tok/s | Client tok/s | Client / Engine | median time to "
+        "first chunk |"
     )
     print("|---|---|---|---|---|")
     for c, local, remote, ttfc in rows:

@@ -19,10 +19,12 @@ import time
 import torch
 
 from dinfer_async import SamplingParams
+from dinfer_async.params import CACHES, DECODERS
 from workers import Engine
 from workers.bundled import tasks
-from workers.cache import KVCache
-from workers.reference import reference_generate, until_eos
+from workers.kv_cache import KVCache
+from workers.reference import reference_generate
+from workers.shared import until_eos
 
 
 @torch.no_grad()
@@ -93,7 +95,10 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
-        "--configs", default="all", help="'all' or comma list like threshold:dual,credit:vicinity"
+        "--configs",
+        default="all",
+        help=f"'all' or comma list like threshold:dual,credit:vicinity (decoders: "
+        f"{', '.join(DECODERS)}; caches: {', '.join(CACHES)})",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,11 +110,10 @@ def main():
     prompts = [engine.encode(messages=ex.messages) for ex in examples]
     G, K = args.gen_length, args.block_length
     eos = cfg.eos_token_id
+    where = f"{args.threads} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name()
     print(
-        f"bundled model, {len(examples)} held-out prompts, gen_length {G}, block_length {K}, batch 1, "
-        f"{args.dtype}, "
-        + (f"{args.threads} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name())
-        + "\n",
+        f"bundled model, {len(examples)} held-out prompts, gen_length {G}, block_length {K}, "
+        f"batch 1, {args.dtype}, {where}\n",
         flush=True,
     )
 
@@ -137,9 +141,7 @@ def main():
 
         return run
 
-    warm = (
-        args.device != "cpu"
-    )  # on a GPU each path runs once untimed: Triton compiles at first use
+    warm = args.device != "cpu"  # on a GPU each path runs once untimed: Triton compiles first
 
     def timed_run(name, run_one):
         if warm:
@@ -155,13 +157,8 @@ def main():
         f"baselines measured: reference {ref['tps']:.1f} tok/s, Fast-dLLM {fast['tps']:.1f} tok/s",
         flush=True,
     )
-    if args.configs == "all":
-        combos = list(
-            itertools.product(
-                ["fixed", "threshold", "factor", "hierarchical", "credit"],
-                ["none", "prefix", "dual", "vicinity"],
-            )
-        )
+    if args.configs == "all":  # every decoder x cache policy SamplingParams accepts
+        combos = list(itertools.product(DECODERS, CACHES))
     else:
         combos = [tuple(c.split(":")) for c in args.configs.split(",")]
     for decoder, cache in combos:
@@ -170,21 +167,20 @@ def main():
         print(f"  {decoder} + {cache}: {rows[-1]['tps']:.1f} tok/s", flush=True)
 
     print(
-        "\n| configuration | accuracy | forwards/prompt | tokens/forward | tokens/s | vs reference | vs Fast-dLLM |"
+        "\n| configuration | accuracy | forwards/prompt | tokens/forward | tokens/s "
+        "| vs reference | vs Fast-dLLM |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['name']} | {r['acc']:.1f}% | {r['forwards']:.1f} | {r['tpf']:.2f} | {r['tps']:.1f} | "
-            f"{r['tps'] / ref['tps']:.1f}x | {r['tps'] / fast['tps']:.1f}x |"
+            f"| {r['name']} | {r['acc']:.1f}% | {r['forwards']:.1f} | {r['tpf']:.2f} "
+            f"| {r['tps']:.1f} | {r['tps'] / ref['tps']:.1f}x | {r['tps'] / fast['tps']:.1f}x |"
         )
 
     best = max(rows[2:], key=lambda r: r["tps"] if r["acc"] >= ref["acc"] - 1 else 0)
     decoder, cache = best["name"].split(" + ")
     params = SamplingParams(gen_length=G, block_length=K, decoder=decoder, cache=cache)
-    engine.max_batch_size = (
-        16  # continuous batching: up to 16 running, the rest join as others finish
-    )
+    engine.max_batch_size = 16  # continuous batching: up to 16 running, the rest join later
     if warm:
         engine.generate(prompts, params)
     begin = time.perf_counter()
@@ -193,8 +189,9 @@ def main():
     tokens = sum(r.stats.tokens for r in results)
     acc = tasks.accuracy_table(examples, [r.text for r in results])["all"]
     print(
-        f"\nbatch 16, {best['name']}: {tokens / seconds:.1f} tokens/s aggregate vs {best['tps']:.1f} at batch 1 "
-        f"({tokens / seconds / best['tps']:.1f}x); accuracy {100 * acc[0] / acc[1]:.1f}%"
+        f"\nbatch 16, {best['name']}: {tokens / seconds:.1f} tokens/s aggregate vs "
+        f"{best['tps']:.1f} at batch 1 ({tokens / seconds / best['tps']:.1f}x); "
+        f"accuracy {100 * acc[0] / acc[1]:.1f}%"
     )
 
 

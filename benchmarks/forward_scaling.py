@@ -39,15 +39,22 @@ def main():
         cache = KVCache(model.config, "cpu", torch.float32)
         cache.reserve(rows, L)
         full = seconds_per_call(
-            lambda: model(ids, positions, real, cache, 0), args.repeat, warmup=3
+            lambda ids=ids, positions=positions, real=real, cache=cache: model(
+                ids, positions, real, cache, 0
+            ),
+            args.repeat,
+            warmup=3,
         )
         block = seconds_per_call(
-            lambda: model(ids[:, lo:hi], positions[:, lo:hi], real, cache, lo),
+            lambda ids=ids, positions=positions, real=real, cache=cache: model(
+                ids[:, lo:hi], positions[:, lo:hi], real, cache, lo
+            ),
             args.repeat,
             warmup=3,
         )
         print(
-            f"| {rows} | {full * 1e3:.1f} ms | {full / rows * 1e3:.1f} ms | {block * 1e3:.2f} ms | {block / rows * 1e3:.2f} ms |"
+            f"| {rows} | {full * 1e3:.1f} ms | {full / rows * 1e3:.1f} ms | {block * 1e3:.2f} ms "
+            f"| {block / rows * 1e3:.2f} ms |"
         )
 
 

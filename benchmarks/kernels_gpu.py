@@ -148,7 +148,8 @@ def check_engine(dev):
                 )
                 same = sum(a == b for a, b in zip(fast, ref))
                 print(
-                    f"engine vs reference sampler, bundled model, {dtype}, temperature {temperature}: "
+                    f"engine vs reference sampler, bundled model, {dtype}, temperature "
+                    f"{temperature}: "
                     f"{same}/{len(prompts)} windows identical",
                     flush=True,
                 )
@@ -156,14 +157,16 @@ def check_engine(dev):
                 Exception
             ) as e:  # report and go on: one run on a lent GPU must give every other number
                 print(
-                    f"engine vs reference sampler, {dtype}, temperature {temperature}: FAILED {e!r}",
+                    f"engine vs reference sampler, {dtype}, temperature {temperature}: FAILED "
+                    f"{e!r}",
                     flush=True,
                 )
 
 
 def engine_vs_bare(model, dev, batches=(1, 16), prompt_length=128, repeat=3):
     """Seconds per request batch through Engine.generate vs the bare forwards the same decoding
-    runs (dual cache: per block one full forward, then block-only forwards): the engine's own cost."""
+    runs (dual cache: per block one full forward, then block-only forwards): the engine's own
+    cost."""
     from workers import Engine
     from workers.bundled import MODEL_DIR
     from workers.cache import KVCache
@@ -197,7 +200,7 @@ def engine_vs_bare(model, dev, batches=(1, 16), prompt_length=128, repeat=3):
         pos = torch.arange(L, device=dev).expand(B, L)
         cache = KVCache(cfg, dev, dtype)
 
-        def bare():
+        def bare(cache=cache, B=B, L=L, x=x, pos=pos):
             cache.reserve(B, L)
             n = 0
             for b in range(G // K):
@@ -219,7 +222,8 @@ def engine_vs_bare(model, dev, batches=(1, 16), prompt_length=128, repeat=3):
         t_bare = (time.perf_counter() - begin) / repeat
         rows.append((B, forwards, n_bare, t_engine, t_bare))
     print(
-        "\n| batch | forwards/request (engine, bare) | engine s | bare forwards s | engine / bare | tokens/s (engine) |"
+        "\n| batch | forwards/request (engine, bare) | engine s | bare forwards s | engine / bare "
+        "| tokens/s (engine) |"
     )
     print("|---|---|---|---|---|---|")
     for B, f, n, te, tb in rows:
@@ -357,17 +361,20 @@ def main():
     floor = (weights + kv) / bw
     print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}\n")
     print(
-        "Eager: one call between CUDA events, launch included. Graph: 20 calls replayed from one CUDA graph,"
+        "Eager: one call between CUDA events, launch included. Graph: 20 calls replayed from one "
+        "CUDA graph,"
     )
     print("per call: the kernel's own time. Bandwidth: the floor over the graph time.\n")
     print(
-        "| kernel | Triton us, eager | torch us, eager | Triton us, graph | floor us | of bandwidth |"
+        "| kernel | Triton us, eager | torch us, eager | Triton us, graph | floor us | of "
+        "bandwidth |"
     )
     print("|---|---|---|---|---|---|")
     for name, a, b, g, f, frac in rows:
         print(f"| {name} | {a:.1f} | {b:.1f} | {g:.1f} | {f:.1f} | {frac:.0%} |")
     print(
-        f"\nLLaDA-8B-shaped forward, 32-token block over a 1,024-token cache, bf16: {t * 1e3:.2f} ms eager, "
+        f"\nLLaDA-8B-shaped forward, 32-token block over a 1,024-token cache, bf16: {t * 1e3:.2f} "
+        "ms eager, "
         f"floor {floor * 1e3:.2f} ms ({t / floor:.2f}x the floor)",
         flush=True,
     )
@@ -382,7 +389,8 @@ def main():
             e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
         )
         print(
-            f"kernels launched by that forward: {launches} ({t / max(launches, 1) * 1e6:.1f} us of eager time each)"
+            f"kernels launched by that forward: {launches} ({t / max(launches, 1) * 1e6:.1f} us "
+            "of eager time each)"
         )
     except Exception as e:
         print(f"(no kernel count: {type(e).__name__}: {e})")

@@ -58,16 +58,19 @@ def main():
         lambda: model(packed, packed_positions, block_diagonal), args.repeat
     )
     print(
-        f"{B} held-out prompts + gen_length {args.gen_length}: lengths {min(lengths)}..{max(lengths)}, "
+        f"{B} held-out prompts + gen_length {args.gen_length}: lengths "
+        f"{min(lengths)}..{max(lengths)}, "
         f"{args.threads} CPU threads, float32\n"
     )
     print("| layout | tokens computed | real fraction | forward ms | tokens/s (real) |")
     print("|---|---|---|---|---|")
     print(
-        f"| padded (used) | {B * L} | {total / (B * L):.3f} | {padded_s * 1e3:.1f} | {total / padded_s:,.0f} |"
+        f"| padded (used) | {B * L} | {total / (B * L):.3f} | {padded_s * 1e3:.1f} | "
+        f"{total / padded_s:,.0f} |"
     )
     print(
-        f"| packed, block-diagonal mask | {total} | 1.000 | {packed_s * 1e3:.1f} | {total / packed_s:,.0f} |"
+        f"| packed, block-diagonal mask | {total} | 1.000 | {packed_s * 1e3:.1f} | "
+        f"{total / packed_s:,.0f} |"
     )
 
 

@@ -1,4 +1,5 @@
-"""Wall-clock timing shared by the CPU benchmark scripts (run as `python benchmarks/<script>.py`)."""
+"""Wall-clock timing shared by the CPU benchmark scripts (run as `python
+benchmarks/<script>.py`)."""
 
 from __future__ import annotations
 

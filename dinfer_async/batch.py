@@ -96,7 +96,8 @@ class Progress:
             self.bar.close()
         seconds = time.perf_counter() - self.begin
         return (
-            f"dinfer-batch: {self.done} lines, {self.errors} errors, {self.tokens} tokens in {seconds:.1f} s, "
+            f"dinfer-batch: {self.done} lines, {self.errors} errors, {self.tokens} tokens in "
+            f"{seconds:.1f} s, "
             f"{self.tokens / max(seconds, 1e-9):.1f} tokens/s, "
             f"{self.committed / max(self.forwards, 1):.2f} tokens per forward"
         )
@@ -119,6 +120,7 @@ async def answer(client, job: Job) -> dict:
             return error_record(job, str(e))
         except DinferError as e:
             return error_record(job, f"{type(e).__name__}: {e}")
+    raise AssertionError("unreachable: the last attempt returns")
 
 
 def count_lines(path: str) -> int | None:
@@ -132,7 +134,8 @@ async def run(args, defaults: dict) -> int:
     from dinfer_async.client import Client
 
     out = OutputFile(args.output)
-    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    # closed in the finally below (stdin is not ours to close)
+    source = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")  # noqa: SIM115
     progress = Progress(count_lines(args.input))
     per_worker = -(-args.max_concurrency // args.workers)
     try:

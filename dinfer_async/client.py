@@ -16,6 +16,7 @@ is lost. A worker that exits fails its in-flight streams with WorkerDiedError an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -127,7 +128,7 @@ class Client:
         self._endpoints = endpoints
         self._workers: list[_Worker] = []
         self._dir: str | None = None
-        self._tg = None
+        self._tg: anyio.abc.TaskGroup | None = None
         self._ctx: zmq.asyncio.Context | None = None
         self._closing = False
 
@@ -135,7 +136,8 @@ class Client:
 
     @classmethod
     async def connect(cls, endpoint: str | list[str], secret: str = "", **kwargs) -> Client:
-        """Attach to workers started separately with `dinfer-worker`; close with `await client.close()`."""
+        """Attach to workers started separately with `dinfer-worker`; close with `await
+        client.close()`."""
         client = cls(
             endpoints=[endpoint] if isinstance(endpoint, str) else list(endpoint),
             secret=secret,
@@ -155,7 +157,9 @@ class Client:
                 os.chmod(self._dir, 0o700)
             for i in range(self._count):
                 endpoint = (
-                    self._endpoints[i] if self._external else f"ipc://{self._dir}/worker{i}.sock"
+                    self._endpoints[i]
+                    if self._endpoints is not None
+                    else f"ipc://{self._dir}/worker{i}.sock"
                 )
                 worker = _Worker(i, endpoint)
                 self._workers.append(worker)
@@ -169,7 +173,8 @@ class Client:
         await self.close()
 
     async def close(self) -> None:
-        """Stop reader tasks, end launched workers, remove sockets; in-flight streams get ClientClosedError."""
+        """Stop reader tasks, end launched workers, remove sockets; in-flight streams get
+        ClientClosedError."""
         if self._closing:
             return
         self._closing = True
@@ -178,10 +183,8 @@ class Client:
             w.alive = False
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
-            try:
+            with contextlib.suppress(BaseException):
                 await self._tg.__aexit__(None, None, None)
-            except BaseException:
-                pass
         for w in self._workers:
             await self._stop_process(w)
             if w.socket is not None:
@@ -217,6 +220,7 @@ class Client:
             worker.process = await anyio.open_process(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None
             )
+        assert self._ctx is not None and self._tg is not None, "started in __aenter__"
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(worker.endpoint)
@@ -226,7 +230,8 @@ class Client:
             while True:
                 if worker.process is not None and worker.process.returncode is not None:
                     raise WorkerDiedError(
-                        f"worker {worker.index} exited with {worker.process.returncode} while starting"
+                        f"worker {worker.index} exited with {worker.process.returncode} while "
+                        "starting"
                     )
                 if await sock.poll(200):
                     msg = wire.decode(await sock.recv())
@@ -234,7 +239,8 @@ class Client:
                         break
                     if isinstance(msg, wire.Error):
                         raise DinferError(
-                            f"worker {worker.index} refused the handshake: {msg.field}: {msg.message}"
+                            f"worker {worker.index} refused the handshake: {msg.field}: "
+                            f"{msg.message}"
                         )
         worker.welcome, worker.alive = msg, True
         self._tg.start_soon(self._read, worker, sock)
@@ -290,10 +296,10 @@ class Client:
         if self._closing or worker.process is not proc:
             return
         worker.alive = False
-        worker.fail_all(
-            WorkerDiedError(f"worker {worker.index} (pid {worker.welcome.pid}) exited with {code}")
-        )
-        worker.socket.close(linger=0)
+        pid = worker.welcome.pid if worker.welcome is not None else "?"
+        worker.fail_all(WorkerDiedError(f"worker {worker.index} (pid {pid}) exited with {code}"))
+        if worker.socket is not None:
+            worker.socket.close(linger=0)
         try:
             await self._start(worker)
         except Exception as e:  # stays dead; requests get WorkerDiedError from _pick
@@ -303,7 +309,9 @@ class Client:
 
     @property
     def welcome(self) -> wire.Welcome:
-        return self._workers[0].welcome
+        welcome = self._workers[0].welcome
+        assert welcome is not None, "the client is connected"
+        return welcome
 
     def _pick(self) -> _Worker:
         alive = [w for w in self._workers if w.alive]
@@ -369,6 +377,7 @@ class Client:
             request_id=rid, params=params, prompt=prompt, messages=messages, token_ids=token_ids
         )
         finished = False
+        assert worker.socket is not None, "_pick returns a live worker"
         try:
             await worker.socket.send(wire.encode(submit))
             while True:
@@ -386,10 +395,8 @@ class Client:
         finally:
             worker.inflight.pop(rid, None)
             if not finished and worker.alive and worker.socket is not None:
-                try:
+                with contextlib.suppress(zmq.ZMQError):
                     worker.socket.send(wire.encode(wire.Abort(rid)), flags=zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
 
     async def generate(
         self,
@@ -400,19 +407,26 @@ class Client:
         params: SamplingParams | None = None,
     ) -> Completion:
         """Run one request to the end and return its Completion."""
-        text, blocks, last = [], {}, None
+        text: list[str] = []
+        blocks: dict[int, list[int]] = {}
+        last: wire.Chunk | None = None
         async for chunk in self.stream(
             prompt, messages=messages, token_ids=token_ids, params=params
         ):
+            assert isinstance(chunk, wire.Chunk)  # not text_only
             text.append(chunk.stable_text)
             if chunk.final:
                 blocks[chunk.block] = chunk.tokens
             last = chunk
-        eos = self._workers[0].welcome.eos_token_id
+        assert last is not None and last.finish_reason is not None, "a stream ends finished"
+        eos = self.welcome.eos_token_id
         ids = [t for b in sorted(blocks) for t in blocks[b]]
         ids = ids[: ids.index(eos)] if eos in ids else ids
         return Completion(
-            text="".join(text), token_ids=ids, finish_reason=last.finish_reason, stats=last.stats
+            text="".join(text),
+            token_ids=ids,
+            finish_reason=last.finish_reason,
+            stats=last.stats or {},
         )
 
     async def worker_load(self) -> list[int]:
@@ -422,6 +436,7 @@ class Client:
             if not w.alive:
                 counts.append(0)
                 continue
+            assert w.socket is not None, "a live worker has a socket"
             await w.socket.send(wire.encode(wire.Ping()))
             with anyio.fail_after(10):
                 counts.append((await w.pongs.get()).active)

@@ -1,4 +1,5 @@
-"""Error types shared by the client, the batch CLI and the workers. Importing this never imports torch."""
+"""Error types shared by the client, the batch CLI and the workers. Importing this never imports
+torch."""
 
 
 class DinferError(Exception):

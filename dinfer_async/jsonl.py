@@ -70,12 +70,14 @@ def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
             line, None, "a line must be a JSON object with 'id' and 'prompt' or 'messages'"
         )
     openai = "custom_id" in obj
-    body, overrides = obj, {k: v for k, v in obj.items() if k in PARAM_FIELDS}
+    body = obj
+    overrides = {k: v for k, v in obj.items() if k in PARAM_FIELDS}
     rid = obj.get("custom_id") if openai else obj.get("id")
     if openai:
-        body = obj.get("body")
-        if not isinstance(body, dict):
+        inner = obj.get("body")
+        if not isinstance(inner, dict):
             return LineError(line, rid, "OpenAI Batch line: 'body' must be an object", openai=True)
+        body = inner
         if obj.get("url", OPENAI_URLS[0]) not in OPENAI_URLS:
             return LineError(
                 line,

@@ -36,7 +36,7 @@ class OutputFile:
             except json.JSONDecodeError:
                 continue
             id_key, line_key = record_keys(record)
-            self.done.add(id_key or line_key)
+            self.done.add(id_key or line_key or "")  # exactly one of them is set
             self.errors_before += line_key is not None
             valid.append(line + b"\n")
         if len(valid) != keep.count(b"\n") or len(keep) != len(data):

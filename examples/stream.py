@@ -24,8 +24,10 @@ async def main(question: str) -> None:
             if chunk.finish_reason:
                 stats = chunk.stats
                 print(
-                    f"\n{chunk.finish_reason}: {stats['tokens']} tokens in {stats['forwards']} forwards "
-                    f"({stats['tokens_per_forward']:.2f} committed per forward), {stats['seconds'] * 1000:.0f} ms"
+                    f"\n{chunk.finish_reason}: {stats['tokens']} tokens in {stats['forwards']} "
+                    "forwards "
+                    f"({stats['tokens_per_forward']:.2f} committed per forward), "
+                    f"{stats['seconds'] * 1000:.0f} ms"
                 )
     print(f"(undecided positions are shown as {MASK_TEXT})")
 

@@ -78,7 +78,7 @@ def cached_attention(
     return attention(q, keys, values, key_mask)
 
 
-# ---- counter-based noise: a pure function of (seed, position, token), the same on every device ----
+# ---- counter-based noise: a pure function of (seed, position, token), the same on any device ----
 # The Triton confidence kernel draws the same numbers (kernels/triton_ops.py, _gumbel), so sampling
 # on CUDA and here agree token for token, and a request's noise never depends on its batch-mates.
 
@@ -140,6 +140,7 @@ def confidence(
     if temperature is None:
         top, token = logits.max(dim=-1)
         return token, torch.exp(top.double() - torch.logsumexp(logits.double(), dim=-1))
+    assert seeds is not None, "sampling needs the rows' seeds"
     compute = torch.promote_types(logits.dtype, torch.float32)
     B, K, V = logits.shape
     h = logits.to(compute)

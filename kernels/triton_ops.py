@@ -266,8 +266,12 @@ def confidence_stats(
         for _ in range(3)
     )
     sample = temperature is not None
-    temp = temperature.to(compute).contiguous() if sample else prob
-    seed = seeds.to(torch.int64).contiguous() if sample else token
+    temp = prob  # unused by a greedy kernel
+    seed = token
+    if temperature is not None:
+        assert seeds is not None, "sampling needs the rows' seeds"
+        temp = temperature.to(compute).contiguous()
+        seed = seeds.to(torch.int64).contiguous()
     _confidence_kernel[(n,)](
         rows,
         temp,
@@ -522,7 +526,7 @@ def _attention_kernel(
         out.to(q.dtype),
         mask=rows[:, None] < Lq,
     )
-    if WRITE:
+    if WRITE:  # noqa: SIM102 (a constexpr branch of its own: pruned when compiled without it)
         if (tl.program_id(1) == 0) & (h % (H // KV_H) == 0):
             for first in range(0, Lq, BLOCK_N):
                 pos = first + tl.arange(0, BLOCK_N)
@@ -547,7 +551,8 @@ def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
         if write:
             raise ValueError(
-                "cache: keys and values must share strides with a contiguous last dimension to be written in place"
+                "cache: keys and values must share strides with a contiguous last dimension to be "
+                "written in place"
             )
         k, v = k.contiguous(), v.contiguous()
     fresh = new_k is not None  # the fed tokens' keys/values come apart from the cache

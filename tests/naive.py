@@ -41,7 +41,7 @@ def naive_softmax(scores: torch.Tensor) -> torch.Tensor:
 def naive_attention_head(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
 ) -> torch.Tensor:
-    """One head: softmax(q k^T / sqrt(D)) v, keys outside `allowed` ([Lk] or [Lq, Lk] bool) hidden."""
+    """One head: softmax(q k^T / sqrt(D)) v; keys outside `allowed` ([Lk] or [Lq, Lk]) hidden."""
     scores = (q @ k.T) / math.sqrt(q.shape[-1])
     if allowed.dim() == 1:
         scores[:, ~allowed] = -math.inf
@@ -51,6 +51,7 @@ def naive_attention_head(
 
 
 def naive_swiglu(h: torch.Tensor, w: dict, prefix: str) -> torch.Tensor:
-    """silu(h W_gate^T) * (h W_up^T) W_down^T from the Hugging Face names gate_proj/up_proj/down_proj."""
+    """silu(h W_gate^T) * (h W_up^T) W_down^T from the Hugging Face names
+    gate_proj/up_proj/down_proj."""
     gate, up = h @ w[prefix + "gate_proj.weight"].T, h @ w[prefix + "up_proj.weight"].T
     return (gate * torch.sigmoid(gate) * up) @ w[prefix + "down_proj.weight"].T

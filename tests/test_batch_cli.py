@@ -214,7 +214,8 @@ def test_memory_stays_bounded_on_a_long_input(tmp_path):
 
     small, large = peak(1_000), peak(100_000)
     assert large - small < 40, (
-        f"peak RSS {small:.0f} MiB for 1k lines, {large:.0f} MiB for 100k (input {100_000 * 230 / 2**20:.0f} MiB)"
+        f"peak RSS {small:.0f} MiB for 1k lines, {large:.0f} MiB for 100k (input "
+        f"{100_000 * 230 / 2**20:.0f} MiB)"
     )
 
 

@@ -96,7 +96,7 @@ async def test_refused_by_the_worker_and_still_usable(client):
 
 async def test_leaving_early_or_cancelling_aborts_on_the_worker(client):
     with anyio.fail_after(60):
-        async for chunk in client.stream(messages=ASK, params=SLOW):
+        async for _chunk in client.stream(messages=ASK, params=SLOW):
             assert await client.worker_load() == [1]
             break
         await asyncio.sleep(0)
@@ -181,7 +181,6 @@ async def test_several_workers_spread_and_agree_and_leave_nothing_behind():
         async with Client(workers=2, threads=1) as c:
             directory = c._dir
             pids = {w.welcome.pid for w in c._workers}
-            seen = []
 
             async def one(m):
                 comp = await c.generate(messages=m, params=FAST)

@@ -103,7 +103,7 @@ def test_threshold_commits_everything_confident_and_at_least_one():
     from workers.decoders import ThresholdDecoder
 
     dec = ThresholdDecoder([SamplingParams(threshold=0.5), SamplingParams(threshold=0.5)], "cpu")
-    gens = [torch.Generator(), torch.Generator()]
+    seeds = torch.tensor([3, 4])  # the rows' step keys (greedy here: unused)
     logits = torch.log(
         torch.tensor(
             [
@@ -114,10 +114,10 @@ def test_threshold_commits_everything_confident_and_at_least_one():
         )
     )
     masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    token, commit = dec.select(logits, masked, 0, gens)
+    token, commit = dec.select(logits, masked, 0, seeds)
     assert commit.tolist() == [[True, True, True, False], [True, True, True, True]]
     dec.tau = torch.tensor([[0.65], [0.65]], dtype=torch.float64)
-    token, commit = dec.select(logits, masked, 0, gens)
+    token, commit = dec.select(logits, masked, 0, seeds)
     assert commit.tolist() == [[False, True, False, False], [True, False, False, False]]
     assert token[0].tolist()[:3] == [0, 1, 1]
 

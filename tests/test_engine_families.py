@@ -163,8 +163,8 @@ def test_block_causal_early_stop_ignores_eos_in_the_prompt_tail():
 FAMILIES = ["lladamoe", "llada2_moe", "Dream"]
 
 
-def family_model(family, seed=0):
-    model = tiny_family_model(family, seed=seed)
+def family_model(family, seed=0, **overrides):
+    model = tiny_family_model(family, seed=seed, **overrides)
     return model, model.config.mask_token_id
 
 
@@ -196,6 +196,30 @@ def test_llada2_cached_block_decoding_equals_uncached(cache):
         for s in denoise(model, prompts, SamplingParams(cache=cache, **kw).validate(), [0] * 5)
     ]
     assert cached == uncached
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual", "vicinity"])
+def test_dream_caches_equal_no_cache(cache):
+    """Dream (shifted logits) with one layer: a cached key and value depend only on their token
+    and position, so every cache is exact and must give cache="none"'s tokens, token for token
+    (float64, ragged batch). Feeding the wrong columns around the block (the column before it
+    predicts its first position) or taking the wrong logits would change them."""
+    model, mask = family_model("Dream", seed=4, num_hidden_layers=1)
+    assert model.logit_shift == 1
+    prompts = random_prompts(13, PROMPT_LENGTHS, model.config.vocab_size - 1, mask)
+    kw = dict(
+        gen_length=16,
+        block_length=8,
+        threshold=0.6,
+        early_stop=False,
+        prefix_look=2,
+        after_look=3,
+    )
+    seeds = [0] * 5
+    uncached = answers(model, prompts, seeds, cache="none", **kw)
+    assert answers(model, prompts, seeds, cache=cache, **kw) == uncached
+    forwards = [s.forwards for s in denoise(model, prompts, SamplingParams(**kw).validate(), seeds)]
+    assert max(forwards) > 2, "blocks should take several steps, or the cache is never read"
 
 
 def test_block_causal_cache_feeds_each_token_once_per_block():

@@ -72,7 +72,8 @@ def test_round_trip_is_bit_exact(tmp_path, raw_config, make_model, sharded, weig
     else:
         assert not (tmp_path / INDEX).exists()
         with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
-            written = {name: "model.safetensors" for name in f.keys()}
+            names = f.keys()  # a safetensors handle, not a dict
+            written = {name: "model.safetensors" for name in names}
     assert set(written) == set(dict(model.named_parameters()))
     assert (LM_HEAD in written) is not weight_tying
 
@@ -105,7 +106,8 @@ def test_bfloat16_checkpoint_loads_as_bfloat16(tmp_path, raw_config, make_model)
     save_model(model, tmp_path, raw, dtype=torch.bfloat16)
 
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
-        stored = {name: f.get_tensor(name) for name in f.keys()}
+        names = f.keys()  # a safetensors handle, not a dict
+        stored = {name: f.get_tensor(name) for name in names}
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
 
     loaded = load_model(tmp_path, dtype="bfloat16")

@@ -43,7 +43,8 @@ def dream_raw_config(**overrides) -> dict:
 
 
 def random_dream(raw: dict, seed: int = 0, dtype=F64) -> DreamModel:
-    """Every parameter drawn wide from a seeded normal; norm weights around 1, so none is trivial."""
+    """Every parameter drawn wide from a seeded normal; norm weights around 1, so none is
+    trivial."""
     return random_model(raw, seed=seed, std=0.4, dtype=dtype)
 
 

@@ -22,7 +22,8 @@ from workers.cache import KVCache
 from workers.errors import ModelConfigError
 from workers.loader import load_model, save_model
 from workers.models import FAMILIES
-from workers.models.llada2 import LLaDA2Config, LLaDA2Model, block_causal_mask
+from workers.models.llada2 import LLaDA2Config, LLaDA2Model
+from workers.shared import block_causal_mask
 
 F64 = torch.float64
 INDEX = "model.safetensors.index.json"
@@ -36,7 +37,8 @@ def tiny_raw(**overrides) -> dict:
     return tiny_family_raw("llada2_moe", **{**fields, **overrides})
 
 
-# grouped KV with biases, full rotary, tied head, 2 shared experts, no expert bias, 1 of 2 groups, top-3
+# grouped KV with biases, full rotary, tied head, 2 shared experts, no expert bias, 1 of 2 groups,
+# top-3
 CASES = {
     "mini-like": {},
     "variant": dict(
@@ -183,7 +185,8 @@ def naive_forward(
 
 
 def padded_batch(raw: dict, length: int, pad: int, seed: int):
-    """Two rows of `length` columns; row 1 is left-padded by `pad` (junk ids, masked, position 0)."""
+    """Two rows of `length` columns; row 1 is left-padded by `pad` (junk ids, masked, position
+    0)."""
     return left_padded_batch(raw, [length, length - pad], seed)
 
 
@@ -257,7 +260,8 @@ def test_router_matches_naive_and_grouping_and_bias_matter():
 
 
 def test_reference_is_sensitive_to_the_expert_bias():
-    """Zeroing the expert biases changes the logits clearly, so the tight agreement above checks them."""
+    """Zeroing the expert biases changes the logits clearly, so the tight agreement above checks
+    them."""
     raw = tiny_raw()
     model = random_model(raw, seed=3)
     ids, positions, real = padded_batch(raw, 9, pad=0, seed=0)

@@ -46,7 +46,8 @@ def random_model(raw: dict, seed: int = 0) -> LLaDAMoEModel:
 
 
 def upstream_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of an upstream LLaDA-MoE checkpoint, written from the upstream layout."""
+    """Tensor name -> shape of an upstream LLaDA-MoE checkpoint, written from the upstream
+    layout."""
     d, heads, kv = raw["hidden_size"], raw["num_attention_heads"], raw["num_key_value_heads"]
     hd, vocab, E = d // heads, raw["vocab_size"], raw["num_experts"]
     shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,)}
@@ -211,7 +212,8 @@ def test_padding_is_invisible_to_real_tokens():
 
 
 def test_routing_flags_and_weights_change_the_output():
-    """Controls for the reference test: norm_topk_prob is wired, and other weights give other logits."""
+    """Controls for the reference test: norm_topk_prob is wired, and other weights give other
+    logits."""
     raw = raw_config()
     ids, positions, _ = left_padded(raw, 7, pad=0, seed=1)
     base = random_model(raw, seed=1)(ids, positions)
@@ -251,7 +253,8 @@ def test_round_trip_in_upstream_format(tmp_path, case, sharded):
 
 
 def test_wrong_expert_shape_is_named(tmp_path):
-    """A checkpoint whose experts disagree with expert_intermediate_size fails, naming the tensor."""
+    """A checkpoint whose experts disagree with expert_intermediate_size fails, naming the
+    tensor."""
     raw = raw_config()
     tensors = {n: p.float().contiguous() for n, p in random_model(raw).named_parameters()}
     name = "model.layers.1.mlp.experts.3.down_proj.weight"

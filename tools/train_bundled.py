@@ -220,7 +220,7 @@ def main():
         torch_dtype="float16",
     )
     model = LLaDAModel(LLaDAConfig.from_dict(raw_config))
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 2 and args.init_std > 0:
             torch.nn.init.normal_(p, std=args.init_std)
     print(f"parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M, vocab {vocab}")
@@ -247,7 +247,7 @@ def main():
         window = rng.choices(WINDOWS, WINDOW_WEIGHTS)[0]
         if args.bucket:  # one task for the whole batch
             task = weighted_task()
-            pick_task = lambda: task
+            pick_task = lambda task=task: task
         else:
             pick_task = weighted_task
         ids, pos, kmask, target, masked, scale = make_batch(
@@ -278,7 +278,8 @@ def main():
             save_model(model, args.out, raw_config, dtype=SAVE_DTYPE)
         if time.time() - last_eval > args.eval_every * 60:
             print(
-                f"held-out accuracy at {elapsed / 60:.1f} min: {held_out_accuracy(model, tokenizer, eos_id, mask_id)}",
+                f"held-out accuracy at {elapsed / 60:.1f} min: "
+                f"{held_out_accuracy(model, tokenizer, eos_id, mask_id)}",
                 flush=True,
             )
             last_eval = time.time()
@@ -289,7 +290,8 @@ def main():
 
 @torch.no_grad()
 def held_out_accuracy(model, tokenizer, eos_id, mask_id, per_task=10, gen_length=32) -> str:
-    """Reference-sampler exact match on the first held-out prompts (a learning curve for the log)."""
+    """Reference-sampler exact match on the first held-out prompts (a learning curve for the
+    log)."""
     examples = tasks.held_out(per_task)
     prompts = [chat_ids(tokenizer, ex.messages) for ex in examples]
     model.eval()

@@ -1,194 +1,206 @@
-"""KV-cache managers: which tokens go through the model at each step of a block.
+"""Cache policies: which tokens go through the model at each step of a block.
 
-  none    every step runs the whole sequence.
-  prefix  step 0 of a block runs the whole sequence and fills the cache (its logits decode that
-          step); later steps run the block and everything after it over the cached prefix.
-  dual    same refresh; later steps run only the block over the cached prefix and suffix.
+  none      every step runs the whole sequence.
+  prefix    step 0 of a block runs the whole sequence and fills the cache (its logits decode
+            that step); later steps run the block and everything after it over the cached prefix.
+  dual      same refresh; later steps run only the block over the cached prefix and suffix.
   vicinity  dInfer's refresh: dual, but each step recomputes the block plus `prefix_look` tokens
-          before and `after_look` after it, attending with that window fresh without writing it
-          back (the cache keeps the refresh's values).
+            before and `after_look` after it, attending with that window fresh without writing
+            it back (the cache keeps the refresh's values).
 
 With a model whose logits are shifted (Dream: column c predicts column c + 1), every policy
 also feeds the column before the block, whose logits predict the block's first position.
 
-The cache is preallocated for the largest batch and written in place with post-RoPE keys; the
-fed tokens overwrite their own slots, so a step attends over the cache as it now stands.
+A policy is made from the SamplingParams of the requests it serves and the KV cache storage
+(workers/kv_cache.py), lives as long as its group of requests in the scheduler (across rounds),
+and owns whatever it keeps per request. Adding one: a class here following `CachePolicy`, one
+line in `CACHE_POLICIES`, its name in dinfer_async/params.py's CACHES (the test in
+tests/test_engine_contracts.py checks that the two agree).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
 import torch
 
-import dinfer_kernels as kernels
+from dinfer_async.params import SamplingParams
+from workers.kv_cache import KVCache, Overlay
+
+if TYPE_CHECKING:
+    from workers.iteration import Batch, Sequence
+
+__all__ = ["CACHE_POLICIES", "CachePolicy", "KVCache", "policy_class"]
 
 
-class KVCache:
-    """Per-layer keys and values [layers, rows, kv_heads, length, head_dim], allocated once and
-    grown only when a round needs more rows or a longer sequence than any before it."""
+class CachePolicy(Protocol):
+    """What the iteration manager asks of a cache policy."""
 
-    def __init__(self, config, device, dtype):
-        self.config, self.device, self.dtype = config, device, dtype
-        self.k = self.v = None
-        self.rows = self.length = 0
+    # True: right as it is for block-causal models (LLaDA2); False: `policy_class` resolves it
+    # to BlockCausalCache for them
+    block_causal: ClassVar[bool] = False
 
-    def reserve(self, rows: int, length: int) -> None:
-        if self.k is None or self.k.shape[1] < rows or self.k.shape[3] < length:
-            c = self.config
-            cap_rows = max(rows, 0 if self.k is None else self.k.shape[1])
-            cap_len = max(length, 0 if self.k is None else self.k.shape[3])
-            shape = (c.n_layers, cap_rows, c.n_kv_heads, cap_len, c.head_dim)
-            self.k = torch.empty(shape, device=self.device, dtype=self.dtype)
-            self.v = torch.empty(shape, device=self.device, dtype=self.dtype)
-        self.rows, self.length = rows, length
+    def __init__(self, params: SamplingParams, kv: KVCache) -> None: ...
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Compact the cache to `rows` (in that order) in place; the rest is free for reuse."""
-        n = len(rows)
-        self.k[:, :n] = self.k[:, rows]
-        self.v[:, :n] = self.v[:, rows]
-        self.rows = n
+    @classmethod
+    def group_key(cls, params: SamplingParams) -> tuple[Hashable, ...]:
+        """The policy's own parameters in `params`: only requests that agree on them share a
+        policy (and a round)."""
+        return ()
 
-    def attention(self, layer: int, q, k, v, start: int, key_mask, write: bool = True):
-        """The fed tokens (sequence offset `start`) attend over the cache with their own k, v at
-        [start, start + n), written into it there by the same kernel when `write`."""
-        return kernels.cached_attention(
-            q,
-            k,
-            v,
-            self.k[layer, : self.rows, :, : self.length],
-            self.v[layer, : self.rows, :, : self.length],
-            start,
-            key_mask,
-            write,
-        )
-
-
-class Overlay:
-    """The cache as seen with a window of fresh keys/values in place, leaving the cache untouched."""
-
-    def __init__(self, kv: KVCache):
-        self.kv = kv
-
-    def attention(self, layer: int, q, k, v, start: int, key_mask):
-        return self.kv.attention(layer, q, k, v, start, key_mask, write=False)
-
-
-class NoCache:
-    def end_block(self, batch, rows: list[int]) -> None:
-        pass
-
-    def block_logits(self, run, batch, start, end, step):
-        return run(batch.ids, batch.positions, batch.real)[
-            :, start - batch.shift : end - batch.shift
-        ]
+    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
+        """The logits [B, K, V] of the block's positions at `step` of the block."""
+        ...
 
     def keep_rows(self, rows: torch.Tensor) -> None:
+        """Rows left mid-block: only the KV-cache rows `rows` stay, in that order."""
+        return None
+
+    def end_block(self, batch: Batch, rows: list[int]) -> None:
+        """Batch rows `rows` finished their block (their tokens are in their requests)."""
+        return None
+
+    def leave(self, seq: Sequence) -> None:
+        """`seq` finished or was aborted: forget whatever is kept for it."""
+        return None
+
+
+class NoCache(CachePolicy):
+    block_causal = True  # the batch builds the block-causal mask of every forward
+
+    def __init__(self, params: SamplingParams, kv: KVCache) -> None:
         pass
 
+    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
+        return batch.run(0, batch.length)
 
-class _RefreshingCache:
-    """Step 0 of each block refreshes the whole cache; later steps feed batch[start:self._feed_end(...)]."""
 
-    def __init__(self, kv: KVCache):
+class PrefixCache(CachePolicy):
+    """Step 0 of each block refreshes the whole cache; later steps feed the block (with the
+    column before it) through `_feed_end`."""
+
+    def __init__(self, params: SamplingParams, kv: KVCache) -> None:
         self.kv = kv
-
-    def end_block(self, batch, rows: list[int]) -> None:
-        pass
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.kv.keep_rows(rows)
 
-    def block_logits(self, run, batch, start, end, step):
-        s = batch.shift
+    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
         if step == 0:
             self.kv.reserve(batch.cache_rows, batch.length)
-            return run(batch.ids, batch.positions, batch.real, self.kv, 0)[:, start - s : end - s]
-        stop, lo = self._feed_end(batch, end), start - s
-        logits = run(batch.ids[:, lo:stop], batch.positions[:, lo:stop], batch.real, self.kv, lo)
-        return logits[:, : end - start]
+            return batch.run(0, batch.length, self.kv)
+        return batch.run(batch.block_start - batch.shift, self._feed_end(batch), self.kv)
+
+    def _feed_end(self, batch: Batch) -> int:
+        return batch.length  # the block and everything after it
 
 
-class PrefixCache(_RefreshingCache):
-    def _feed_end(self, batch, end):
-        return batch.length
+class DualCache(PrefixCache):
+    def _feed_end(self, batch: Batch) -> int:
+        return batch.block_end  # the block only
 
 
-class DualCache(_RefreshingCache):
-    def _feed_end(self, batch, end):
-        return end
+class VicinityCache(PrefixCache):
+    def __init__(self, params: SamplingParams, kv: KVCache) -> None:
+        super().__init__(params, kv)
+        self.before = params.prefix_look
+        self.after = params.after_look
 
+    @classmethod
+    def group_key(cls, params: SamplingParams) -> tuple[Hashable, ...]:
+        return (params.prefix_look, params.after_look)
 
-class VicinityCache(_RefreshingCache):
-    def __init__(self, kv: KVCache, before: int, after: int):
-        super().__init__(kv)
-        self.before, self.after = before, after
-
-    def block_logits(self, run, batch, start, end, step):
+    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
         if step == 0:
-            return super().block_logits(run, batch, start, end, step)
-        s = batch.shift
-        lo, hi = max(0, start - max(self.before, s)), min(batch.length, end + self.after)
-        logits = run(
-            batch.ids[:, lo:hi], batch.positions[:, lo:hi], batch.real, Overlay(self.kv), lo
-        )
-        return logits[:, start - s - lo : end - s - lo]
+            return super().block_logits(batch, step)
+        lo = max(0, batch.block_start - max(self.before, batch.shift))
+        hi = min(batch.length, batch.block_end + self.after)
+        return batch.run(lo, hi, Overlay(self.kv))
+
+
+@dataclass
+class _Stored:
+    """One request's final keys and values [layers, kv_heads, length, head_dim], valid for
+    its first `length` tokens (prompt head + finished blocks)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
 
 
 class BlockCausalCache(DualCache):
     """Block-causal models (LLaDA2): a finished block never sees later ones, so its keys and
-    values are final. Each request keeps its own copy of them across rounds (`Sequence.kv`); a
-    block's first step restores that copy into the batch cache and feeds only what is not in it:
-    the block just finished (its commit folded into this forward) and the new block. New
-    requests feed their prompt once. Guided rows (cfg) feed everything, as their unconditional
-    copies have no stored keys. Every cache policy means this one for such models."""
+    values are final. The policy keeps each request's copy of them across rounds; a block's
+    first step restores that copy into the batch cache and feeds only what is not in it: the
+    block just finished (its commit folded into this forward) and the new block. New requests
+    feed their prompt once. Guided rows (cfg) feed everything, as their unconditional copies
+    have no stored keys. The same tokens as no cache (tests/test_engine_families.py)."""
 
-    def block_logits(self, run, batch, start, end, step):
+    block_causal = True
+
+    def __init__(self, params: SamplingParams, kv: KVCache) -> None:
+        super().__init__(params, kv)
+        self.stored: dict[Sequence, _Stored] = {}
+
+    def leave(self, seq: Sequence) -> None:
+        self.stored.pop(seq, None)
+
+    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
         if step > 0:
-            return super().block_logits(run, batch, start, end, step)
-        self.kv.reserve(batch.cache_rows, batch.length)
-        stored = [0 if len(batch.guided) else seq.kv_len for seq in batch.seqs]
-        lo = min([start - batch.shift] + [a + n for a, n in zip(batch.row_start, stored)])
+            return super().block_logits(batch, step)
+        kv = self.kv
+        kv.reserve(batch.cache_rows, batch.length)
+        if len(batch.guidance):
+            lengths = [0] * batch.rows
+        else:
+            lengths = [self.stored[s].length if s in self.stored else 0 for s in batch.seqs]
+        stored_ends = [a + n for a, n in zip(batch.row_start, lengths)]
+        lo = min([batch.block_start - batch.shift, *stored_ends])
         # columns before `lo` are not fed: padding there is hidden from attention but must not
         # hold NaN left by an earlier round (0 x NaN is NaN); then each row's stored keys
-        self.kv.k[:, : batch.cache_rows, :, :lo] = 0
-        self.kv.v[:, : batch.cache_rows, :, :lo] = 0
-        for i, (seq, a, n) in enumerate(zip(batch.seqs, batch.row_start, stored)):
-            if not n:
-                continue
-            self.kv.k[:, i, :, a : a + n] = seq.kv[0][:, :, :n]
-            self.kv.v[:, i, :, a : a + n] = seq.kv[1][:, :, :n]
-        logits = run(batch.ids[:, lo:], batch.positions[:, lo:], batch.real, self.kv, lo)
-        return logits[:, start - batch.shift - lo : end - batch.shift - lo]
+        kv.k[:, : batch.cache_rows, :, :lo] = 0
+        kv.v[:, : batch.cache_rows, :, :lo] = 0
+        for i, (seq, a, n) in enumerate(zip(batch.seqs, batch.row_start, lengths)):
+            if n:
+                kv.k[:, i, :, a : a + n] = self.stored[seq].k[:, :, :n]
+                kv.v[:, i, :, a : a + n] = self.stored[seq].v[:, :, :n]
+        return batch.run(lo, batch.length, kv)
 
-    def end_block(self, batch, rows: list[int]) -> None:
+    def end_block(self, batch: Batch, rows: list[int]) -> None:
         """Keep each row's keys and values up to the block's start (the block itself was
         computed before its last commit; the next round feeds it)."""
+        kv = self.kv
         for i in rows:
             seq = batch.seqs[i]
-            a, n = batch.row_start[i], batch.block_start - batch.row_start[i]
-            if seq.kv is None:
-                shape = (
-                    self.kv.k.shape[0],
-                    self.kv.k.shape[2],
-                    len(seq.prompt) + len(seq.window),
-                    self.kv.k.shape[4],
-                )
-                seq.kv = (self.kv.k.new_empty(shape), self.kv.v.new_empty(shape))
-            seq.kv[0][:, :, :n] = self.kv.k[:, i, :, a : a + n]
-            seq.kv[1][:, :, :n] = self.kv.v[:, i, :, a : a + n]
-            seq.kv_len = n
+            a = batch.row_start[i]
+            n = batch.block_start - a
+            if seq not in self.stored:
+                layers, _, heads, _, dim = kv.k.shape
+                shape = (layers, heads, len(seq.prompt) + len(seq.window), dim)
+                self.stored[seq] = _Stored(kv.k.new_empty(shape), kv.v.new_empty(shape))
+            stored = self.stored[seq]
+            stored.k[:, :, :n] = kv.k[:, i, :, a : a + n]
+            stored.v[:, :, :n] = kv.v[:, i, :, a : a + n]
+            stored.length = n
 
 
-def make_cache(params, kv: KVCache, block_causal: bool = False):
-    """The policy `params.cache` names, using the preallocated `kv` where it needs one."""
-    if params.cache == "none":
-        return NoCache()
-    if block_causal:
-        return BlockCausalCache(kv)
-    if params.cache == "prefix":
-        return PrefixCache(kv)
-    if params.cache == "dual":
-        return DualCache(kv)
-    if params.cache == "vicinity":
-        return VicinityCache(kv, params.prefix_look, params.after_look)
-    raise ValueError(f"cache={params.cache!r}")
+# name (SamplingParams.cache, listed in dinfer_async.params.CACHES) -> class
+CACHE_POLICIES: dict[str, type[CachePolicy]] = {
+    "none": NoCache,
+    "prefix": PrefixCache,
+    "dual": DualCache,
+    "vicinity": VicinityCache,
+}
+
+
+def policy_class(name: str, block_causal: bool) -> type[CachePolicy]:
+    """The class for SamplingParams.cache == `name` on a model that is `block_causal` or not.
+
+    For a block-causal model, the finished blocks' keys and values are final, so every caching
+    policy gives the same tokens as no cache; one that does not handle such models itself
+    (`block_causal = False`: prefix, dual, vicinity) is resolved to BlockCausalCache, which
+    gives those tokens feeding each token once per block."""
+    cls = CACHE_POLICIES[name]
+    return BlockCausalCache if block_causal and not cls.block_causal else cls

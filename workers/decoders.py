@@ -3,21 +3,32 @@
 A decoder serves the rows of a batch that chose it, each row with its own parameters (held as
 [rows, 1] tensors). `select` sees the rows' block logits [B, K, V] and which positions are still
 masked [B, K], and returns predicted tokens and a commit mask using tensor ops only (no host
-sync). `done` says which rows have finished the block.
+sync). `done` says which rows have finished the block. A decoder sees logits and the block's
+state, never the model.
+
+Adding a decoder: a `Decoder` subclass here (its parameters read from each row's
+SamplingParams in `__init__`), one line in `DECODERS`, its name in dinfer_async/params.py's
+DECODERS (tests/test_engine_contracts.py checks that the two agree).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 import dinfer_kernels as kernels
+from dinfer_async.params import SamplingParams
 from dinfer_kernels.reference import descending_rank, random_scores
-from workers.reference import transfer_counts
 from workers.sampling import predict
+from workers.shared import transfer_counts
+
+Device = torch.device | str
 
 
-def _column(values, device, dtype=torch.float64) -> torch.Tensor:
-    return torch.tensor(values, device=device, dtype=dtype)[:, None]
+def _column(values: Sequence[float], device: Device) -> torch.Tensor:
+    """Per-row parameters as a [rows, 1] float64 column."""
+    return torch.tensor(values, device=device, dtype=torch.float64)[:, None]
 
 
 def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -27,14 +38,24 @@ def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 
 class Decoder:
-    def __init__(self, params: list, device):
+    """The rows of a batch that chose one decoder, with their per-row parameters."""
+
+    def __init__(self, params: list[SamplingParams], device: Device):
         self.temperature = torch.tensor(
             [p.temperature for p in params], device=device, dtype=torch.float64
         )
         self.sampling = any(p.temperature > 0 for p in params)  # decided on the host, once
 
-    def predict(self, logits, seeds):
+    def predict(
+        self, logits: torch.Tensor, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return predict(logits, self.temperature if self.sampling else None, seeds)
+
+    def select(
+        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [B, K, V], masked [B, K] -> (predicted token [B, K], commit [B, K] bool)."""
+        raise NotImplementedError
 
     def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
         """[rows] bool: which rows finished the block after `step` steps."""
@@ -53,7 +74,7 @@ class Decoder:
 class FixedDecoder(Decoder):
     """LLaDA's rule: a fixed number of commits per step, the most confident (or random) first."""
 
-    def __init__(self, params, device):
+    def __init__(self, params: list[SamplingParams], device: Device):
         super().__init__(params, device)
         K = params[0].block_length
         per_block = [p.total_steps // p.num_blocks for p in params]
@@ -65,10 +86,12 @@ class FixedDecoder(Decoder):
         self.random = torch.tensor([p.remasking == "random" for p in params], device=device)
         self.any_random = any(p.remasking == "random" for p in params)  # decided on the host, once
 
-    def done(self, step, masked_left):
+    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
         return self.steps <= step
 
-    def select(self, logits, masked, step, seeds):
+    def select(
+        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         token, score = self.predict(logits, seeds)
         if self.any_random:
             score = torch.where(self.random[:, None], random_scores(seeds, masked.shape[1]), score)
@@ -84,11 +107,13 @@ class FixedDecoder(Decoder):
 class ThresholdDecoder(Decoder):
     """Commit every masked position whose confidence is >= tau, and at least the most confident."""
 
-    def __init__(self, params, device):
+    def __init__(self, params: list[SamplingParams], device: Device):
         super().__init__(params, device)
         self.tau = _column([p.threshold for p in params], device)
 
-    def select(self, logits, masked, step, seeds):
+    def select(
+        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         token, conf = self.predict(logits, seeds)
         conf = torch.where(masked, conf, -torch.inf)
         return token, masked & _best_or_above(conf, self.tau)
@@ -98,11 +123,13 @@ class FactorDecoder(Decoder):
     """Fast-dLLM's factor rule: with the block's confidences sorted c_1 >= c_2 >= ..., commit the
     largest n such that (n + 1)(1 - c_n) < f; always at least one."""
 
-    def __init__(self, params, device):
+    def __init__(self, params: list[SamplingParams], device: Device):
         super().__init__(params, device)
         self.f = _column([p.factor for p in params], device)
 
-    def select(self, logits, masked, step, seeds):
+    def select(
+        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         token, conf = self.predict(logits, seeds)
         return token, kernels.factor_commit(conf, masked, self.f)
 
@@ -112,12 +139,14 @@ class HierarchicalDecoder(Decoder):
     each run's most confident position if it is >= low_threshold, every position >= tau, and the
     block's most confident position."""
 
-    def __init__(self, params, device):
+    def __init__(self, params: list[SamplingParams], device: Device):
         super().__init__(params, device)
         self.tau = _column([p.threshold for p in params], device)
         self.low = _column([p.low_threshold for p in params], device)
 
-    def select(self, logits, masked, step, seeds):
+    def select(
+        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         token, conf = self.predict(logits, seeds)
         return token, kernels.hierarchical_commit(conf, masked, self.tau, self.low)
 
@@ -127,7 +156,7 @@ class CreditDecoder(Decoder):
     across steps; each step credit <- beta * credit + p^gamma at every masked position's predicted
     token, and the threshold rule runs on logits + alpha * log(1 + credit)."""
 
-    def __init__(self, params, device):
+    def __init__(self, params: list[SamplingParams], device: Device):
         super().__init__(params, device)
         self.tau = _column([p.threshold for p in params], device)
         self.alpha = _column([p.credit_alpha for p in params], device)[..., None]
@@ -135,7 +164,9 @@ class CreditDecoder(Decoder):
         self.beta = _column([p.credit_beta for p in params], device)[..., None]
         self.credit: torch.Tensor | None = None
 
-    def select(self, logits, masked, step, seeds):
+    def select(
+        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.credit is None:
             self.credit = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
         token, prob = predict(logits, None, seeds)
@@ -151,7 +182,8 @@ class CreditDecoder(Decoder):
         self.credit = None
 
 
-DECODERS = {
+# name (SamplingParams.decoder, listed in dinfer_async.params.DECODERS) -> class
+DECODERS: dict[str, type[Decoder]] = {
     "fixed": FixedDecoder,
     "threshold": ThresholdDecoder,
     "factor": FactorDecoder,
@@ -163,16 +195,19 @@ DECODERS = {
 class DecoderSet:
     """The decoders of a batch: rows grouped by decoder name, each group decoded by one object."""
 
-    def __init__(self, params: list, device):
+    def __init__(self, params: list[SamplingParams], device: Device):
         self.device = device
         names = sorted({p.decoder for p in params})
-        self.groups = []
+        self.groups: list[tuple[torch.Tensor, Decoder]] = []
         for name in names:
             rows = [i for i, p in enumerate(params) if p.decoder == name]
             index = torch.tensor(rows, device=device)
             self.groups.append((index, DECODERS[name]([params[i] for i in rows], device)))
 
-    def select(self, logits, masked, step, seeds):
+    def select(
+        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's rows through its decoder (see Decoder.select)."""
         if len(self.groups) == 1:  # the common case: one decoder for the whole batch
             return self.groups[0][1].select(logits, masked, step, seeds)
         token = torch.empty(masked.shape, dtype=torch.long, device=masked.device)
@@ -182,7 +217,7 @@ class DecoderSet:
             token[index], commit[index] = t, c
         return token, commit
 
-    def done(self, step, masked_left) -> torch.Tensor:
+    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
         if len(self.groups) == 1:
             return self.groups[0][1].done(step, masked_left)
         out = torch.zeros(masked_left.shape[0], dtype=torch.bool, device=masked_left.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,6 +14,10 @@ from dinfer_async.params import SamplingParams
 from workers.loader import load_model, resolve_dtype
 from workers.scheduler import denoise
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
+
+if TYPE_CHECKING:
+    from workers.interfaces import DiffusionModel, Tokenizer
+    from workers.iteration import Sequence
 
 
 @dataclass
@@ -36,33 +41,40 @@ class GenerationResult:
 class Engine:
     def __init__(
         self,
-        model,
-        tokenizer,
+        model: DiffusionModel,
+        tokenizer: Tokenizer,
         name: str = "model",
         max_batch_size: int = 32,
         steps_per_check: int = 1,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound); results do not depend on it."""
-        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
         self.config = model.config
-        self.max_batch_size, self.steps_per_check = max_batch_size, steps_per_check
+        self.max_batch_size = max_batch_size
+        self.steps_per_check = steps_per_check
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path | None = None, device="cpu", dtype="float32", **kwargs
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        **kwargs: Any,
     ) -> Engine:
         """Load a local Hugging Face directory; None loads the bundled model."""
-        name = "dinfer-bundled" if path is None else Path(path).name
         if path is None:
-            from workers.bundled import MODEL_DIR as path
-        path = Path(path)
-        model = load_model(path, device=torch.device(device), dtype=resolve_dtype(dtype))
-        return cls(model, load_tokenizer(path), name=name, **kwargs)
+            from workers.bundled import MODEL_DIR
 
-    @property
-    def max_prompt_length(self) -> int:
-        return self.config.max_sequence_length
+            name = "dinfer-bundled"
+            folder = Path(MODEL_DIR)
+        else:
+            folder = Path(path)
+            name = folder.name
+        model = load_model(folder, device=torch.device(device), dtype=resolve_dtype(dtype))
+        return cls(model, load_tokenizer(folder), name=name, **kwargs)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         """Token ids for a raw-text prompt or for chat messages (the chat template applied)."""
@@ -130,7 +142,8 @@ class Engine:
         """Answer text for token ids (special tokens left out)."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _result(self, seq) -> GenerationResult:
+    def _result(self, seq: Sequence) -> GenerationResult:
+        assert seq.finish_reason is not None, "denoise runs every request to its end"
         answer = seq.answer(self.config.eos_token_id)
         text = self.decode(answer) if seq.stop_text is None else seq.stop_text
         return GenerationResult(

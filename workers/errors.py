@@ -1,4 +1,5 @@
-"""Errors raised while loading a model directory; each message names the file or field and the fix."""
+"""Errors raised while loading a model directory; each message names the file or field and the
+fix."""
 
 
 class ModelLoadError(Exception):

@@ -1,7 +1,7 @@
 """The iteration manager: one block of semi-autoregressive denoising over a batch of requests.
 
 A `BlockRound` lays the running requests out so their current blocks share columns, then steps:
-the cache manager picks what goes through the model, the decoders pick what to commit, until
+the cache policy picks what goes through the model, the decoders pick what to commit, until
 every row has finished its block. Rows may be at different blocks of different windows, with
 different prompts and decoding parameters; only the block length and cache policy are shared.
 """
@@ -9,16 +9,21 @@ different prompts and decoding parameters; only the block length and cache polic
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dinfer_async.params import SamplingParams
 from workers.decoders import DecoderSet
-from workers.models.llada2 import block_causal_mask
-from workers.reference import until_eos
-from workers.sampling import block_seed, forbid_tokens, step_seeds
+from workers.shared import block_causal_mask, block_seed, forbid_tokens, step_seeds, until_eos
+
+if TYPE_CHECKING:
+    from workers.cache import CachePolicy
+    from workers.interfaces import DiffusionModel
+    from workers.kv_cache import KVCache, Overlay
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: a request is hashable and equal only to itself
 class Sequence:
     """One request's state across rounds.
 
@@ -29,9 +34,9 @@ class Sequence:
     holding the last answer position; only [skip, skip + gen_length) is the answer.
     """
 
-    id: object
+    id: Any  # the caller's handle (the worker's request id, denoise's index); never read here
     prompt: list[int]
-    params: object  # SamplingParams, validated
+    params: SamplingParams  # validated
     seed: int
     window: list[int]  # ids decoded block by block; mask until committed
     skip: int = 0  # window positions before the answer (a block-causal prompt's tail)
@@ -42,18 +47,23 @@ class Sequence:
     admitted_at: float = 0.0
     seconds: float = 0.0
     aborted: bool = False
-    kv: tuple | None = None  # block-causal models: this request's final keys and values
-    kv_len: int = 0  # ... valid for its first kv_len tokens (prompt head + finished blocks)
     stop_text: str | None = None  # finished by a stop string: the answer's text, cut before it
 
     @classmethod
     def create(
-        cls, id, prompt: list[int], params, seed: int, mask_id: int, block_aligned: bool = False
-    ):
-        K, tail = params.block_length, len(prompt) % params.block_length if block_aligned else 0
-        head, tail_ids = list(prompt[: len(prompt) - tail]), list(prompt[len(prompt) - tail :])
+        cls,
+        id: Any,
+        prompt: list[int],
+        params: SamplingParams,
+        seed: int,
+        mask_id: int,
+        block_aligned: bool = False,
+    ) -> Sequence:
+        K = params.block_length
+        tail = len(prompt) % K if block_aligned else 0  # the prompt's last partial block
+        head = list(prompt[: len(prompt) - tail])
         length = -(-(tail + params.gen_length) // K) * K
-        window = tail_ids + [mask_id] * (length - tail)
+        window = list(prompt[len(prompt) - tail :]) + [mask_id] * (length - tail)
         return cls(id, head, params, seed, window, skip=tail)
 
     @property
@@ -75,13 +85,56 @@ class Sequence:
     def stats(self, eos_id: int) -> dict:
         tokens = len(self.answer(eos_id))
         return {
-            "forwards": self.forwards,  # model calls that still had masked positions of this request
+            # forwards: model calls that still had masked positions of this request
+            "forwards": self.forwards,
             "tokens": tokens,  # answer tokens before the first EOS
-            "committed": self.committed,  # positions committed (EOS padding of decoded blocks included)
+            # committed: positions committed (EOS padding of decoded blocks included)
+            "committed": self.committed,
             "tokens_per_forward": self.committed / max(self.forwards, 1),
             "seconds": self.seconds,
             "tokens_per_second": tokens / max(self.seconds, 1e-9),
         }
+
+
+class Guidance:
+    """Classifier-free guidance, all of its row bookkeeping: each guided row (cfg_scale > 0) also
+    runs as an extra row, its unconditional copy with the prompt masked. The model sees the B
+    rows followed by the copies, in the order of `rows`; so does the KV cache (B + len(self)
+    rows); `combine` folds the copies' logits back into their rows."""
+
+    def __init__(self, scales: list[float], device: torch.device):
+        self.rows = torch.tensor(
+            [i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device
+        )
+        self.scales = torch.tensor([c for c in scales if c > 0], device=device)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def extend(self, rows: torch.Tensor) -> torch.Tensor:
+        """[B, ...] -> [B + G, ...]: the guided rows repeated as their copies' rows."""
+        return torch.cat([rows, rows[self.rows]]) if len(self) else rows
+
+    def extend_ids(self, ids: torch.Tensor, in_prompt: torch.Tensor, mask_id: int) -> torch.Tensor:
+        """Input ids [B, n] -> [B + G, n]: the copies have their prompt positions masked."""
+        if not len(self):
+            return ids
+        return torch.cat([ids, torch.where(in_prompt[self.rows], mask_id, ids[self.rows])])
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B + G, ...] -> [B, ...]: uncond + (scale + 1) * (cond - uncond) on the guided rows."""
+        if not len(self):
+            return logits
+        n = logits.shape[0] - len(self)
+        logits, uncond = logits[:n], logits[n:]
+        logits[self.rows] = uncond + (self.scales + 1) * (logits[self.rows] - uncond)
+        return logits
+
+    def cache_rows(self, kept: torch.Tensor, batch_rows: int) -> torch.Tensor:
+        """The KV-cache rows of batch rows `kept` (of `batch_rows`): those rows, then the rows of
+        their copies."""
+        copies = torch.nonzero(torch.isin(self.rows, kept))[:, 0]
+        return torch.cat([kept, batch_rows + copies])
 
 
 class Batch:
@@ -90,15 +143,21 @@ class Batch:
     0 on each row's first real token and padding is hidden from attention, so every row computes
     what it would alone."""
 
-    def __init__(self, model, seqs: list[Sequence], mask_id: int, pad_id: int, device):
-        self.model, self.mask_id, self.seqs = model, mask_id, seqs
-        self.shift = model.logit_shift  # logits of column c predict column c + shift (Dream: 1)
+    def __init__(self, model: DiffusionModel, seqs: list[Sequence], mask_id: int, pad_id: int):
+        device = model.lm_head_weight.device
+        self.model = model
+        self.mask_id = mask_id
+        self.seqs = seqs
+        self.shift: int = model.logit_shift  # logits of column c predict column c + shift
         K = seqs[0].params.block_length
         lefts = [s.prompt + s.window[: s.block * K] for s in seqs]
         # a block-causal model's block never sees what follows it: the round stops at the block
         rights = [[] if model.block_causal else s.window[(s.block + 1) * K :] for s in seqs]
-        C, S = max(map(len, lefts)), max(map(len, rights))
-        self.block_start, self.block_end, self.length, self.block_length = C, C + K, C + K + S, K
+        C = max(map(len, lefts))
+        self.block_length = K
+        self.block_start = C
+        self.block_end = C + K
+        self.length = C + K + max(map(len, rights))
         B = len(seqs)
         self.row_start = [C - len(left) for left in lefts]  # each row's first real column
         self.ids = torch.full((B, self.length), pad_id, dtype=torch.long, device=device)
@@ -117,22 +176,18 @@ class Batch:
 
     def _row_options(self, seqs: list[Sequence]) -> None:
         device = self.ids.device
-        scales = [s.params.cfg_scale for s in seqs]
-        self.guided = torch.tensor(
-            [i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device
-        )
-        self.scales = torch.tensor([c for c in scales if c > 0], device=device)[:, None, None]
+        self.guidance = Guidance([s.params.cfg_scale for s in seqs], device)
         self.soft_rows = torch.tensor([s.params.soft_diffusion for s in seqs], device=device)
 
     def keep(self, rows: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Only `rows` stay (mid-block, e.g. after an abort). Returns the cache rows to keep:
-        the kept rows, then their unconditional copies."""
-        cache_rows = torch.cat(
-            [rows, self.rows + torch.nonzero(torch.isin(self.guided, rows))[:, 0]]
-        )
-        self.seqs, self.row_start = seqs, [self.row_start[i] for i in rows.tolist()]
-        self.ids, self.real = self.ids[rows], self.real[rows]
-        self.positions, self.in_prompt = self.positions[rows], self.in_prompt[rows]
+        """Only `rows` stay (mid-block, e.g. after an abort). Returns the KV-cache rows to keep."""
+        cache_rows = self.guidance.cache_rows(rows, self.rows)
+        self.seqs = seqs
+        self.row_start = [self.row_start[i] for i in rows.tolist()]
+        self.ids = self.ids[rows]
+        self.real = self.real[rows]
+        self.positions = self.positions[rows]
+        self.in_prompt = self.in_prompt[rows]
         if self.soft is not None:
             self.soft = self.soft[rows]
         self._row_options(seqs)
@@ -142,57 +197,52 @@ class Batch:
     def rows(self) -> int:
         return self.ids.shape[0]
 
-    def forward(self, ids, positions, real, cache=None, start: int = 0) -> torch.Tensor:
-        """Logits for `ids`, which sit at columns [start, start + n): guided rows also run their
-        unconditional copy (prompt masked) as extra rows; soft inputs replace masked block inputs."""
-        n, g = ids.shape[1], self.guided
-        key_positions = self.positions
-        if len(g):
-            uncond = torch.where(self.in_prompt[g, start : start + n], self.mask_id, ids[g])
-            ids, positions, real = (
-                torch.cat([ids, uncond]),
-                torch.cat([positions, positions[g]]),
-                torch.cat([real, real[g]]),
-            )
-            key_positions = torch.cat([key_positions, key_positions[g]])
+    @property
+    def cache_rows(self) -> int:
+        """Rows of the KV cache: the batch's, then the guided rows' unconditional copies."""
+        return self.rows + len(self.guidance)
+
+    def block(self) -> torch.Tensor:
+        """[B, K] the current block's ids (a view: writing it writes the batch)."""
+        return self.ids[:, self.block_start : self.block_end]
+
+    def run(self, lo: int, hi: int, kv: KVCache | Overlay | None = None) -> torch.Tensor:
+        """The block's logits [B, K, V] from feeding columns [lo, hi) (over `kv` if given; with
+        a logit shift, [lo, hi) must hold the column before the block). Guided rows also run
+        their unconditional copies; soft inputs replace masked block inputs."""
+        g = self.guidance
+        ids = g.extend_ids(self.ids[:, lo:hi], self.in_prompt[:, lo:hi], self.mask_id)
+        positions = g.extend(self.positions[:, lo:hi])
+        real = g.extend(self.real)
         if self.model.block_causal:
-            real = block_causal_mask(positions, key_positions, self.block_length, real)
+            real = block_causal_mask(positions, g.extend(self.positions), self.block_length, real)
         logits = self.model(
-            ids, positions, real, cache=cache, start=start, inputs_embeds=self._inputs(ids, start)
+            ids, positions, real, cache=kv, start=lo, inputs_embeds=self._inputs(ids, lo)
         )
-        if not len(g):
-            return logits
-        logits, uncond = logits[: self.rows], logits[self.rows :]
-        logits[g] = uncond + (self.scales + 1) * (logits[g] - uncond)
-        return logits
+        first = self.block_start - self.shift - lo  # the column whose logits predict the block
+        return g.combine(logits[:, first : first + self.block_length])
 
     def set_soft(self, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
         """Soft diffusion: a still-masked block position's next input is
         E[mask] + w * sum_v softmax(logits)_v E[v], with w = min(0.15 + 0.02 step, 0.3)."""
         table = self.model.embed_weight
         probs = torch.softmax(logits.to(table.dtype), dim=-1)
-        soft = table[self.mask_id] + min(0.15 + 0.02 * step, 0.3) * (
-            probs @ table[: logits.shape[-1]]
-        )
-        plain = table[self.ids[:, self.block_start : self.block_end]]
+        weight = min(0.15 + 0.02 * step, 0.3)
+        soft = table[self.mask_id] + weight * (probs @ table[: logits.shape[-1]])
+        plain = table[self.block()]
         use = still_masked & self.soft_rows[:, None]
         self.soft = torch.where(use[..., None], soft, plain)
 
     def _inputs(self, ids: torch.Tensor, start: int) -> torch.Tensor | None:
         if self.soft is None:
             return None
-        soft = torch.cat([self.soft, self.soft[self.guided]]) if len(self.guided) else self.soft
+        soft = self.guidance.extend(self.soft)
         embeds = self.model.embed(ids)
         lo, hi = max(self.block_start, start), min(self.block_end, start + ids.shape[1])
         if lo < hi:
-            embeds[:, lo - start : hi - start] = soft[
-                :, lo - self.block_start : hi - self.block_start
-            ]
+            C = self.block_start
+            embeds[:, lo - start : hi - start] = soft[:, lo - C : hi - C]
         return embeds
-
-    @property
-    def cache_rows(self) -> int:
-        return self.rows + len(self.guided)
 
 
 @dataclass
@@ -207,21 +257,31 @@ class StepUpdate:
 
 
 class BlockRound:
-    """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`."""
+    """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`.
+
+    report: build per-step updates (streaming); without it updates come only for rows done with
+    the block, and the host looks at the rows only every `steps_per_check` steps: the steps in
+    between are queued without waiting (a row done early computes but commits nothing)."""
 
     def __init__(
-        self, model, seqs: list[Sequence], cache, report: bool = True, steps_per_check: int = 1
+        self,
+        model: DiffusionModel,
+        seqs: list[Sequence],
+        policy: CachePolicy,
+        report: bool = True,
+        steps_per_check: int = 1,
     ):
         cfg = model.config
-        self.model, self.seqs = model, seqs
-        self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         device = model.lm_head_weight.device
-        self.batch = Batch(model, seqs, self.mask_id, self.eos_id, device)
+        self.seqs = seqs
+        self.policy = policy
+        self.mask_id: int = cfg.mask_token_id
+        self.eos_id: int = cfg.eos_token_id
+        self.batch = Batch(model, seqs, self.mask_id, self.eos_id)
         self.decoders = DecoderSet([s.params for s in seqs], device)
         self.block_seeds = torch.tensor(
             [block_seed(s.seed, s.block) for s in seqs], dtype=torch.long, device=device
         )
-        self.cache = cache  # a policy from workers.cache.make_cache
         self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
         self.any_soft = any(s.params.soft_diffusion for s in seqs)
@@ -229,9 +289,7 @@ class BlockRound:
         # per-row counters stay on the device; copied to the requests when the block ends
         self.forwards = torch.zeros(len(seqs), dtype=torch.long, device=device)
         self.committed = torch.zeros(len(seqs), dtype=torch.long, device=device)
-        self.report = report  # build per-step updates (streaming); off, a step syncs the host once
-        # without reports, the host looks at the rows only every `steps_per_check` steps: the steps
-        # in between are queued without waiting (a row done early computes but commits nothing)
+        self.report = report
         self.steps_per_check = 1 if report else steps_per_check
         self.step_index = 0
         self.finished = False
@@ -244,91 +302,97 @@ class BlockRound:
             device=self.row_done.device,
         )
         self.seqs = [self.seqs[i] for i in rows.tolist()]
-        cache_rows = self.batch.keep(rows, self.seqs)
-        self.cache.keep_rows(cache_rows)
+        self.policy.keep_rows(self.batch.keep(rows, self.seqs))
         self.decoders.keep(rows)
-        self.suppress_eos, self.row_done, self.block_seeds = (
-            self.suppress_eos[rows],
-            self.row_done[rows],
-            self.block_seeds[rows],
-        )
-        self.forwards, self.committed = self.forwards[rows], self.committed[rows]
+        self.suppress_eos = self.suppress_eos[rows]
+        self.row_done = self.row_done[rows]
+        self.block_seeds = self.block_seeds[rows]
+        self.forwards = self.forwards[rows]
+        self.committed = self.committed[rows]
         if self.seqs and bool(self.row_done.all()):
             self._finish()
 
     def step(self) -> list[StepUpdate]:
-        batch, seqs, t = self.batch, self.seqs, self.step_index
-        lo, hi = batch.block_start, batch.block_end
-        logits = self.cache.block_logits(batch.forward, batch, lo, hi, t)
-        logits = forbid_tokens(
-            logits, self.mask_id, self.eos_id, self.suppress_eos if self.any_suppress else None
-        )
-        masked = batch.ids[:, lo:hi] == self.mask_id
+        """One forward and its commits. Every `steps_per_check` steps the host looks at which
+        rows are done: all of them end the round; some leave the forwards now instead of idling
+        until the slowest row is done (they start their next block with the next round)."""
+        working, commit, still_masked, logits = self._decode()
+        if self.step_index % self.steps_per_check:  # no host check: nothing to report either
+            self._prepare_soft(logits, still_masked)
+            return []
+        done = torch.nonzero(self.row_done)[:, 0].tolist()  # the host sync
+        if len(done) == len(self.seqs):
+            self.finished = True
+            updates = self._updates(working, commit)
+            self._finish()
+            return updates
+        self._prepare_soft(logits, still_masked)
+        updates = self._updates(working, commit, None if self.report else done)
+        if done:
+            self._write_back(done)
+            self.drop(set(done))
+        return updates
+
+    def _decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward, the decoders' picks committed into the batch, counters updated (tensor
+        ops only). Returns which rows had work, the commits, what is still masked, the logits."""
+        batch, t = self.batch, self.step_index
+        logits = self.policy.block_logits(batch, t)
+        suppress = self.suppress_eos if self.any_suppress else None
+        logits = forbid_tokens(logits, self.mask_id, self.eos_id, suppress)
+        block = batch.block()
+        masked = block == self.mask_id
         token, commit = self.decoders.select(logits, masked, t, step_seeds(self.block_seeds, t))
         working = ~self.row_done
         commit &= working[:, None]
-        batch.ids[:, lo:hi] = torch.where(commit, token, batch.ids[:, lo:hi])
+        block.copy_(torch.where(commit, token, block))
         self.forwards += working  # a forward counts for a request only while it still had work
         self.committed += commit.sum(-1)
-        self.row_done |= self.decoders.done(t + 1, masked & ~commit)
+        still_masked = masked & ~commit
+        self.row_done |= self.decoders.done(t + 1, still_masked)
         self.step_index += 1
-        done = (
-            int(self.row_done.sum()) if self.step_index % self.steps_per_check == 0 else 0
-        )  # the host sync
-        self.finished = done == len(seqs)
-        if not self.finished and self.any_soft:
-            batch.set_soft(logits, masked & ~commit, t)
-        leaving = torch.nonzero(self.row_done)[:, 0].tolist() if done and not self.finished else []
-        if self.report or self.finished:
-            updates = self._updates(working, commit)
-        else:
-            updates = self._updates(working, commit, only=leaving) if leaving else []
-        if self.finished:
-            self._finish()
-        elif leaving:
-            # rows done with the block leave the forwards now instead of idling in them until
-            # the slowest row is done; they wait for the round's end to start their next block
-            self._write_back(leaving)
-            self.drop(set(leaving))
-        return updates
+        return working, commit, still_masked, logits
+
+    def _prepare_soft(self, logits: torch.Tensor, still_masked: torch.Tensor) -> None:
+        if self.any_soft:
+            self.batch.set_soft(logits, still_masked, self.step_index - 1)
 
     def _updates(
         self, working: torch.Tensor, commit: torch.Tensor, only: list[int] | None = None
     ) -> list[StepUpdate]:
         """What changed for each request this step (`only` those rows), limited to the block's
         answer positions; rows done with the block say so (block_final)."""
-        lo, hi = self.batch.block_start, self.batch.block_end
-        block, commits, work, done = (
-            self.batch.ids[:, lo:hi].tolist(),
-            commit.tolist(),
-            working.tolist(),
-            self.row_done.tolist(),
-        )
+        K = self.batch.block_length
+        block = self.batch.block().tolist()
+        commits = commit.tolist()
+        work = working.tolist()
+        done = self.row_done.tolist()
+        rows = range(len(self.seqs)) if only is None else only
         updates = []
-        for i in range(len(self.seqs)) if only is None else only:
-            s, row, c = self.seqs[i], block[i], commits[i]
-            if work[i] or self.finished:
-                a, b = (x - s.block * (hi - lo) for x in s.span(s.block))
-                updates.append(
-                    StepUpdate(s, s.block, row[a:b], [j - a for j in range(a, b) if c[j]], done[i])
-                )
+        for i in rows:
+            if not (work[i] or self.finished):
+                continue
+            s = self.seqs[i]
+            lo, hi = s.span(s.block)
+            a, b = lo - s.block * K, hi - s.block * K  # the answer part, as block offsets
+            offsets = [j - a for j in range(a, b) if commits[i][j]]
+            updates.append(StepUpdate(s, s.block, block[i][a:b], offsets, done[i]))
         return updates
 
     def _write_back(self, rows: list[int]) -> None:
-        """Copy the block, counters and (block-causal) cache of `rows` into their requests."""
-        lo, hi = self.batch.block_start, self.batch.block_end
+        """Copy the block and counters of `rows` into their requests; the policy keeps what it
+        keeps of them."""
+        K = self.batch.block_length
         index = torch.tensor(rows, dtype=torch.long, device=self.row_done.device)
-        blocks, forwards, committed = (
-            self.batch.ids[index, lo:hi].tolist(),
-            self.forwards[index].tolist(),
-            self.committed[index].tolist(),
-        )
+        blocks = self.batch.block()[index].tolist()
+        forwards = self.forwards[index].tolist()
+        committed = self.committed[index].tolist()
         for r, row, n, c in zip(rows, blocks, forwards, committed):
             s = self.seqs[r]
-            s.window[s.block * (hi - lo) : (s.block + 1) * (hi - lo)] = row
+            s.window[s.block * K : (s.block + 1) * K] = row
             s.forwards += n
             s.committed += c
-        self.cache.end_block(self.batch, rows)
+        self.policy.end_block(self.batch, rows)
 
     def _finish(self) -> None:
         """Every row has finished the block: write the blocks back into the requests' windows."""

@@ -1,4 +1,5 @@
-"""Load a local Hugging Face model directory: config.json, safetensors (single or sharded), tokenizer.
+"""Load a local Hugging Face model directory: config.json, safetensors (single or sharded),
+tokenizer.
 
 The model is built on the `meta` device and each tensor is read straight from its shard onto the
 target device and cast once, so loading holds about one copy of the weights.
@@ -61,7 +62,8 @@ def shard_files(path: Path) -> dict[str, Path]:
         return files
     if (path / SINGLE).is_file():
         with safe_open(path / SINGLE, framework="pt") as f:
-            return {name: path / SINGLE for name in f.keys()}
+            names = f.keys()  # a safetensors handle, not a dict
+            return {name: path / SINGLE for name in names}
     raise ModelLoadError(
         f"{path}: no {SINGLE} or {INDEX}; the weights must be in safetensors format"
     )
@@ -74,7 +76,8 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
     model_type = family_name(raw)
     if model_type is None:
         raise ModelConfigError(
-            f"config.json: model_type={raw.get('model_type')!r} is not supported; supported: {sorted(FAMILIES)}"
+            f"config.json: model_type={raw.get('model_type')!r} is not supported; supported: "
+            f"{sorted(FAMILIES)}"
         )
     config_cls, model_cls = FAMILIES[model_type]
     config = config_cls.from_dict(raw)
@@ -86,7 +89,8 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
     missing = sorted(set(expected) - set(files))
     if missing:
         raise ModelLoadError(
-            f"{path}: tensors missing from the checkpoint: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            f"{path}: tensors missing from the checkpoint: "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}"
         )
     unexpected = sorted(n for n in files if n not in expected)
     if unexpected:
@@ -102,13 +106,15 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
             for name in names:
                 if name not in present:
                     raise ModelLoadError(
-                        f"{file.name}: tensor {name!r} is not in this shard, though {INDEX} says it is"
+                        f"{file.name}: tensor {name!r} is not in this shard, though {INDEX} says "
+                        "it is"
                     )
                 tensor = f.get_tensor(name)
                 want = tuple(expected[name].shape)
                 if tuple(tensor.shape) != want:
                     raise ModelLoadError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json implies {want}"
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"config.json implies {want}"
                     )
                 _set_parameter(model, name, tensor.to(dtype))
     model.eval().requires_grad_(False)
@@ -128,7 +134,8 @@ def save_model(
     max_shard_bytes: int | None = None,
     dtype=None,
 ) -> None:
-    """Write config.json and the weights in the upstream layout (sharded above `max_shard_bytes`)."""
+    """Write config.json and the weights in the upstream layout (sharded above
+    `max_shard_bytes`)."""
     from safetensors.torch import save_file
 
     path = Path(path)

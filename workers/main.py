@@ -2,7 +2,7 @@
 
     dinfer-worker --model DIR --endpoint ipc:///run/dinfer/w0.sock
     dinfer-worker --model DIR --endpoint tcp://127.0.0.1:5555
-    dinfer-worker --model DIR --endpoint tcp://0.0.0.0:5555 --allow-remote --secret-env DINFER_SECRET
+    dinfer-worker --model DIR --endpoint tcp://0.0.0.0:5555 --allow-remote  # $DINFER_SECRET
 
 Loopback TCP and ipc:// need nothing more; binding any other interface needs --allow-remote and
 a shared secret (read from an environment variable, never from the command line).
@@ -11,6 +11,7 @@ a shared secret (read from an environment variable, never from the command line)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -30,9 +31,15 @@ def check_endpoint(endpoint: str, allow_remote: bool, secret: str) -> str | None
     if host in LOOPBACK or host.startswith("127."):
         return None
     if not allow_remote:
-        return f"--endpoint {endpoint!r} is not loopback: add --allow-remote (and a shared secret) to serve other hosts"
+        return (
+            f"--endpoint {endpoint!r} is not loopback: add --allow-remote (and a shared "
+            "secret) to serve other hosts"
+        )
     if not secret:
-        return "--allow-remote needs a shared secret: set --secret-env to an environment variable holding it"
+        return (
+            "--allow-remote needs a shared secret: set --secret-env to an environment "
+            "variable holding it"
+        )
     return None
 
 
@@ -40,10 +47,9 @@ def exit_with_parent() -> None:
     """Ask Linux to send SIGTERM when the launching process dies (even mid-import), and turn
     SIGTERM into SystemExit so the worker's cleanup (its socket file) still runs."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
+    # not Linux (OSError, AttributeError): the serve loop's parent check still applies
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the serve loop's parent check still applies
-        pass
     if os.getppid() == 1:  # the parent died before the request above took effect
         sys.exit(0)
 

@@ -1,4 +1,5 @@
-"""LLaDA's published sampler, rewritten to be obviously correct: the slow oracle for every fast path.
+"""LLaDA's published sampler, rewritten to be obviously correct: the slow oracle for every fast
+path.
 
 Block-wise semi-autoregressive: the answer window is split into blocks decoded left to right;
 `steps` is split evenly over blocks and as evenly as possible over the steps of a block (earlier
@@ -27,26 +28,29 @@ positions start at each prompt's first token, so each row sees exactly what it w
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from dinfer_kernels.reference import gumbel, random_scores
-from workers.sampling import block_seed, step_seeds
+from workers.shared import (
+    block_causal_mask,
+    block_seed,
+    forbid_tokens,
+    step_seeds,
+    transfer_counts,
+    until_eos,
+)
 
+if TYPE_CHECKING:
+    from workers.interfaces import DiffusionModel
 
-def until_eos(ids: list[int], eos_id: int) -> list[int]:
-    """A generated window's answer: the ids before the first EOS (all of them without one)."""
-    return ids[: ids.index(eos_id)] if eos_id in ids else ids
-
-
-def transfer_counts(masked: int, steps: int) -> list[int]:
-    """How many positions each of `steps` steps commits, `masked` in all (LLaDA's schedule)."""
-    base, extra = divmod(masked, steps)
-    return [base + (1 if i < extra else 0) for i in range(steps)]
+__all__ = ["reference_generate", "transfer_counts", "until_eos"]  # the last two: from shared
 
 
 @torch.no_grad()
 def reference_generate(
-    model,
+    model: DiffusionModel,
     prompts: list[list[int]],
     *,
     mask_id: int,
@@ -62,7 +66,7 @@ def reference_generate(
 ) -> tuple[list[list[int]], int]:
     """Return each prompt's generated window (gen_length ids) and the number of model calls."""
     if getattr(model, "block_causal", False) and len(prompts) > 1:
-        options = dict(
+        options: dict[str, Any] = dict(
             mask_id=mask_id,
             eos_id=eos_id,
             gen_length=gen_length,
@@ -83,8 +87,10 @@ def reference_generate(
     assert steps % answer_blocks == 0, "steps must be a multiple of the number of blocks"
     steps_per_block = steps // answer_blocks
     device = model.lm_head_weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    shift, aligned = getattr(model, "logit_shift", 0), getattr(model, "block_causal", False)
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    shift = getattr(model, "logit_shift", 0)
+    aligned = getattr(model, "block_causal", False)
     tail = P % block_length if aligned else 0  # answer starts inside the prompt's last block
     num_blocks = -(-(tail + gen_length) // block_length)  # answer_blocks, or one more with a tail
     L = P - tail + num_blocks * block_length
@@ -103,15 +109,15 @@ def reference_generate(
 
     forwards = 0
     for block in range(num_blocks):
-        start, end = P - tail + block * block_length, P - tail + (block + 1) * block_length
+        start = P - tail + block * block_length
+        end = start + block_length
         counts = transfer_counts(block_length, steps_per_block)
         block_keys = torch.tensor([block_seed(seed, block) for seed in seeds], device=device)
         # a block-causal model sees nothing after the block; the block sees itself and what precedes
         seen = end if aligned else L
         keys = real[:, :seen]
-        if aligned:
-            blocks = torch.arange(seen, device=device) // block_length
-            keys = keys[:, None, :] & (blocks[None, :] <= blocks[:, None])[None]
+        if aligned:  # one prompt, no padding: its positions are its columns
+            keys = block_causal_mask(positions[:, :seen], positions[:, :seen], block_length, keys)
         for step in range(steps_per_block):
             if cfg_scale > 0:
                 unconditional = torch.where(is_prompt, mask_id, x)[:, :seen]
@@ -127,9 +133,8 @@ def reference_generate(
             if shift:
                 logits = torch.cat([logits[:, :shift], logits[:, :-shift]], dim=1)
             forwards += 1
-            logits[..., mask_id] = -torch.inf
-            if suppress_eos:
-                logits[..., eos_id] = -torch.inf
+            everyone = torch.ones(B, dtype=torch.bool, device=device)
+            forbid_tokens(logits, mask_id, eos_id, everyone if suppress_eos else None)
             step_keys = step_seeds(block_keys, step)
             for i in range(B):
                 key = step_keys[i : i + 1]  # request i's own key: its noise ignores the batch

@@ -4,21 +4,31 @@ Requests wait until a block boundary, then join a round with every running reque
 block length and cache policy (their prompts, windows, decoders and temperatures may differ).
 A round decodes one block for all its rows, one forward per `step()`; at its end, requests whose
 block held EOS (with early_stop) or whose window is complete leave at once. Groups with
-different block lengths or cache policies take turns, one round each.
+different block lengths or cache policies take turns, one round each. Each group has one cache
+policy object for as long as it has requests; the scheduler tells it when a request leaves.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from workers.cache import KVCache, make_cache
+from dinfer_async.params import SamplingParams
+from workers.cache import CachePolicy, policy_class
 from workers.iteration import BlockRound, Sequence, StepUpdate
-from workers.reference import until_eos
+from workers.kv_cache import KVCache
+from workers.shared import until_eos
 from workers.stops import Decode, cut_at_stop
+
+if TYPE_CHECKING:
+    from workers.interfaces import DiffusionModel
+
+GroupKey = tuple[Hashable, ...]
 
 
 @dataclass
@@ -26,41 +36,44 @@ class Finished:
     seq: Sequence
 
 
-def group_key(params) -> tuple:
-    """Requests that can share a forward: same block length and cache policy."""
-    look = (params.prefix_look, params.after_look) if params.cache == "vicinity" else ()
-    return (params.block_length, params.cache, *look)
+def group_key(params: SamplingParams, block_causal: bool) -> GroupKey:
+    """Requests that can share a forward: same block length and cache policy class, and the
+    same parameters of that policy (its own `group_key`)."""
+    cls = policy_class(params.cache, block_causal)
+    return (params.block_length, cls, *cls.group_key(params))
 
 
 class Scheduler:
     def __init__(
         self,
-        model,
+        model: DiffusionModel,
         max_batch_size: int = 32,
         report: bool = True,
         steps_per_check: int = 1,
         decode: Decode | None = None,
     ):
         """report: produce a StepUpdate per request per step (streaming); without it, updates
-        come only at block ends and a step syncs the host once. decode: token ids -> text, for
+        come only at block ends and a step syncs the host once. steps_per_check: see
+        BlockRound (1 suits CPUs, more hides GPU latency). decode: token ids -> text, for
         requests with stop strings."""
-        self.model, self.max_batch_size, self.report = model, max_batch_size, report
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.report = report
+        self.steps_per_check = steps_per_check
         self.decode = decode
-        self.steps_per_check = (
-            steps_per_check  # see BlockRound; 1 suits CPUs, more hides GPU latency
-        )
         cfg = model.config
-        self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
+        self.mask_id: int = cfg.mask_token_id
+        self.eos_id: int = cfg.eos_token_id
         self.device = model.lm_head_weight.device
-        self.kv = KVCache(
-            cfg, self.device, model.lm_head_weight.dtype
-        )  # shared: one round at a time
+        # one storage for every policy: one round runs at a time
+        self.kv = KVCache(cfg, self.device, model.lm_head_weight.dtype)
         self.waiting: deque[Sequence] = deque()
-        self.running: dict[tuple, list[Sequence]] = {}
+        self.running: dict[GroupKey, list[Sequence]] = {}
+        self.policies: dict[GroupKey, CachePolicy] = {}  # one per group in `running`
         self.round: BlockRound | None = None
-        self.round_key: tuple | None = None
+        self.round_key: GroupKey = ()
 
-    def add(self, id, prompt: list[int], params, seed: int) -> Sequence:
+    def add(self, id: Any, prompt: list[int], params: SamplingParams, seed: int) -> Sequence:
         seq = Sequence.create(id, prompt, params, seed, self.mask_id, self.model.block_causal)
         seq.admitted_at = time.perf_counter()
         self.waiting.append(seq)
@@ -81,36 +94,53 @@ class Scheduler:
         """One forward for the current round (starting one if needed)."""
         if self.round is not None and any(s.aborted for s in self.round.seqs):
             # aborted requests leave before the next step, not at the block's end
-            self._drop_aborted()
+            self._drop_aborted(self.round)
             if self.round is not None and self.round.finished:
-                return self._end_round()
+                return list(self._end_round())
         if self.round is None and not self._start_round():
             return []
+        assert self.round is not None
         updates: list[StepUpdate | Finished] = [u for u in self.round.step() if not u.seq.aborted]
         if self.round.finished:
             updates += self._end_round()
         return updates
 
-    def _drop_aborted(self) -> None:
-        key = self.round_key
-        self.round.drop({i for i, s in enumerate(self.round.seqs) if s.aborted})
+    def _drop_aborted(self, round: BlockRound) -> None:
+        round.drop({i for i, s in enumerate(round.seqs) if s.aborted})
+        if not self._remove_aborted(self.round_key):
+            self.round = None
+
+    def _remove_aborted(self, key: GroupKey) -> bool:
+        """Aborted requests leave group `key`; False if that leaves it empty (it is gone)."""
+        policy = self.policies[key]
+        for seq in self.running[key]:
+            if seq.aborted:
+                policy.leave(seq)
         self.running[key] = [s for s in self.running[key] if not s.aborted]
-        if not self.running[key]:
-            del self.running[key]
-            self.round = self.round_key = None
+        return self._keep_group(key)
+
+    def _keep_group(self, key: GroupKey) -> bool:
+        if self.running[key]:
+            return True
+        del self.running[key]
+        del self.policies[key]
+        return False
 
     def _admit(self) -> None:
         while self.waiting and sum(map(len, self.running.values())) < self.max_batch_size:
             seq = self.waiting.popleft()
-            if not seq.aborted:
-                self.running.setdefault(group_key(seq.params), []).append(seq)
+            if seq.aborted:
+                continue
+            key = group_key(seq.params, self.model.block_causal)
+            if key not in self.running:
+                cls = policy_class(seq.params.cache, self.model.block_causal)
+                self.policies[key] = cls(seq.params, self.kv)
+            self.running.setdefault(key, []).append(seq)
 
     def _start_round(self) -> bool:
         self._admit()
         for key in list(self.running):
-            self.running[key] = [s for s in self.running[key] if not s.aborted]
-            if not self.running[key]:
-                del self.running[key]
+            self._remove_aborted(key)
         if not self.running:
             return False
         key = next(iter(self.running))  # oldest group first; it moves to the back after its round
@@ -118,16 +148,13 @@ class Scheduler:
         self.running[key] = seqs
         self.round_key = key
         self.round = BlockRound(
-            self.model,
-            seqs,
-            make_cache(seqs[0].params, self.kv, self.model.block_causal),
-            self.report,
-            self.steps_per_check,
+            self.model, seqs, self.policies[key], self.report, self.steps_per_check
         )
         return True
 
     def _end_round(self) -> list[Finished]:
         done: list[Finished] = []
+        policy = self.policies[self.round_key]
         seqs = self.running[self.round_key]
         for seq in seqs:
             lo, hi = seq.span(seq.block)
@@ -141,20 +168,19 @@ class Scheduler:
             elif seq.block == seq.num_blocks:
                 seq.finish_reason = "eos" if self.eos_id in seq.generated() else "length"
             if seq.finish_reason:
-                seq.kv = None
+                policy.leave(seq)
                 seq.seconds = time.perf_counter() - seq.admitted_at
                 if not seq.aborted:
                     done.append(Finished(seq))
         self.running[self.round_key] = [s for s in seqs if not s.finish_reason]
-        if not self.running[self.round_key]:
-            del self.running[self.round_key]
-        self.round = self.round_key = None
+        self._keep_group(self.round_key)
+        self.round = None
         return done
 
     def _finish_at_stop(self, seq: Sequence, decoded: int) -> bool:
         """Finish `seq` with "stop" if its answer so far (window up to `decoded`) holds a stop
         string: the answer is cut before it and the rest of the window becomes EOS."""
-        if self.decode is None:
+        if self.decode is None or not seq.params.stop:
             raise ValueError("stop strings need a Scheduler with decode=")
         answer = until_eos(seq.window[seq.skip : decoded], self.eos_id)
         cut = cut_at_stop(answer, seq.params.stop, self.decode)
@@ -167,9 +193,9 @@ class Scheduler:
 
 
 def denoise(
-    model,
+    model: DiffusionModel,
     prompts: list[list[int]],
-    params,
+    params: SamplingParams | list[SamplingParams],
     seeds: list[int],
     max_batch_size: int = 64,
     steps_per_check: int = 1,

@@ -15,7 +15,8 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelLoadError(
-            f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); copy them from the model's release"
+            f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); copy them from the "
+            "model's release"
         )
     from transformers.utils import logging
 

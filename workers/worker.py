@@ -7,6 +7,7 @@ a request that fails validation, is answered with an `Error`; nothing a peer sen
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -20,7 +21,7 @@ import zmq
 from dinfer_async import protocol as wire
 from dinfer_async.errors import InvalidRequestError
 from workers.engine import Engine
-from workers.iteration import StepUpdate
+from workers.iteration import Sequence, StepUpdate
 from workers.scheduler import Finished, Scheduler
 from workers.stops import streamable
 
@@ -28,7 +29,7 @@ from workers.stops import streamable
 @dataclass
 class Live:
     client: bytes  # ZeroMQ identity of the client that submitted it
-    seq: object
+    seq: Sequence
     emitted: str = ""  # stable text already sent
 
 
@@ -79,10 +80,8 @@ class Worker:
         if endpoint.startswith("ipc://"):
             path = endpoint[len("ipc://") :]
             for leftover in (path, os.path.dirname(path)):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(leftover) if leftover == path else os.rmdir(leftover)
-                except OSError:
-                    pass
 
     def drain(self, timeout_ms: int) -> None:
         while self.socket.poll(timeout_ms):
@@ -99,8 +98,8 @@ class Worker:
             with torch.no_grad():
                 updates = self.scheduler.step()
         except Exception as e:  # fail what was running, keep serving
-            for rid, live in list(self.live.items()):
-                self.send(live.client, wire.Error(rid, "engine", f"engine step failed: {e!r}"))
+            for rid, failed in list(self.live.items()):
+                self.send(failed.client, wire.Error(rid, "engine", f"engine step failed: {e!r}"))
             self.live.clear()
             self.scheduler = self.new_scheduler()
             return
@@ -194,10 +193,9 @@ class Worker:
         self.live[rid] = Live(client, self.scheduler.add(rid, ids, params, seed))
 
     def send(self, client: bytes, msg) -> None:
-        try:
+        # the client may be gone (or not reading); its requests are aborted when it says so
+        with contextlib.suppress(zmq.ZMQError):
             self.socket.send_multipart([client, wire.encode(msg)], flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass  # the client is gone (or not reading); its requests are aborted when it says so
 
     # ---- chunks --------------------------------------------------------------------------------
 

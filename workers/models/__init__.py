@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, Protocol
+
 from workers.models.dream import DreamConfig, DreamModel
+from workers.models.layers import DiffusionLM
 from workers.models.llada import LLaDAConfig, LLaDAModel
 from workers.models.llada2 import LLaDA2Config, LLaDA2Model
 from workers.models.llada_moe import LLaDAMoEConfig, LLaDAMoEModel
 
-FAMILIES = {
+
+class ConfigClass(Protocol):
+    """A family's config class: `from_dict(raw config.json dict)` -> its config."""
+
+    def from_dict(self, raw: dict) -> Any: ...
+
+
+FAMILIES: dict[str, tuple[ConfigClass, Callable[[Any], DiffusionLM]]] = {
     "llada": (LLaDAConfig, LLaDAModel),  # LLaDA-8B, LLaDA-1.5
     "lladamoe": (LLaDAMoEConfig, LLaDAMoEModel),  # LLaDA-MoE-7B-A1B (and -TD)
     "llada2_moe": (LLaDA2Config, LLaDA2Model),  # LLaDA2.0 / 2.1 mini and flash

@@ -65,7 +65,8 @@ class DreamConfig:
         )
         if kind not in (None, "default"):
             raise ModelConfigError(
-                f"config.json: rope_scaling={scaling!r} is not supported for Dream; only plain RoPE "
+                f"config.json: rope_scaling={scaling!r} is not supported for Dream; only plain "
+                "RoPE "
                 "(rope_scaling null, as in Dream-v0) is implemented"
             )
 
@@ -86,7 +87,8 @@ class DreamConfig:
             )
         if head_dim % 2:
             raise ModelConfigError(
-                f"config.json: head dimension hidden_size / num_attention_heads = {head_dim} must be even for RoPE"
+                f"config.json: head dimension hidden_size / num_attention_heads = {head_dim} must "
+                "be even for RoPE"
             )
 
         vocab = integer("vocab_size")

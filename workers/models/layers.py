@@ -8,7 +8,7 @@ the state dict's keys stay the safetensors names.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ class ConfigFields:
         value = self.raw.get(field)
         if value is None:
             raise ModelConfigError(
-                f"config.json: field {field!r} is missing; {fix or f'{self.family} checkpoints define it'}"
+                f"config.json: field {field!r} is missing; "
+                f"{fix or f'{self.family} checkpoints define it'}"
             )
         return value
 
@@ -49,7 +50,8 @@ class ConfigFields:
         return self.need(field) if default is _REQUIRED else self.raw.get(field)
 
     def integer(self, field: str, default=_REQUIRED, minimum: int | None = None) -> int:
-        """An int (not a bool), at least `minimum` when given; the default, unchecked, when absent."""
+        """An int (not a bool), at least `minimum` when given; the default, unchecked, when
+        absent."""
         value = self._get(field, default)
         if value is None:
             return default
@@ -62,7 +64,8 @@ class ConfigFields:
         return value
 
     def number(self, field: str, default=_REQUIRED, positive: bool = False) -> float:
-        """An int or float (not a bool) as a float, above zero when `positive`; the default when absent."""
+        """An int or float (not a bool) as a float, above zero when `positive`; the default when
+        absent."""
         value = self._get(field, default)
         if value is None:
             return default
@@ -235,6 +238,8 @@ class DiffusionLM(nn.Module):
 
     logit_shift = 0  # position i's logits predict token i (Dream's predict token i + 1)
     block_causal = False  # attention over the whole sequence (LLaDA2's is causal across blocks)
+    config: Any  # the family's config dataclass
+    rotary: Rotary
 
     @property
     def embedding(self) -> nn.Embedding:
@@ -294,11 +299,11 @@ class HFDiffusionLM(DiffusionLM):
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.model.layers
+        return cast(nn.ModuleList, self.model.layers)
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.model.norm
+        return cast(nn.Module, self.model.norm)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

@@ -7,6 +7,7 @@ state dict's keys are the safetensors names and loading needs no renaming table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -42,7 +43,10 @@ class LLaDAConfig:
         need = fields.need
         need(
             "mask_token_id",
-            fix="a diffusion model needs the id of its mask token (LLaDA uses 126336): add it to config.json",
+            fix=(
+                "a diffusion model needs the id of its mask token (LLaDA uses 126336): add it to "
+                "config.json"
+            ),
         )
         fields.only(
             {
@@ -66,7 +70,8 @@ class LLaDAConfig:
             )
         if (d_model // n_heads) % 2:
             raise ModelConfigError(
-                f"config.json: head dimension d_model / n_heads = {d_model // n_heads} must be even for RoPE"
+                f"config.json: head dimension d_model / n_heads = {d_model // n_heads} must be "
+                "even for RoPE"
             )
         mlp = raw.get("mlp_hidden_size") or int(need("mlp_ratio")) * d_model
         vocab = int(need("vocab_size"))
@@ -136,18 +141,22 @@ class LLaDAModel(DiffusionLM):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
 
     @property
+    def _transformer(self) -> nn.ModuleDict:
+        return cast(nn.ModuleDict, self.model.transformer)
+
+    @property
     def embedding(self) -> nn.Embedding:
-        return self.model.transformer["wte"]
+        return cast(nn.Embedding, self._transformer["wte"])
 
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.model.transformer["blocks"]
+        return cast(nn.ModuleList, self._transformer["blocks"])
 
     @property
     def final_norm(self) -> nn.Module:
-        return self.model.transformer["ln_f"]
+        return self._transformer["ln_f"]
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
-        t = self.model.transformer
-        return t["wte"].weight if self.config.weight_tying else t["ff_out"].weight
+        head = self._transformer["wte" if self.config.weight_tying else "ff_out"]
+        return cast(torch.Tensor, head.weight)

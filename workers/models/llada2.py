@@ -4,9 +4,10 @@ Per layer: RMSNorm -> fused query_key_value (grouped KV) -> per-head RMSNorm on 
 the first `rotary_dim` dims of each head -> attention -> dense; RMSNorm -> SwiGLU MLP (the first
 `first_k_dense_replace` layers) or MoE (sigmoid router, group-limited top-k, shared experts).
 
-Attention is block-causal in upstream generation; the caller builds that mask (`block_causal_mask`)
-and the model only passes it on. Module names mirror the upstream checkpoint
-(`model.layers.N.attention.query_key_value`, ...), so state-dict keys are the safetensors names.
+Attention is block-causal in upstream generation; the caller builds that mask
+(`workers.shared.block_causal_mask`) and the model only passes it on. Module names mirror the
+upstream checkpoint (`model.layers.N.attention.query_key_value`, ...), so state-dict keys are the
+safetensors names.
 """
 
 from __future__ import annotations
@@ -91,22 +92,26 @@ class LLaDA2Config:
         n_kv_heads = integer("num_key_value_heads", 0) or n_heads
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ModelConfigError(
-                f"config.json: num_attention_heads={n_heads} must be a positive multiple of num_key_value_heads={n_kv_heads}"
+                f"config.json: num_attention_heads={n_heads} must be a positive multiple of "
+                f"num_key_value_heads={n_kv_heads}"
             )
         if raw.get("head_dim") is None and d_model % n_heads:
             raise ModelConfigError(
-                f"config.json: hidden_size={d_model} must divide by num_attention_heads={n_heads} (or set head_dim)"
+                f"config.json: hidden_size={d_model} must divide by num_attention_heads={n_heads} "
+                "(or set head_dim)"
             )
         head_dim = integer("head_dim", d_model // n_heads)
         rotary_dim = int(head_dim * number("partial_rotary_factor", 0.5))
         if raw.get("rotary_dim") is not None and integer("rotary_dim") != rotary_dim:
             raise ModelConfigError(
-                f"config.json: rotary_dim={raw['rotary_dim']} disagrees with head_dim * partial_rotary_factor = {rotary_dim} "
+                f"config.json: rotary_dim={raw['rotary_dim']} disagrees with head_dim * "
+                f"partial_rotary_factor = {rotary_dim} "
                 "(upstream rotates head_dim * partial_rotary_factor dims): make them agree"
             )
         if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
             raise ModelConfigError(
-                f"config.json: the rotary dimension head_dim * partial_rotary_factor = {rotary_dim} "
+                "config.json: the rotary dimension head_dim * partial_rotary_factor = "
+                f"{rotary_dim} "
                 "must be even and in (0, head_dim]"
             )
 
@@ -121,15 +126,18 @@ class LLaDA2Config:
             n_group, topk_group = integer("n_group", 8), integer("topk_group", 4)
             if n_group <= 0 or num_experts % n_group or num_experts // n_group < 2:
                 raise ModelConfigError(
-                    f"config.json: num_experts={num_experts} must split into n_group={n_group} groups of at least "
+                    f"config.json: num_experts={num_experts} must split into n_group={n_group} "
+                    "groups of at least "
                     "2 experts (a group is scored by its top-2 experts)"
                 )
             if not 0 < topk_group <= n_group or not 0 < top_k <= topk_group * (
                 num_experts // n_group
             ):
                 raise ModelConfigError(
-                    f"config.json: topk_group={topk_group} must be in [1, n_group={n_group}] and num_experts_per_tok={top_k} "
-                    f"in [1, topk_group * experts per group = {topk_group * (num_experts // max(n_group, 1))}]"
+                    f"config.json: topk_group={topk_group} must be in [1, n_group={n_group}] and "
+                    f"num_experts_per_tok={top_k} "
+                    "in [1, topk_group * experts per group = "
+                    f"{topk_group * (num_experts // max(n_group, 1))}]"
                 )
         vocab = integer("vocab_size")
         return cls(
@@ -162,15 +170,6 @@ class LLaDA2Config:
         )
 
 
-def block_causal_mask(positions_q, positions_k, block_length: int, key_mask=None) -> torch.Tensor:
-    """[B, Lq, Lk] bool: a query sees every key of its own block and of earlier blocks, blocks being
-    position // block_length (upstream's block-diffusion mask); `key_mask` [B, Lk] hides padding."""
-    q_block = torch.div(positions_q, block_length, rounding_mode="floor")
-    k_block = torch.div(positions_k, block_length, rounding_mode="floor")
-    mask = k_block[:, None, :] <= q_block[:, :, None]
-    return mask if key_mask is None else mask & key_mask[:, None, :].bool()
-
-
 class Router(nn.Module):
     """Sigmoid scores; the expert bias steers which experts are chosen but not their weights."""
 
@@ -186,7 +185,8 @@ class Router(nn.Module):
         )
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [N, d] -> expert ids [N, top_k], weights [N, top_k] in at least fp32 (upstream's router_dtype)."""
+        """h [N, d] -> expert ids [N, top_k], weights [N, top_k] in at least fp32 (upstream's
+        router_dtype)."""
         compute = torch.promote_types(h.dtype, torch.float32)
         scores = torch.sigmoid(F.linear(h.to(compute), self.weight.to(compute)))
         biased = scores if self.expert_bias is None else scores + self.expert_bias.to(compute)
@@ -267,7 +267,7 @@ class DecoderLayer(nn.Module):
 
 class LLaDA2Model(HFDiffusionLM):
     """The DiffusionLM contract (see workers.models.layers) over Bailing-style layers. `key_mask`
-    is [B, Lk] or, for block-causal decoding, [B, Lq, Lk] (see `block_causal_mask`)."""
+    is [B, Lk] or, for block-causal decoding, [B, Lq, Lk] (workers.shared.block_causal_mask)."""
 
     block_causal = True  # upstream decodes with block-causal attention; the caller builds the mask
     embed_name = "word_embeddings"

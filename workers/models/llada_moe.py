@@ -83,8 +83,10 @@ class LLaDAMoEConfig:
         n_kv_heads = count("num_key_value_heads", n_heads)
         if d_model % n_heads or n_heads % n_kv_heads:
             raise ModelConfigError(
-                f"config.json: hidden_size={d_model}, num_attention_heads={n_heads}, num_key_value_heads="
-                f"{n_kv_heads}: hidden_size must divide by num_attention_heads and that by num_key_value_heads"
+                f"config.json: hidden_size={d_model}, num_attention_heads={n_heads}, "
+                "num_key_value_heads="
+                f"{n_kv_heads}: hidden_size must divide by num_attention_heads and that by "
+                "num_key_value_heads"
             )
         head_dim = d_model // n_heads
         if raw.get("head_dim") not in (None, head_dim):
@@ -94,7 +96,8 @@ class LLaDAMoEConfig:
             )
         if head_dim % 2:
             raise ModelConfigError(
-                f"config.json: head dimension hidden_size / num_attention_heads = {head_dim} must be even for RoPE"
+                f"config.json: head dimension hidden_size / num_attention_heads = {head_dim} must "
+                "be even for RoPE"
             )
 
         n_layers = count("num_hidden_layers")
@@ -157,7 +160,8 @@ class SparseMoE(nn.Module):
             self.expert_bias = nn.Parameter(torch.zeros(cfg.num_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, d] -> (weights [N, k] in x's dtype, expert ids [N, k]); softmax in at least fp32."""
+        """x [N, d] -> (weights [N, k] in x's dtype, expert ids [N, k]); softmax in at least
+        fp32."""
         compute = torch.promote_types(x.dtype, torch.float32)
         probs = torch.softmax(self.gate(x).to(compute), dim=-1)
         if hasattr(self, "expert_bias"):
@@ -214,7 +218,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        self.mlp = SparseMoE(cfg) if moe else GatedMLP(cfg.d_model, cfg.dense_intermediate_size)
+        self.mlp: nn.Module
+        if moe:
+            self.mlp = SparseMoE(cfg)
+        else:
+            assert cfg.dense_intermediate_size is not None  # from_dict sets it for dense layers
+            self.mlp = GatedMLP(cfg.d_model, cfg.dense_intermediate_size)
         if (
             moe and cfg.shared_expert_intermediate_size is not None
         ):  # upstream hangs it off the layer

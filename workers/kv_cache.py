@@ -1,0 +1,89 @@
+"""The KV cache itself: preallocated keys and values that the model attends over.
+
+The storage only; which tokens go through the model and when the cache is refreshed is a cache
+policy's business (workers/cache.py). Keys are cached post-RoPE and written in place by the
+attention kernel: the fed tokens overwrite their own slots, so a step attends over the cache as
+it now stands.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import dinfer_kernels as kernels
+
+
+class KVCache:
+    """Per-layer keys and values [layers, rows, kv_heads, length, head_dim], allocated once and
+    grown only when a round needs more rows or a longer sequence than any before it."""
+
+    def __init__(self, config: Any, device: torch.device | str, dtype: torch.dtype):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.k = torch.empty(0, device=device, dtype=dtype)
+        self.v = torch.empty(0, device=device, dtype=dtype)
+        self.rows = 0
+        self.length = 0
+
+    def reserve(self, rows: int, length: int) -> None:
+        if self.k.dim() < 5 or self.k.shape[1] < rows or self.k.shape[3] < length:
+            c = self.config
+            grown = self.k.dim() == 5
+            cap_rows = max(rows, self.k.shape[1] if grown else 0)
+            cap_len = max(length, self.k.shape[3] if grown else 0)
+            shape = (c.n_layers, cap_rows, c.n_kv_heads, cap_len, c.head_dim)
+            self.k = torch.empty(shape, device=self.device, dtype=self.dtype)
+            self.v = torch.empty(shape, device=self.device, dtype=self.dtype)
+        self.rows = rows
+        self.length = length
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Compact the cache to `rows` (in that order) in place; the rest is free for reuse."""
+        n = len(rows)
+        self.k[:, :n] = self.k[:, rows]
+        self.v[:, :n] = self.v[:, rows]
+        self.rows = n
+
+    def attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int,
+        key_mask: torch.Tensor | None,
+        write: bool = True,
+    ) -> torch.Tensor:
+        """The fed tokens (sequence offset `start`) attend over the cache with their own k, v at
+        [start, start + n), written into it there by the same kernel when `write`."""
+        return kernels.cached_attention(
+            q,
+            k,
+            v,
+            self.k[layer, : self.rows, :, : self.length],
+            self.v[layer, : self.rows, :, : self.length],
+            start,
+            key_mask,
+            write,
+        )
+
+
+class Overlay:
+    """The cache as seen with a window of fresh keys/values in place, leaving it untouched."""
+
+    def __init__(self, kv: KVCache):
+        self.kv = kv
+
+    def attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return self.kv.attention(layer, q, k, v, start, key_mask, write=False)
