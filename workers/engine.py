@@ -52,13 +52,16 @@ class Engine:
     def from_pretrained(
         cls, path: str | Path | None = None, device="cpu", dtype="float32", **kwargs
     ) -> Engine:
-        """Load a local Hugging Face directory; None loads the bundled model."""
+        """Load a local Hugging Face directory or a Hub id (`org/name`, from the local cache first,
+        see workers.hub); None loads the bundled model."""
+        from workers.hub import resolve_model
+
+        local = resolve_model(path)  # a Hub id is named by its id, a directory by its name
         name = "dinfer-bundled" if path is None else Path(path).name
-        if path is None:
-            from workers.bundled import MODEL_DIR as path
-        path = Path(path)
-        model = load_model(path, device=torch.device(device), dtype=resolve_dtype(dtype))
-        return cls(model, load_tokenizer(path), name=name, **kwargs)
+        if path is not None and not Path(path).expanduser().is_dir():
+            name = str(path)
+        model = load_model(local, device=torch.device(device), dtype=resolve_dtype(dtype))
+        return cls(model, load_tokenizer(local), name=name, **kwargs)
 
     @property
     def max_prompt_length(self) -> int:
