@@ -167,7 +167,8 @@ async def show(
             print(line, file=out, flush=True)
         last = chunk
     legend = "colour: the step that committed it" if color else "one line per step"
-    print(f"answer  |{picture.answer()}|  ({MASK_TEXT}: still masked; {legend})", file=out)
+    keys = f"{MASK_TEXT} still masked, {EOS_TEXT} end of text; {legend}"
+    print(f"answer  |{picture.answer()}|  ({keys})", file=out)
     if last is not None:
         print(summary(last), file=out, flush=True)
     return picture
