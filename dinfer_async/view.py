@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import sys
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 import anyio
 
@@ -28,7 +28,7 @@ from dinfer_async.logs import setup_logging
 from dinfer_async.params import SamplingParams
 from dinfer_async.protocol import MASK_TEXT, Chunk
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dinfer_async.view")
 
 # xterm-256 colours for steps 1, 2, 3, ... of a block (cycling); masked and dropped cells grey.
 PALETTE = (196, 208, 226, 46, 51, 33, 129, 201, 130, 105)
@@ -144,7 +144,7 @@ def summary(chunk: Chunk) -> str:
     )
 
 
-def use_color(stream=sys.stdout) -> bool:
+def use_color(stream: TextIO = sys.stdout) -> bool:
     """Colour on a terminal, unless NO_COLOR is set (https://no-color.org)."""
     return stream.isatty() and not os.environ.get("NO_COLOR")
 
@@ -155,13 +155,14 @@ async def show(
     params: SamplingParams,
     raw: bool = False,
     color: bool = True,
-    out=sys.stdout,
+    out: TextIO = sys.stdout,
 ) -> Picture:
     """Stream one prompt (a user message, or raw text) and draw each step as it arrives."""
     picture = Picture(client.welcome.eos_token_id, client.welcome.mask_token_id, color)
-    request = {"prompt": prompt} if raw else {"messages": [{"role": "user", "content": prompt}]}
-    last = None
-    async for chunk in client.stream(**request, params=params):
+    messages = None if raw else [{"role": "user", "content": prompt}]
+    last: Chunk | None = None
+    async for chunk in client.stream(prompt if raw else None, messages=messages, params=params):
+        assert isinstance(chunk, Chunk)  # text_only is off: every item is a Chunk
         line = picture.feed(chunk)
         if line is not None:
             print(line, file=out, flush=True)

@@ -127,3 +127,18 @@ def test_id_syntax():
     assert is_hub_id("GSAI-ML/LLaDA-8B-Instruct") and is_hub_id("inclusionAI/LLaDA2.0-mini")
     for not_an_id in ["./model", "/abs/model", "a/b/c", "model", "org/", "a--b/c", "a/b..c"]:
         assert not is_hub_id(not_an_id), not_an_id
+
+
+async def test_the_client_takes_an_id_and_its_worker_resolves_it(hub_cache):
+    """The id travels to the worker process (which inherits HF_HUB_CACHE and HF_HUB_OFFLINE)."""
+    from dinfer_async import Client
+
+    async with Client(model="org/name", workers=1) as client:
+        assert client.welcome.model == "org/name"
+        completion = await client.generate(
+            messages=[{"role": "user", "content": "reverse planet"}], params=PARAMS
+        )
+    bundled = Engine.from_pretrained(None)
+    ids = bundled.encode(messages=[{"role": "user", "content": "reverse planet"}])
+    [want] = bundled.generate([ids], PARAMS)
+    assert completion.text == want.text and completion.token_ids == want.token_ids
