@@ -78,6 +78,7 @@ class Picture:
         self.done: list[Cell] = []  # the answer's cells, from every finished block
         self.ended = False  # an end of text was committed in a finished block
         self.frames = 0  # lines drawn
+        self.history: list[tuple[int, int, list[Cell], int]] = []  # (block, step, cells, +n)
 
     def feed(self, chunk: Chunk) -> str | None:
         """The line to draw for this chunk, or None when it changed nothing."""
@@ -90,6 +91,7 @@ class Picture:
                 self.step_of.setdefault(offset, self.step)
             self.cells = self._cells(chunk)
             self.frames += 1
+            self.history.append((chunk.block, self.step, self.cells, len(chunk.committed)))
             line = (
                 f"block {chunk.block} step {self.step:>2} |{paint(self.cells, self.color)}| "
                 f"+{len(chunk.committed)}"
