@@ -42,6 +42,7 @@ class Cell(NamedTuple):
     text: str
     step: int | None  # the block's step that committed it; None: still masked
     dropped: bool = False  # decoded after the answer's end of text: not part of the answer
+    eos: bool = False  # the end of text itself
 
 
 def paint(cells: list[Cell], color: bool) -> str:
@@ -97,7 +98,7 @@ class Picture:
                 f"+{len(chunk.committed)}"
             )
         if chunk.final and not self.ended:
-            self.done += [c for c in self.cells if not c.dropped and c.text != EOS_TEXT]
+            self.done += [c for c in self.cells if not (c.dropped or c.eos)]
             self.ended = self.eos in chunk.tokens
         return line
 
@@ -121,7 +122,7 @@ class Picture:
                 for i, token in zip(offsets, run):
                     step = self.step_of.get(i, self.step)
                     if token == self.eos:
-                        cells.append(Cell(EOS_TEXT, step))
+                        cells.append(Cell(EOS_TEXT, step, eos=True))
                         ended = True
                     else:
                         cells.append(Cell(next(chars), step, ended))
