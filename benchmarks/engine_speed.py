@@ -2,6 +2,7 @@
 
     python benchmarks/engine_speed.py --prompts 100 --gen-length 256 --block-length 32
     python benchmarks/engine_speed.py --device cuda --dtype bfloat16   # on a GPU
+    python benchmarks/engine_speed.py --json speed.json && python benchmarks/plot.py speed.json
 
 Baselines: (a) LLaDA's reference sampler with steps = gen_length and no cache; (b) Fast-dLLM's
 setting re-implemented here as Fast-dLLM runs it: dual cache refreshed at each block start,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import time
 
 import torch
@@ -100,6 +102,7 @@ def main():
         help=f"'all' or comma list like threshold:dual,credit:vicinity (decoders: "
         f"{', '.join(DECODERS)}; caches: {', '.join(CACHES)})",
     )
+    ap.add_argument("--json", default=None, help="also write the rows here (benchmarks/plot.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -193,6 +196,11 @@ def main():
         f"{best['tps']:.1f} at batch 1 ({tokens / seconds / best['tps']:.1f}x); "
         f"accuracy {100 * acc[0] / acc[1]:.1f}%"
     )
+    if args.json:
+        settings = {k: v for k, v in vars(args).items() if k != "json"}
+        batch = dict(name=best["name"], batch=16, tps=tokens / seconds, acc=100 * acc[0] / acc[1])
+        with open(args.json, "w") as f:
+            json.dump({"settings": settings, "rows": rows, "batch": batch}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,7 @@ def test_round_trip_is_bit_exact(tmp_path, raw_config, make_model, sharded, weig
     else:
         assert not (tmp_path / INDEX).exists()
         with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
-            names = f.keys()  # a safetensors handle, not a dict
-            written = {name: "model.safetensors" for name in names}
+            written = dict.fromkeys(f.keys(), "model.safetensors")
     assert set(written) == set(dict(model.named_parameters()))
     assert (LM_HEAD in written) is not weight_tying
 
@@ -106,8 +105,7 @@ def test_bfloat16_checkpoint_loads_as_bfloat16(tmp_path, raw_config, make_model)
     save_model(model, tmp_path, raw, dtype=torch.bfloat16)
 
     with safe_open(tmp_path / "model.safetensors", framework="pt") as f:
-        names = f.keys()  # a safetensors handle, not a dict
-        stored = {name: f.get_tensor(name) for name in names}
+        stored = {name: f.get_tensor(name) for name in list(f.keys())}
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
 
     loaded = load_model(tmp_path, dtype="bfloat16")
@@ -235,3 +233,50 @@ def test_unsupported_dtype_is_named(good):
     path, _, _ = good
     with pytest.raises(ValueError, match="int8"):
         load_model(path, dtype="int8")
+
+
+# ---------------------------------------------------------------- known ids of released families
+
+
+def test_table_fills_a_released_family_missing_mask_and_eos(caplog):
+    """LLaDA-MoE and LLaDA2 ship without these ids; the table fills them, with an info line."""
+    from tests.tiny_models import tiny_family_raw
+    from workers.known_fields import fill_known_fields
+    from workers.models import FAMILIES
+
+    for family in ("lladamoe", "llada2_moe"):
+        raw = tiny_family_raw(family, vocab_size=157184)  # the released vocabulary size
+        del raw["mask_token_id"], raw["eos_token_id"]
+        with pytest.raises(ModelConfigError, match="mask_token_id"):
+            FAMILIES[family][0].from_dict(raw)  # what the user would meet without the table
+        caplog.clear()
+        with caplog.at_level("INFO", logger="workers.known_fields"):
+            config = FAMILIES[family][0].from_dict(fill_known_fields(raw, family))
+        assert (config.mask_token_id, config.eos_token_id) == (156895, 156892)
+        logged = " ".join(r.getMessage() for r in caplog.records)
+        assert "mask_token_id" in logged and "156895" in logged and "eos_token_id" in logged
+
+
+def test_table_never_overrides_a_field_nor_fills_an_id_outside_the_vocabulary():
+    from tests.tiny_models import tiny_family_raw
+    from workers.known_fields import fill_known_fields
+
+    raw = tiny_family_raw("lladamoe", vocab_size=157184, mask_token_id=7)
+    assert fill_known_fields(raw, "lladamoe")["mask_token_id"] == 7
+    small = tiny_family_raw("lladamoe")  # vocabulary 16: 156895 is not one of its ids
+    del small["mask_token_id"]
+    assert "mask_token_id" not in fill_known_fields(small, "lladamoe")
+    assert fill_known_fields(raw, "gpt2") == raw
+
+
+def test_load_model_fills_a_missing_mask_token_id_from_the_table(good, monkeypatch):
+    """The loader applies the table: a checkpoint without mask_token_id loads with the family's."""
+    from workers import known_fields
+
+    path, raw, _ = good
+    mask = raw["mask_token_id"]
+    del raw["mask_token_id"]
+    (path / "config.json").write_text(json.dumps(raw))
+    table = {"llada": {"mask_token_id": (mask, "the test's id")}}
+    monkeypatch.setattr(known_fields, "KNOWN_FIELDS", table)
+    assert load_model(path).config.mask_token_id == mask

@@ -64,17 +64,16 @@ class Engine:
         dtype: str | torch.dtype = "float32",
         **kwargs: Any,
     ) -> Engine:
-        """Load a local Hugging Face directory; None loads the bundled model."""
-        if path is None:
-            from workers.bundled import MODEL_DIR
+        """Load a local Hugging Face directory or a Hub id (`org/name`, from the local cache first,
+        see workers.hub); None loads the bundled model."""
+        from workers.hub import resolve_model
 
-            name = "dinfer-bundled"
-            folder = Path(MODEL_DIR)
-        else:
-            folder = Path(path)
-            name = folder.name
-        model = load_model(folder, device=torch.device(device), dtype=resolve_dtype(dtype))
-        return cls(model, load_tokenizer(folder), name=name, **kwargs)
+        local = resolve_model(path)  # a Hub id is named by its id, a directory by its name
+        name = "dinfer-bundled" if path is None else Path(path).name
+        if path is not None and not Path(path).expanduser().is_dir():
+            name = str(path)
+        model = load_model(local, device=torch.device(device), dtype=resolve_dtype(dtype))
+        return cls(model, load_tokenizer(local), name=name, **kwargs)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         """Token ids for a raw-text prompt or for chat messages (the chat template applied)."""

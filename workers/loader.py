@@ -1,5 +1,4 @@
-"""Load a local Hugging Face model directory: config.json, safetensors (single or sharded),
-tokenizer.
+"""Load a local Hugging Face model directory: config.json, safetensors (single or sharded).
 
 The model is built on the `meta` device and each tensor is read straight from its shard onto the
 target device and cast once, so loading holds about one copy of the weights.
@@ -14,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from workers.errors import ModelConfigError, ModelLoadError
+from workers.known_fields import fill_known_fields
 from workers.models import FAMILIES, family_name
 
 DTYPES = {
@@ -38,7 +38,8 @@ def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not path.is_dir():
         raise ModelLoadError(
-            f"model directory {str(path)!r} does not exist (pass a local Hugging Face directory)"
+            f"model directory {str(path)!r} does not exist (pass a local Hugging Face directory "
+            "or a Hugging Face id such as GSAI-ML/LLaDA-8B-Instruct)"
         )
     if not file.is_file():
         raise ModelLoadError(f"{file}: missing; a model directory needs config.json")
@@ -62,8 +63,7 @@ def shard_files(path: Path) -> dict[str, Path]:
         return files
     if (path / SINGLE).is_file():
         with safe_open(path / SINGLE, framework="pt") as f:
-            names = f.keys()  # a safetensors handle, not a dict
-            return {name: path / SINGLE for name in names}
+            return dict.fromkeys(f.keys(), path / SINGLE)
     raise ModelLoadError(
         f"{path}: no {SINGLE} or {INDEX}; the weights must be in safetensors format"
     )
@@ -76,11 +76,11 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
     model_type = family_name(raw)
     if model_type is None:
         raise ModelConfigError(
-            f"config.json: model_type={raw.get('model_type')!r} is not supported; supported: "
-            f"{sorted(FAMILIES)}"
+            f"config.json: model_type={raw.get('model_type')!r} is not supported; "
+            f"supported: {sorted(FAMILIES)}"
         )
     config_cls, model_cls = FAMILIES[model_type]
-    config = config_cls.from_dict(raw)
+    config = config_cls.from_dict(fill_known_fields(raw, model_type))
     dtype = resolve_dtype(dtype)
     with torch.device("meta"):
         model = model_cls(config)
@@ -106,8 +106,8 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
             for name in names:
                 if name not in present:
                     raise ModelLoadError(
-                        f"{file.name}: tensor {name!r} is not in this shard, though {INDEX} says "
-                        "it is"
+                        f"{file.name}: tensor {name!r} is not in this shard, "
+                        f"though {INDEX} says it is"
                     )
                 tensor = f.get_tensor(name)
                 want = tuple(expected[name].shape)
@@ -134,8 +134,7 @@ def save_model(
     max_shard_bytes: int | None = None,
     dtype=None,
 ) -> None:
-    """Write config.json and the weights in the upstream layout (sharded above
-    `max_shard_bytes`)."""
+    """Write config.json and the weights in the upstream layout (sharded above max_shard_bytes)."""
     from safetensors.torch import save_file
 
     path = Path(path)

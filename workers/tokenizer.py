@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from workers.errors import ModelLoadError
 
 
 def load_tokenizer(path: str | Path):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # local_files_only, not a process-wide HF_HUB_OFFLINE: a later Hub id may still download
     from transformers import AutoTokenizer
 
     path = Path(path)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelLoadError(
-            f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); copy them from the "
-            "model's release"
+            f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); "
+            "copy them from the model's release"
         )
     from transformers.utils import logging
 
