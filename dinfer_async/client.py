@@ -39,6 +39,7 @@ from dinfer_async.errors import (
     WorkerError,
 )
 from dinfer_async.params import SamplingParams
+from dinfer_async.transport import secure_dealer
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -112,6 +113,8 @@ class Client:
         startup_timeout: float = 300.0,
         endpoints: list[str] | None = None,
         secret: str = "",
+        server_key: str | None = None,
+        client_key: str | None = None,
     ):
         if workers < 1:
             raise InvalidRequestError("workers", f"{workers!r} must be >= 1")
@@ -122,6 +125,7 @@ class Client:
             startup_timeout,
             secret,
         )
+        self.server_key, self.client_key = server_key, client_key  # CURVE key files (remote)
         self._external = endpoints is not None
         self._count = len(endpoints) if endpoints else workers
         self._endpoints = endpoints
@@ -217,7 +221,7 @@ class Client:
             worker.process = await anyio.open_process(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None
             )
-        sock = self._ctx.socket(zmq.DEALER)
+        sock = secure_dealer(self._ctx.socket(zmq.DEALER), self.server_key, self.client_key)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(worker.endpoint)
         worker.socket = sock
