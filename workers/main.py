@@ -90,6 +90,8 @@ def check_free(endpoint: str) -> str | None:
     socket, and a busy TCP port should fail before a model spends minutes loading)."""
     if endpoint.startswith("ipc://"):
         path = endpoint[len("ipc://") :]
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            return f"{endpoint}: its directory does not exist; create it or pick another path"
         if not os.path.exists(path):
             return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:

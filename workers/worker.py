@@ -179,7 +179,8 @@ class Worker:
                 os.close(fd)
         if endpoint.startswith("ipc://"):
             path = endpoint[len("ipc://") :]
-            for leftover in (path, os.path.dirname(path)):
+            private = os.path.basename(os.path.dirname(path)).startswith("dinfer-")
+            for leftover in (path, os.path.dirname(path)) if private else (path,):
                 with contextlib.suppress(OSError):
                     os.unlink(leftover) if leftover == path else os.rmdir(leftover)
 
