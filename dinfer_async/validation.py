@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import msgspec
 
@@ -62,8 +62,7 @@ class Limits:
     @classmethod
     def from_welcomes(cls, welcomes: Iterable) -> Limits:
         """The tightest limits over the workers' handshakes (Welcome messages; None skipped)."""
-        names = ("vocab_size", "max_prompt_length", "max_prompt_chars", "max_frame_bytes")
-        names += ("max_gen_length",)
+        names = [f.name for f in fields(cls)]
         found: dict[str, int] = {}
         for welcome in welcomes:
             if welcome is None:
@@ -137,7 +136,8 @@ def check_json(value: object, field: str, depth: int = 0) -> int:
         return chars
     raise InvalidRequestError(
         field,
-        f"a {type(value).__name__} is not JSON (use a string, number, bool, null, list or object)",
+        f"{type(value).__name__!r} values are not JSON (use a string, number, bool, null, list "
+        "or object)",
     )
 
 
@@ -196,10 +196,11 @@ def check_input(
         check_messages(messages, limits)
     else:
         check_token_ids(token_ids, limits.vocab_size)
-        if limits.max_prompt_length and len(token_ids) > limits.max_prompt_length:
+        count = len(token_ids)  # type: ignore[arg-type]  # a list: checked just above
+        if limits.max_prompt_length and count > limits.max_prompt_length:
             raise InvalidRequestError(
                 "token_ids",
-                f"{len(token_ids)} tokens exceed the worker's max_prompt_length "
+                f"{count} tokens exceed the worker's max_prompt_length "
                 f"{limits.max_prompt_length}; shorten the prompt",
             )
 
@@ -231,7 +232,7 @@ def _check_chars(chars: int, limits: Limits, field: str) -> None:
 
 
 def _check_bytes(size: int, limits: Limits, field: str) -> None:
-    room = limits.max_frame_bytes - PARAMS_ROOM
+    room = (limits.max_frame_bytes or 0) - PARAMS_ROOM
     if size > room:
         raise InvalidRequestError(
             field,

@@ -172,6 +172,10 @@ def exit_with_parent() -> None:
         sys.exit(0)
 
 
+class _Handler(logging.StreamHandler):
+    """The worker's own stderr handler (told apart from any the embedding program adds)."""
+
+
 class _OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = " ".join(record.getMessage().split())  # one record, one line
@@ -189,11 +193,10 @@ def setup_logging(debug: bool = False) -> bool:
     if not isinstance(level, int):
         level = logging.INFO
     logger = logging.getLogger("dinfer")
-    for handler in [h for h in logger.handlers if getattr(h, "dinfer_worker", False)]:
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    for old in [h for h in logger.handlers if isinstance(h, _Handler)]:
+        logger.removeHandler(old)  # main() called again (tests): one handler, today's stderr
+    handler = _Handler(sys.stderr)
     handler.setFormatter(_OneLine())
-    handler.dinfer_worker = True
     logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

@@ -101,6 +101,9 @@ class Worker:
             max_prompt_chars,
             max_frame_bytes,
         )
+        self.max_prompt_length = cfg.max_sequence_length - 1
+        self.max_prompt_chars: int = self.limits.max_prompt_chars or 0
+        self.max_frame_bytes: int = self.limits.max_frame_bytes or 0
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="dinfer-tokenize")
         self.wake_r, self.wake_w = os.pipe()  # a finished tokenization wakes the loop
         os.set_blocking(self.wake_r, False)
@@ -112,7 +115,7 @@ class Worker:
         self.monitor: zmq.Socket | None = None
         try:
             self.socket.setsockopt(zmq.LINGER, 0)
-            self.socket.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame_bytes)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes)
             if curve_secret_key is not None:
                 self.auth = secure_router(self.socket, curve_secret_key, authorized_clients)
             self.monitor = self.socket.get_monitor_socket(MONITORED)
@@ -135,14 +138,14 @@ class Worker:
             protocol=wire.PROTOCOL_VERSION,
             model=self.engine.name,
             tokenizer=f"{type(tok).__name__}:{len(tok)}",
-            max_prompt_length=self.limits.max_prompt_length,
+            max_prompt_length=self.max_prompt_length,
             max_gen_length=self.max_gen_length,
             eos_token_id=self.eos_id,
             mask_token_id=self.mask_id,
             pid=os.getpid(),
-            vocab_size=self.limits.vocab_size,
-            max_prompt_chars=self.limits.max_prompt_chars,
-            max_frame_bytes=self.limits.max_frame_bytes,
+            vocab_size=self.engine.config.vocab_size,
+            max_prompt_chars=self.max_prompt_chars,
+            max_frame_bytes=self.max_frame_bytes,
         )
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -214,7 +217,7 @@ class Worker:
 
     def watch_connections(self) -> None:
         """Forget the greetings (and abort the requests) of connections that closed."""
-        while True:
+        while self.monitor is not None:
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
             except zmq.Again:
