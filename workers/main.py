@@ -268,11 +268,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    debug = setup_logging("--debug" in (sys.argv[1:] if argv is None else argv))
+    given = sys.argv[1:] if argv is None else argv
+    if "--exit-with-parent" in given:  # first: the launcher may die while we start
+        exit_with_parent()
+    debug = setup_logging("--debug" in given)
     try:
         args = parser().parse_args(argv)
-        if args.exit_with_parent:
-            exit_with_parent()
         worker = start(args)
     except StartupError as e:
         log.error("%s", e, exc_info=debug)
