@@ -169,7 +169,9 @@ class Worker:
             endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError:
             endpoint = ""
-        self.tokenizing.shutdown(wait=False, cancel_futures=True)
+        # wait for a running tokenization (bounded by max_prompt_chars) so that its wake-up
+        # never writes to a closed pipe whose number the process has reused
+        self.tokenizing.shutdown(wait=True, cancel_futures=True)
         if self.monitor is not None:
             self.socket.disable_monitor()
             self.monitor.close(linger=0)
@@ -180,6 +182,7 @@ class Worker:
         for fd in (self.wake_r, self.wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self.wake_r = self.wake_w = -1
         if endpoint.startswith("ipc://"):
             path = endpoint[len("ipc://") :]
             private = os.path.basename(os.path.dirname(path)).startswith("dinfer-")
@@ -379,7 +382,9 @@ class Worker:
             self.socket.send_multipart([client, wire.encode(msg)], flags=zmq.NOBLOCK)
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):  # full (a wake is already pending) or closed
+        if self.wake_w < 0:
+            return
+        with contextlib.suppress(OSError):  # full (a wake is already pending)
             os.write(self.wake_w, b"\0")
 
     # ---- chunks --------------------------------------------------------------------------------
