@@ -40,6 +40,7 @@ from dinfer_async.errors import (
     WorkerError,
 )
 from dinfer_async.params import SamplingParams
+from dinfer_async.transport import secure_dealer
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -113,6 +114,8 @@ class Client:
         startup_timeout: float = 300.0,
         endpoints: list[str] | None = None,
         secret: str = "",
+        server_key: str | None = None,
+        client_key: str | None = None,
     ):
         if workers < 1:
             raise InvalidRequestError("workers", f"{workers!r} must be >= 1")
@@ -123,6 +126,7 @@ class Client:
             startup_timeout,
             secret,
         )
+        self.server_key, self.client_key = server_key, client_key  # CURVE key files (remote)
         self._external = endpoints is not None
         self._count = len(endpoints) if endpoints else workers
         self._endpoints = endpoints
@@ -221,7 +225,7 @@ class Client:
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=None
             )
         assert self._ctx is not None and self._tg is not None, "started in __aenter__"
-        sock = self._ctx.socket(zmq.DEALER)
+        sock = secure_dealer(self._ctx.socket(zmq.DEALER), self.server_key, self.client_key)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(worker.endpoint)
         worker.socket = sock

@@ -11,7 +11,10 @@ import msgspec
 
 from dinfer_async.params import SamplingParams
 
-PROTOCOL_VERSION = 1
+# 2: Welcome carries the worker's size limits and vocabulary (a version-1 client's strict decoder
+# would reject the new fields, so the handshake says so plainly instead); errors about a missing
+# Hello carry the request id; the greeting lasts as long as the connection.
+PROTOCOL_VERSION = 2
 
 
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
@@ -22,6 +25,9 @@ class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
 
 
 class Hello(Message, tag="hello"):
+    """First message on every connection (a reconnected socket says it again): the worker
+    forgets a greeting when the connection that sent it closes."""
+
     protocol: int
     secret: str = ""
 
@@ -56,6 +62,9 @@ class Welcome(Message, tag="welcome"):
     eos_token_id: int
     mask_token_id: int
     pid: int
+    vocab_size: int = 0  # token ids must be in [0, vocab_size); 0: unknown
+    max_prompt_chars: int = 0  # characters of a prompt (or of all its messages), before tokens
+    max_frame_bytes: int = 0  # a longer frame is dropped with its connection (MAXMSGSIZE)
 
 
 class Chunk(Message, tag="chunk"):
@@ -85,7 +94,8 @@ class Updates(Message, tag="updates"):
 
 
 class Error(Message, tag="error"):
-    """A request (or, with request_id None, a frame) was refused. `field` names what was wrong."""
+    """A request (or, with request_id None, a frame) was refused. `field` names what was wrong;
+    field "hello" means this connection has not said Hello (yet, or since it reconnected)."""
 
     request_id: str | None
     field: str

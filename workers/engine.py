@@ -11,6 +11,7 @@ import torch
 
 from dinfer_async.errors import InvalidRequestError
 from dinfer_async.params import SamplingParams
+from dinfer_async.validation import check_input, check_token_ids
 from workers.loader import load_model, resolve_dtype
 from workers.scheduler import denoise
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
@@ -77,13 +78,10 @@ class Engine:
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
         """Token ids for a raw-text prompt or for chat messages (the chat template applied)."""
-        if (prompt is None) == (messages is None):
-            raise InvalidRequestError("prompt", "give exactly one of prompt (raw text) or messages")
+        check_input(prompt=prompt, messages=messages)
         if messages is not None:
-            _check_messages(messages)
             return chat_ids(self.tokenizer, messages)
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequestError("prompt", "must be a non-empty string")
+        assert prompt is not None, "check_input requires one of them"
         return text_ids(self.tokenizer, prompt)
 
     def generate(
@@ -120,12 +118,7 @@ class Engine:
         ]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
-        if not ids:
-            raise InvalidRequestError(field, "is empty; give at least one token")
-        if not all(type(t) is int and 0 <= t < self.config.vocab_size for t in ids):
-            raise InvalidRequestError(
-                field, f"token ids must be integers in [0, {self.config.vocab_size})"
-            )
+        check_token_ids(ids, self.config.vocab_size, field)
         # a block-causal model decodes whole blocks from the first token: up to a block more
         padded = len(ids) + params.gen_length
         if self.model.block_causal:
@@ -148,18 +141,3 @@ class Engine:
         return GenerationResult(
             text, answer, seq.finish_reason, Stats(**seq.stats(self.config.eos_token_id))
         )
-
-
-ROLES = ("system", "user", "assistant", "tool")
-
-
-def _check_messages(messages) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequestError("messages", "must be a non-empty list of {role, content} objects")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"messages[{i}]", "must be an object with a string 'content'")
-        if m.get("role") not in ROLES:
-            raise InvalidRequestError(
-                f"messages[{i}].role", f"{m.get('role')!r} is not one of {', '.join(ROLES)}"
-            )

@@ -2,10 +2,18 @@
 
     dinfer-worker --model DIR --endpoint ipc:///run/dinfer/w0.sock
     dinfer-worker --model DIR --endpoint tcp://127.0.0.1:5555
-    dinfer-worker --model DIR --endpoint tcp://0.0.0.0:5555 --allow-remote  # $DINFER_SECRET
+    dinfer-keys keys/      # once: a CURVE key pair for the worker and one for a client
+    dinfer-worker --model DIR --endpoint tcp://0.0.0.0:5555 --allow-remote \\
+        --curve-secret-key keys/server.key_secret --curve-authorized-clients keys/authorized_clients
 
-Loopback TCP and ipc:// need nothing more; binding any other interface needs --allow-remote and
-a shared secret (read from an environment variable, never from the command line).
+Loopback TCP (127.0.0.0/8, ::1, localhost) and ipc:// need nothing more. Binding any other
+interface needs --allow-remote and CURVE (every frame encrypted, the worker authenticated by its
+key) plus a way to authenticate clients: their public keys (--curve-authorized-clients) or a
+shared secret (read from an environment variable, never from the command line). Without CURVE
+the secret and every prompt would cross the network in clear text, so that is refused.
+
+A start-up failure is one line on stderr naming the cause and the fix, exit code 2; --debug (or
+DINFER_LOG_LEVEL=debug) adds the traceback. DINFER_LOG_LEVEL sets the log level (default info).
 """
 
 from __future__ import annotations
@@ -13,49 +21,196 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
+import logging
 import os
 import signal
+import socket
 import sys
 from urllib.parse import urlsplit
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+from dinfer_async.transport import is_loopback
+
+log = logging.getLogger("dinfer.worker")
+MIN_FRAME_BYTES = 256 << 10  # the params and a short prompt must still fit
 
 
-def check_endpoint(endpoint: str, allow_remote: bool, secret: str) -> str | None:
-    """None if the endpoint may be bound, else the reason it may not."""
+class StartupError(Exception):
+    """The worker cannot start: `str(self)` names the cause and the fix, on one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage + message is two lines; make it one
+        raise StartupError(f"{message}; see dinfer-worker --help")
+
+
+def check_endpoint(
+    endpoint: str,
+    allow_remote: bool,
+    secret: str,
+    curve_secret_key: str | None = None,
+    authorized_clients: str | None = None,
+) -> str | None:
+    """None if the endpoint may be bound, else the reason it may not (and the fix)."""
     if endpoint.startswith("ipc://"):
-        return None
+        return None if len(endpoint) > len("ipc://") else "--endpoint ipc:// needs a path"
     if not endpoint.startswith("tcp://"):
         return f"--endpoint {endpoint!r}: use ipc://PATH or tcp://HOST:PORT"
-    host = urlsplit(endpoint).hostname or ""
-    if host in LOOPBACK or host.startswith("127."):
+    try:
+        parts = urlsplit(endpoint)
+        host, port = parts.hostname or "", parts.port
+    except ValueError as e:
+        return f"--endpoint {endpoint!r} is not tcp://HOST:PORT ({e})"
+    if port is None and not endpoint.endswith(":*"):
+        return f"--endpoint {endpoint!r} has no port: use tcp://HOST:PORT"
+    if is_loopback(host):
         return None
     if not allow_remote:
         return (
-            f"--endpoint {endpoint!r} is not loopback: add --allow-remote (and a shared "
-            "secret) to serve other hosts"
+            f"--endpoint {endpoint!r} is not loopback: to serve other hosts add --allow-remote "
+            "with CURVE keys (see dinfer-worker --help), or bind tcp://127.0.0.1:PORT"
         )
-    if not secret:
+    if curve_secret_key is None:
         return (
-            "--allow-remote needs a shared secret: set --secret-env to an environment "
-            "variable holding it"
+            "--allow-remote needs CURVE encryption (without it the shared secret and every "
+            "prompt cross the network in clear text): run `dinfer-keys DIR` and pass "
+            "--curve-secret-key DIR/server.key_secret"
+        )
+    if authorized_clients is None and not secret:
+        return (
+            "--allow-remote needs client authentication (the server key alone only proves the "
+            "worker): pass --curve-authorized-clients DIR/authorized_clients or set a shared "
+            "secret in the environment variable named by --secret-env"
         )
     return None
+
+
+def check_free(endpoint: str) -> str | None:
+    """None if nothing listens on the endpoint (ZeroMQ would silently take over a live ipc
+    socket, and a busy TCP port should fail before a model spends minutes loading)."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            return f"{endpoint}: its directory does not exist; create it or pick another path"
+        if not os.path.exists(path):
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                return None  # a stale socket file: binding replaces it
+        return f"{endpoint} is in use by another process; stop it or pick another path"
+    parts = urlsplit(endpoint)
+    host = (parts.hostname or "").strip("[]")
+    if parts.port in (None, 0) or host == "*" or not host:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds
+        try:
+            probe.bind((host, parts.port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"{endpoint}: port {parts.port} is in use; pick another port or stop the "
+                    "process holding it"
+                )
+            return None  # other problems (a name, an interface) are ZeroMQ's to report
+    return None
+
+
+def bind_problem(endpoint: str, e: Exception) -> str:
+    import zmq
+
+    code = getattr(e, "errno", None)
+    if code == zmq.EADDRINUSE:
+        return f"{endpoint} is in use; pick another port or stop the process holding it"
+    if code == errno.ENOENT:
+        return f"{endpoint}: its directory does not exist; create it or pick another path"
+    if code == errno.EACCES:
+        return f"{endpoint}: permission denied; pick a path or port this user may bind"
+    if code in (errno.EINVAL, errno.ENODEV):
+        return f"{endpoint} is not an address ZeroMQ can bind; use ipc://PATH or tcp://IP:PORT"
+    return f"cannot bind {endpoint}: {e}"
+
+
+def check_device(device: str, dtype: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise StartupError(
+            f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none (a CPU build)'}"
+            raise StartupError(
+                f"--device {device}: CUDA is not available on this machine ({build}); use "
+                "--device cpu, or install a CUDA build of torch on a machine with a GPU"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise StartupError(
+                f"--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+        if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise StartupError("--dtype bfloat16 is not supported by this GPU; use float16")
+    elif dev.type != "cpu":
+        raise StartupError(f"--device {device!r}: only cpu and cuda are supported")
 
 
 def exit_with_parent() -> None:
     """Ask Linux to send SIGTERM when the launching process dies (even mid-import), and turn
     SIGTERM into SystemExit so the worker's cleanup (its socket file) still runs."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    # not Linux (OSError, AttributeError): the serve loop's parent check still applies
+    # not Linux: the serve loop's parent check still applies
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() == 1:  # the parent died before the request above took effect
         sys.exit(0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+class _Handler(logging.StreamHandler):
+    """The worker's own stderr handler (told apart from any the embedding program adds)."""
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = " ".join(record.getMessage().split())  # one record, one line
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        line = f"dinfer-worker: {level}{text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(debug: bool = False) -> bool:
+    """Route the worker's logs to stderr at DINFER_LOG_LEVEL (default info); True if debug."""
+    name = os.environ.get("DINFER_LOG_LEVEL", "info").strip().upper()
+    level = logging.DEBUG if debug else logging.getLevelName(name)
+    if not isinstance(level, int):
+        level = logging.INFO
+    logger = logging.getLogger("dinfer")
+    for old in [h for h in logger.handlers if isinstance(h, _Handler)]:
+        logger.removeHandler(old)  # main() called again (tests): one handler, today's stderr
+    handler = _Handler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    if not isinstance(logging.getLevelName(name), int):
+        log.warning(
+            "DINFER_LOG_LEVEL=%s is not a level (debug, info, warning, error); using info", name
+        )
+    return level <= logging.DEBUG
+
+
+def parser() -> argparse.ArgumentParser:
+    from dinfer_async import __version__
+
+    ap = _Parser(
         prog="dinfer-worker",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -63,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--model", default=None, help="local Hugging Face directory (default: the bundled model)"
     )
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--endpoint", required=True, help="ipc://PATH or tcp://HOST:PORT to bind")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument(
         "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
     )
@@ -72,39 +227,132 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
     )
-    ap.add_argument("--allow-remote", action="store_true")
+    ap.add_argument(
+        "--allow-remote", action="store_true", help="bind a non-loopback address (needs CURVE)"
+    )
     ap.add_argument(
         "--secret-env",
         default="DINFER_SECRET",
         help="environment variable holding the shared secret",
     )
     ap.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="the worker's CURVE .key_secret file (dinfer-keys writes one): encrypt every frame",
+    )
+    ap.add_argument(
+        "--curve-authorized-clients",
+        metavar="DIR",
+        help="directory of client public keys (*.key); only these clients may connect",
+    )
+    ap.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=None,
+        help="longest prompt in characters, checked before tokenization "
+        "(default: 16 x the model's max prompt length in tokens)",
+    )
+    ap.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=None,
+        help="longest frame a peer may send; a longer one drops its connection (default: sized "
+        "for the longest allowed prompt, 4 bytes a character + 9 a token + 1 MiB)",
+    )
+    ap.add_argument(
         "--exit-with-parent", action="store_true", help="exit when the launching process is gone"
     )
-    args = ap.parse_args(argv)
-    if args.exit_with_parent:
-        exit_with_parent()
-    secret = os.environ.get(args.secret_env, "")
-    problem = check_endpoint(args.endpoint, args.allow_remote, secret)
-    if problem:
-        print(f"dinfer-worker: {problem}", file=sys.stderr)
-        return 2
-    import torch
+    ap.add_argument("--debug", action="store_true", help="tracebacks for start-up failures")
+    ap.add_argument("--version", action="version", version=f"dinfer-worker {__version__}")
+    return ap
 
-    from workers.worker import run_worker
+
+def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if "--exit-with-parent" in given:  # first: the launcher may die while we start
+        exit_with_parent()
+    debug = setup_logging("--debug" in given)
+    try:
+        args = parser().parse_args(argv)
+        worker = start(args)
+    except StartupError as e:
+        log.error("%s", e, exc_info=debug)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # any other start-up failure: still one line, the cause named
+        log.error(
+            "could not start: %s: %s; rerun with --debug for the traceback",
+            type(e).__name__,
+            e,
+            exc_info=debug,
+        )
+        return 2
+    log.info("serving %s on %s", worker.engine.name, worker.endpoint)
+    try:
+        worker.serve(os.getppid() if args.exit_with_parent else None)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        worker.close()
+    return 0
+
+
+def start(args: argparse.Namespace):
+    """Check everything that can be checked cheaply, then load the model and bind."""
+    from dinfer_async.transport import KeyFileError, load_key_pair
+
+    secret = os.environ.get(args.secret_env, "")
+    problem = check_endpoint(
+        args.endpoint,
+        args.allow_remote,
+        secret,
+        args.curve_secret_key,
+        args.curve_authorized_clients,
+    ) or check_free(args.endpoint)
+    if problem:
+        raise StartupError(problem)
+    for name in ("max_batch_size", "max_prompt_chars"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise StartupError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    if args.max_frame_bytes is not None and args.max_frame_bytes < MIN_FRAME_BYTES:
+        raise StartupError(f"--max-frame-bytes {args.max_frame_bytes} must be >= {MIN_FRAME_BYTES}")
+    try:
+        if args.curve_secret_key is not None:
+            load_key_pair(args.curve_secret_key)
+    except KeyFileError as e:
+        raise StartupError(f"--curve-secret-key: {e}") from e
+    check_device(args.device, args.dtype)
+    import torch
+    import zmq
+
+    from workers.engine import Engine
+    from workers.errors import ModelLoadError
+    from workers.worker import Worker
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run_worker(
-        args.model,
-        args.endpoint,
-        args.device,
-        args.dtype,
-        args.max_batch_size,
-        secret,
-        args.exit_with_parent,
-    )
-    return 0
+    try:
+        engine = Engine.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size
+        )
+    except ModelLoadError as e:
+        raise StartupError(f"--model: {e}") from e
+    try:
+        return Worker(
+            engine,
+            args.endpoint,
+            secret,
+            max_prompt_chars=args.max_prompt_chars,
+            max_frame_bytes=args.max_frame_bytes,
+            curve_secret_key=args.curve_secret_key,
+            authorized_clients=args.curve_authorized_clients,
+        )
+    except KeyFileError as e:
+        raise StartupError(str(e)) from e
+    except zmq.ZMQError as e:
+        raise StartupError(bind_problem(args.endpoint, e)) from e
 
 
 if __name__ == "__main__":
