@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 
 from dinfer_kernels import reference
+from dinfer_kernels.options import configured, options
 
 _TRITON: dict[str, object] | None = (
     None  # op name -> Triton kernel; loaded on the first CUDA tensor
@@ -80,6 +81,12 @@ def confidence(logits, temperature=None, seeds=None):
     return _pick("confidence", logits)(logits, temperature, seeds)
 
 
+def confidence_runner_up(logits, current, temperature=None, seeds=None):
+    """confidence() plus (runner-up token by logit, its probability, probability of `current`
+    [B, K]): for token-editing decoders; the plain confidence() does none of this extra work."""
+    return _pick("confidence_runner_up", logits)(logits, current, temperature, seeds)
+
+
 def threshold_commit(conf, masked, tau):
     return _pick("threshold_commit", conf)(conf, masked, tau).bool()
 
@@ -97,8 +104,11 @@ __all__ = [
     "attention",
     "cached_attention",
     "confidence",
+    "confidence_runner_up",
+    "configured",
     "factor_commit",
     "hierarchical_commit",
+    "options",
     "reference",
     "rms_norm",
     "rope",

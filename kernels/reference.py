@@ -78,7 +78,7 @@ def cached_attention(
     return attention(q, keys, values, key_mask)
 
 
-# ---- counter-based noise: a pure function of (seed, position, token), the same on every device ----
+# ---- counter-based noise: a pure function of (seed, position, token), the same on any device ----
 # The Triton confidence kernel draws the same numbers (kernels/triton_ops.py, _gumbel), so sampling
 # on CUDA and here agree token for token, and a request's noise never depends on its batch-mates.
 
@@ -196,3 +196,22 @@ def hierarchical_commit(
     first.scatter_reduce_(1, run, torch.where(is_best, index, K), reduce="amin")
     run_pick = is_best & (index == first.gather(1, run)) & (conf >= low)
     return masked & (run_pick | threshold_commit(conf, conf > -torch.inf, tau))
+
+
+def confidence_runner_up(
+    logits: torch.Tensor,
+    current: torch.Tensor,
+    temperature: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+):
+    """confidence() plus what a token-editing decoder needs: (token, probability, runner-up token,
+    its probability, probability of `current` [B, K]), probabilities float64. The runner-up is the
+    second token by logit (the lowest among equals), whatever the temperature."""
+    token, prob = confidence(logits, temperature, seeds)
+    x = logits.double()
+    lse = torch.logsumexp(x, dim=-1)
+    rest = x.scatter(-1, x.argmax(dim=-1, keepdim=True), -torch.inf)
+    second = rest.argmax(dim=-1)
+    second_prob = torch.exp(rest.gather(-1, second[..., None])[..., 0] - lse)
+    current_prob = torch.exp(x.gather(-1, current[..., None].long())[..., 0] - lse)
+    return token, prob, second, second_prob, current_prob
