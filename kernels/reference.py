@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dinfer_kernels.moe import ExpertWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -215,3 +220,29 @@ def confidence_runner_up(
     second_prob = torch.exp(rest.gather(-1, second[..., None])[..., 0] - lse)
     current_prob = torch.exp(x.gather(-1, current[..., None].long())[..., 0] - lse)
     return token, prob, second, second_prob, current_prob
+
+
+def routed_experts(
+    h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights
+) -> torch.Tensor:
+    """sum_j weights[:, j] * expert_{ids[:, j]}(h) for h [N, d], ids and weights [N, k] -> [N, d]
+    in weights' dtype; an expert is down(silu(gate h) * up h) (kernels.moe.ExpertWeights).
+
+    The (token, choice) pairs are sorted by expert and each expert runs one matmul over its
+    tokens; each pair's output lands in its own row and a token's k rows are summed in choice
+    order, with no scatter-add, so the result is deterministic. The counts are read on the host
+    (a sync per layer on a GPU): kernels.moe and kernels/triton_moe.py avoid that."""
+    N, k = ids.shape
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # slots grouped by expert, each group in slot order
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    out = torch.empty(N * k, h.shape[-1], device=h.device, dtype=weights.dtype)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            slots = order[start : start + n]
+            x = h[slots // k]
+            gate, up = F.linear(x, experts.gate[e]), F.linear(x, experts.up[e])
+            out[slots] = F.linear(swiglu(gate, up), experts.down[e]).to(out.dtype)
+            start += n
+    return (out.view(N, k, -1) * weights[..., None]).sum(dim=1)

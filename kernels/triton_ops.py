@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dinfer_kernels import reference
+from dinfer_kernels import reference, triton_moe
 from dinfer_kernels.options import options
 
 
@@ -801,6 +801,7 @@ def add_rms_norm(x, residual, weight, eps):
 
 
 KERNELS = {
+    "routed_experts": triton_moe.routed_experts,
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "swiglu": swiglu,
