@@ -2,11 +2,16 @@
 
 Every op has a plain-torch reference (kernels.reference), used on CPU; CUDA tensors go to the
 Triton kernels of kernels.triton_ops. Nothing outside this package branches on the device.
+Paths not yet checked on a GPU are switched in kernels.options (environment variables, or
+`configured(...)` in code): the routed experts' path (`routed_experts`, see `moe_path`) and the
+split confidence kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -14,13 +19,11 @@ from dinfer_kernels import reference
 from dinfer_kernels.moe import ExpertWeights, dense_experts
 from dinfer_kernels.options import configured, options
 
-_TRITON: dict[str, object] | None = (
-    None  # op name -> Triton kernel; loaded on the first CUDA tensor
-)
+_TRITON: dict[str, Callable[..., Any]] | None = None  # op name -> Triton kernel, loaded lazily
 _TRITON_EVERYWHERE = False
 
 
-def _triton() -> dict[str, object]:
+def _triton() -> dict[str, Callable[..., Any]]:
     global _TRITON
     if _TRITON is None:
         try:

@@ -145,6 +145,8 @@ def confidence(
     if temperature is None:
         top, token = logits.max(dim=-1)
         return token, torch.exp(top.double() - torch.logsumexp(logits.double(), dim=-1))
+    if seeds is None:
+        raise ValueError("confidence: sampling with a temperature needs seeds [B] (int64)")
     compute = torch.promote_types(logits.dtype, torch.float32)
     B, K, V = logits.shape
     h = logits.to(compute)

@@ -398,9 +398,11 @@ def confidence_full(
         second = token.clone()
         second_prob, current_prob = prob.clone(), prob.clone()
     sample = temperature is not None
-    temp = temperature.to(compute).contiguous() if sample else prob
-    seed = seeds.to(torch.int64).contiguous() if sample else token
-    cur = current.reshape(-1).to(torch.int64).contiguous() if extra else token
+    if sample and seeds is None:
+        raise ValueError("confidence: sampling with a temperature needs seeds [B] (int64)")
+    temp = temperature.to(compute).contiguous() if temperature is not None else prob
+    seed = seeds.to(torch.int64).contiguous() if seeds is not None and sample else token
+    cur = current.reshape(-1).to(torch.int64).contiguous() if current is not None else token
     final = splits == 1
     parts = torch.empty((_PARTS, n, splits) if not final else 1, dtype=compute, device=dev)
     part_tokens = torch.empty(

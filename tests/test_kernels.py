@@ -437,3 +437,10 @@ def test_engine_through_the_kernels_matches_torch(family, overrides, monkeypatch
         "threshold_commit",
         "factor_commit",
     }
+
+
+def test_sampling_without_seeds_is_a_clear_error():
+    logits, temperature = torch.zeros(1, 2, 10), torch.ones(1)
+    for fn in (reference.confidence, tk.confidence):
+        with pytest.raises(ValueError, match="needs seeds"):
+            fn(logits, temperature, None)

@@ -202,3 +202,12 @@ def test_options_reject_unknown_values():
         pass
     with pytest.raises(ValueError, match="unknown kernel options"), kernels.configured(x=1):
         pass
+
+
+def test_expert_weights_name_the_bad_weight():
+    gate = [torch.zeros(4, 8), torch.zeros(4, 8)]
+    down = [torch.zeros(8, 4), torch.zeros(8, 5)]
+    with pytest.raises(ValueError, match=r"down\[1\] is \(8, 5\).*needs \(8, 4\)"):
+        moe.ExpertWeights(gate, gate, down)
+    with pytest.raises(ValueError, match="one weight per expert"):
+        moe.ExpertWeights(gate, gate[:1], down)

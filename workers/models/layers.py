@@ -8,7 +8,7 @@ the state dict's keys stay the safetensors names.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import NoReturn, cast
 
 import torch
 import torch.nn.functional as F
@@ -211,16 +211,17 @@ class RoutedExperts(nn.ModuleList):
         self._key: tuple[int, ...] = ()
 
     def expert_weights(self) -> kernels.ExpertWeights:
-        first, last = self[0], self[-1]
+        first, last = cast(GatedMLP, self[0]), cast(GatedMLP, self[-1])
         key = tuple(
             w.data_ptr()
             for w in (first.gate_proj.weight, last.up_proj.weight, last.down_proj.weight)
         )
         if self._weights is None or key != self._key:
+            mlps = [cast(GatedMLP, m) for m in self]
             self._weights = kernels.ExpertWeights(
-                [m.gate_proj.weight.detach() for m in self],
-                [m.up_proj.weight.detach() for m in self],
-                [m.down_proj.weight.detach() for m in self],
+                [m.gate_proj.weight.detach() for m in mlps],
+                [m.up_proj.weight.detach() for m in mlps],
+                [m.down_proj.weight.detach() for m in mlps],
             )
             self._key = key
         return self._weights
