@@ -4,7 +4,9 @@
 # Each step has its own time limit and the next runs whatever happened, so one failure costs one
 # table, not the lease. Logs land in OUTDIR; copy the tables into benchmarks/RESULTS.md.
 # Before a lease: `python benchmarks/kernels_gpu.py --dry-run` runs the MoE and confidence steps
-# on the CPU (small sizes, Triton interpreted), so no lease is spent on a typo.
+# on the CPU (small sizes, Triton interpreted), and `env -u TRITON_INTERPRET python
+# benchmarks/compile_check.py` compiles the new kernels for sm_90 without a GPU, so no lease is
+# spent on a typo or a compile error.
 # STEPS picks steps (default all: their limits add up to ~12 minutes, so a 10-minute command
 # limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine").
 out=${1:?usage: run_on_gpu.sh OUTDIR}

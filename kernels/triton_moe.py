@@ -168,7 +168,7 @@ def routed_experts(
     T = tile_expert.numel()
     act = torch.empty(N * k, H, dtype=h.dtype, device=h.device)
     out = torch.empty(N * k, d, dtype=h.dtype, device=h.device) if slots_out is None else slots_out
-    precision = "tf32" if h.dtype in (torch.float16, torch.bfloat16) else "ieee"
+    precision = None if h.dtype in (torch.float16, torch.bfloat16) else "ieee"  # None: default
     common = dict(
         ALIGNED=experts.aligned,
         PRECISION=precision,

@@ -183,9 +183,9 @@ def _gumbel(position_hash, cols, COMPUTE: tl.constexpr):
 
 
 @triton.jit
-def _first(values, tokens, best, NONE: tl.constexpr):
-    """The lowest token among `tokens` whose value equals `best` (NONE where there is none)."""
-    return tl.min(tl.where(values == best, tokens, NONE), axis=0)
+def _first(values, tokens, best, none):
+    """The lowest token among `tokens` whose value equals `best` (`none` where there is none)."""
+    return tl.min(tl.where(values == best, tokens, none), axis=0)
 
 
 @triton.jit
