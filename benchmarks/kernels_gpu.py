@@ -1,6 +1,13 @@
 """Triton kernels vs their torch references vs the memory-bandwidth floor, on CUDA.
 
-    python benchmarks/kernels_gpu.py
+    python benchmarks/kernels_gpu.py [--sections check,kernels,moe,confidence,forward] [--dry-run]
+
+Sections (all by default): check (kernels vs references, engine vs reference sampler), kernels
+(kernel timings), moe (routed experts at LLaDA-MoE-7B-A1B's and LLaDA2.0-mini's shapes: the Triton
+grouped GEMM vs torch's grouped matmul, the dense path and the loop, and the whole MoE block),
+confidence (one program per row vs the vocabulary split over programs), forward (the 8B-shaped
+block forward and the engine). `--dry-run` runs the moe and confidence sections on the CPU at
+small sizes (Triton through its interpreter), so a GPU lease is not spent on a typo.
 
 The floor of a kernel is bytes moved / measured copy bandwidth (a device-to-device copy of a
 large buffer). Also one LLaDA-8B-shaped forward (random weights, bf16, batch 1, a 32-token block
@@ -10,17 +17,30 @@ reference, and the engine (Triton) against the reference sampler (torch) on the 
 Prints tables; needs a GPU.
 """
 
+# ruff: noqa: B023 (the timed lambdas run inside the iteration that defines them)
 from __future__ import annotations
 
+import argparse
+import os
 import time
 
 import torch
 
 from dinfer_async import SamplingParams
 
+_DRY = False  # --dry-run: CPU timings with perf_counter
+
 
 def timed(fn, repeat: int = 50) -> float:
-    """Median seconds per call, CUDA events."""
+    """Median seconds per call, CUDA events (perf_counter in a dry run)."""
+    if _DRY:
+        fn()
+        times = []
+        for _ in range(3):
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+        return sorted(times)[1]
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
@@ -68,7 +88,7 @@ def check(tk, reference, dev):
     logits = torch.randn(2, 16, 126_464, device=dev, generator=g)
     temp, seeds = torch.tensor([0.0, 0.8], device=dev), torch.tensor([1, 2**40 + 3], device=dev)
     for t, s in ((None, None), (temp, seeds)):
-        token, prob, _, _ = tk.confidence_stats(logits, t, s)
+        token, prob = tk.confidence_full(logits, t, s)
         ref_token, ref_prob = reference.confidence(logits, t, s)
         assert torch.equal(token, ref_token), "confidence: tokens differ from the reference"
         torch.testing.assert_close(prob.double(), ref_prob, rtol=1e-4, atol=1e-6)
@@ -149,16 +169,15 @@ def check_engine(dev):
                 same = sum(a == b for a, b in zip(fast, ref))
                 print(
                     f"engine vs reference sampler, bundled model, {dtype}, temperature "
-                    f"{temperature}: "
-                    f"{same}/{len(prompts)} windows identical",
+                    f"{temperature}: {same}/{len(prompts)} windows identical",
                     flush=True,
                 )
             except (
                 Exception
             ) as e:  # report and go on: one run on a lent GPU must give every other number
                 print(
-                    f"engine vs reference sampler, {dtype}, temperature {temperature}: FAILED "
-                    f"{e!r}",
+                    f"engine vs reference sampler, {dtype}, temperature {temperature}: "
+                    f"FAILED {e!r}",
                     flush=True,
                 )
 
@@ -231,17 +250,12 @@ def engine_vs_bare(model, dev, batches=(1, 16), prompt_length=128, repeat=3):
     return rows
 
 
-def main():
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    from dinfer_kernels import reference
-    from dinfer_kernels import triton_ops as tk
-    from workers.models.llada import LLaDAConfig, LLaDAModel, Rotary
+def kernel_rows(tk, reference, dev, bw):
+    """Each kernel's time (eager, graph-replayed) against its torch reference and its floor."""
+    from workers.models.llada import Rotary
 
-    dev, bf16 = "cuda", torch.bfloat16
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    check(tk, reference, dev)
-    check_engine(dev)
-    bw = copy_bandwidth()
+    dev = dev
+    bf16 = torch.bfloat16
     rows = []
 
     def row(name, triton_fn, torch_fn, nbytes):
@@ -262,7 +276,7 @@ def main():
     logits = torch.randn(32, V, device=dev, dtype=bf16)
     row(
         "confidence [32 x 126464] bf16",
-        lambda: tk.confidence_stats(logits),
+        lambda: tk.confidence_full(logits),
         lambda: reference.confidence(logits),
         logits.numel() * 2,
     )
@@ -270,7 +284,7 @@ def main():
     temp, seeds = torch.full((1,), 0.7, device=dev), torch.tensor([12345], device=dev)
     row(
         "confidence + Gumbel-max [32 x 126464] bf16",
-        lambda: tk.confidence_stats(block_logits, temp, seeds),
+        lambda: tk.confidence_full(block_logits, temp, seeds),
         lambda: reference.confidence(block_logits, temp, seeds),
         logits.numel() * 2,
     )
@@ -329,6 +343,25 @@ def main():
         (k.numel() + v.numel()) * 2,
     )
 
+    print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}\n")
+    print(
+        "Eager: one call between CUDA events, launch included. Graph: 20 calls replayed from one "
+        "CUDA graph, per call: the kernel's own time. Bandwidth: the floor over the graph time.\n"
+    )
+    print(
+        "| kernel | Triton us, eager | torch us, eager | Triton us, graph | floor us "
+        "| of bandwidth |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, a, b, g, f, frac in rows:
+        print(f"| {name} | {a:.1f} | {b:.1f} | {g:.1f} | {f:.1f} | {frac:.0%} |")
+
+
+def forward_and_engine(dev, bw):
+    """The LLaDA-8B-shaped block forward against its floor, then the engine vs bare forwards."""
+    from workers.models.llada import LLaDAConfig, LLaDAModel
+
+    bf16 = torch.bfloat16
     cfg = LLaDAConfig.from_dict(
         dict(
             model_type="llada",
@@ -359,23 +392,9 @@ def main():
         kv = 2 * cfg.n_layers * 1056 * cfg.d_model * 2
         t = timed(block, repeat=20)
     floor = (weights + kv) / bw
-    print(f"\ncopy bandwidth: {bw / 1e9:.0f} GB/s on {torch.cuda.get_device_name()}\n")
     print(
-        "Eager: one call between CUDA events, launch included. Graph: 20 calls replayed from one "
-        "CUDA graph,"
-    )
-    print("per call: the kernel's own time. Bandwidth: the floor over the graph time.\n")
-    print(
-        "| kernel | Triton us, eager | torch us, eager | Triton us, graph | floor us | of "
-        "bandwidth |"
-    )
-    print("|---|---|---|---|---|---|")
-    for name, a, b, g, f, frac in rows:
-        print(f"| {name} | {a:.1f} | {b:.1f} | {g:.1f} | {f:.1f} | {frac:.0%} |")
-    print(
-        f"\nLLaDA-8B-shaped forward, 32-token block over a 1,024-token cache, bf16: {t * 1e3:.2f} "
-        "ms eager, "
-        f"floor {floor * 1e3:.2f} ms ({t / floor:.2f}x the floor)",
+        f"\nLLaDA-8B-shaped forward, 32-token block over a 1,024-token cache, bf16: "
+        f"{t * 1e3:.2f} ms eager, floor {floor * 1e3:.2f} ms ({t / floor:.2f}x the floor)",
         flush=True,
     )
     try:  # how many kernels one forward launches: with eager launches, the CPU's pace per launch
@@ -389,8 +408,8 @@ def main():
             e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA
         )
         print(
-            f"kernels launched by that forward: {launches} ({t / max(launches, 1) * 1e6:.1f} us "
-            "of eager time each)"
+            f"kernels launched by that forward: {launches} "
+            f"({t / max(launches, 1) * 1e6:.1f} us of eager time each)"
         )
     except Exception as e:
         print(f"(no kernel count: {type(e).__name__}: {e})")
@@ -406,6 +425,337 @@ def main():
             f"\nthe 8B-shaped block forward replayed from a CUDA graph: {t_graph * 1e3:.2f} ms "
             f"({t_graph / floor:.2f}x the floor; eager {t * 1e3:.2f} ms)"
         )
+
+
+# ---- MoE: the grouped kernel, torch's grouped matmul, the dense path and the loop ---------------
+
+# Shapes from the released configs (config.json of each checkpoint on Hugging Face):
+# - LLaDA-MoE-7B-A1B (inclusionAI/LLaDA-MoE-7B-A1B-Base / -Instruct): hidden_size 2048,
+#   expert_intermediate_size 1024, num_experts 64, num_experts_per_tok 8, no shared expert
+#   (shared_expert_intermediate_size null), vocab_size 157184.
+# - LLaDA2.0-mini (inclusionAI/LLaDA2.0-mini; LLaDA2.1-mini's config.json carries the same
+#   numbers): hidden_size 2048, moe_intermediate_size 512, num_experts 256, num_experts_per_tok 8,
+#   num_shared_experts 1 (one shared expert of 512), n_group 8, topk_group 4.
+MOE_SHAPES = {
+    "LLaDA-MoE-7B-A1B": dict(d=2048, H=1024, E=64, k=8),
+    "LLaDA2.0-mini": dict(d=2048, H=512, E=256, k=8),
+}
+MOE_TOKENS = (32, 512)  # one 32-token block at batch 1; batch 16
+
+
+def moe_raw_config(name: str, scale: int = 1) -> dict:
+    """A config.json for one MoE layer of `name` (sizes divided by `scale` for the CPU dry run)."""
+    s = MOE_SHAPES[name]
+    d, H, E, k = s["d"] // scale, s["H"] // scale, s["E"], s["k"]
+    if name == "LLaDA-MoE-7B-A1B":
+        return dict(
+            model_type="lladamoe",
+            hidden_size=d,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            num_hidden_layers=1,
+            vocab_size=1000,
+            num_experts=E,
+            num_experts_per_tok=k,
+            expert_intermediate_size=H,
+            dense_intermediate_size=4 * H,
+            shared_expert_intermediate_size=None,
+            moe_layer_freq=[1],
+            norm_topk_prob=False,
+            qk_layernorm=True,
+            rope_theta=50000.0,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            eos_token_id=1,
+            mask_token_id=999,
+        )
+    return dict(
+        model_type="llada2_moe",
+        hidden_size=d,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=d // 16,
+        num_hidden_layers=2,
+        intermediate_size=5 * H,
+        moe_intermediate_size=H,
+        num_experts=E,
+        num_shared_experts=1,
+        num_experts_per_tok=k,
+        n_group=8,
+        topk_group=4,
+        routed_scaling_factor=2.5,
+        score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        first_k_dense_replace=1,
+        partial_rotary_factor=0.5,
+        use_qk_norm=True,
+        rope_theta=600000.0,
+        rms_norm_eps=1e-6,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+        mask_token_id=999,
+        eos_token_id=1,
+    )
+
+
+def moe_layer(name: str, dev: str, dtype: torch.dtype, scale: int = 1) -> torch.nn.Module:
+    """The family's whole MoE block (router, routed experts, LLaDA2's shared expert), random."""
+    from workers.models import llada2, llada_moe
+
+    raw = moe_raw_config(name, scale)
+    if name == "LLaDA-MoE-7B-A1B":
+        block = llada_moe.SparseMoE(llada_moe.LLaDAMoEConfig.from_dict(raw))
+    else:
+        block = llada2.SparseMoE(llada2.LLaDA2Config.from_dict(raw))
+    block = block.to(device=dev, dtype=dtype).eval().requires_grad_(False)
+    g = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(0.02 * torch.randn(p.shape, device=dev, generator=g, dtype=torch.float32))
+    return block
+
+
+class GroupedMM:
+    """torch._grouped_mm over the expert-sorted pairs (needs stacked weights: built once, outside
+    the timing; bf16 on sm90+). For comparison with the Triton kernel only."""
+
+    def __init__(self, experts):
+        self.gate_up = torch.stack(
+            [torch.cat([g, u]).t() for g, u in zip(experts.gate, experts.up)]
+        ).contiguous()  # [E, d, 2H]
+        self.down = torch.stack([w.t() for w in experts.down]).contiguous()  # [E, H, d]
+        self.E, self.H = experts.num_experts, experts.hidden
+
+    def __call__(self, h, ids, weights):
+        from dinfer_kernels import moe
+
+        N, k = ids.shape
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        bounds = torch.arange(1, self.E + 1, device=h.device, dtype=flat.dtype)
+        offs = torch.searchsorted(flat[order], bounds).to(torch.int32)
+        x = h[order // k]
+        gu = torch._grouped_mm(x, self.gate_up, offs=offs)
+        a = torch.nn.functional.silu(gu[:, : self.H]) * gu[:, self.H :]
+        y = torch._grouped_mm(a, self.down, offs=offs)
+        slots = torch.empty_like(y)
+        slots[order] = y
+        return moe.combine(slots.view(N, k, -1), weights)
+
+
+def moe_section(dev: str, bw: float | None, dry: bool) -> None:
+    """Routed experts at both released shapes, N tokens per layer: each path's time, and the
+    floor (the routed experts' weights, each read once, plus activations) as % of copy bandwidth.
+    Then the whole MoE block with the loop vs the grouped kernel, the grouped one also replayed
+    from a CUDA graph and run under torch.cuda.set_sync_debug_mode("error")."""
+    import dinfer_kernels as kernels
+    from dinfer_kernels import moe, reference, triton_moe
+
+    dtype = torch.float32 if dry else torch.bfloat16
+    scale, tokens = (16, (8,)) if dry else (1, MOE_TOKENS)
+    print(f"\nMoE routed experts, {dtype}{' (CPU dry run, sizes / 16)' if dry else ''}")
+    print(
+        "| shape | tokens | loop us | dense us | grouped us | grouped graph us "
+        "| torch._grouped_mm us | floor us | of bandwidth |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in MOE_SHAPES:
+        block = moe_layer(name, dev, dtype, scale)
+        experts = block.experts.expert_weights()
+        d = experts.d_model
+        for N in tokens:
+            g = torch.Generator(device=dev).manual_seed(N)
+            h = torch.randn(N, d, device=dev, generator=g).to(dtype)
+            scores = torch.rand(N, experts.num_experts, device=dev, generator=g)
+            weights, ids = scores.topk(MOE_SHAPES[name]["k"], dim=-1)
+            weights = weights.to(dtype)
+            expected = reference.routed_experts(h.float(), ids, weights.float(), _float(experts))
+            got = triton_moe.routed_experts(h, ids, weights, experts)
+            err = ((got.float() - expected).abs().max() / expected.abs().max()).item()
+            assert err < 3e-2, f"{name}, {N} tokens: grouped kernel off by {err:.3g} (relative)"
+            used = len(torch.unique(ids).tolist())
+            nbytes = used * 3 * experts.hidden * d * h.element_size() + N * d * h.element_size() * 2
+            floor = nbytes / bw if bw else float("nan")
+            t_loop = timed(lambda: reference.routed_experts(h, ids, weights, experts))
+            t_dense = timed(lambda: moe.dense_experts(h, ids, weights, experts))
+            grouped = lambda: triton_moe.routed_experts(h, ids, weights, experts)
+            t_grouped = timed(grouped)
+            t_graph = graph_timed(grouped) if not dry else None
+            t_mm = None
+            if not dry:
+                try:
+                    mm = GroupedMM(experts)
+                    mm(h, ids, weights)
+                    t_mm = timed(lambda: mm(h, ids, weights))
+                except Exception as e:  # not every build or GPU has it
+                    print(f"  (no torch._grouped_mm: {type(e).__name__}: {str(e)[:120]})")
+            best = t_graph or t_grouped
+            print(
+                f"| {name} | {N} | {t_loop * 1e6:.0f} | {t_dense * 1e6:.0f} | "
+                f"{t_grouped * 1e6:.0f} | {_us(t_graph)} | {_us(t_mm)} | {floor * 1e6:.1f} | "
+                f"{floor / best:.0%} |",
+                flush=True,
+            )
+        x = torch.randn(1, tokens[-1], d, device=dev, dtype=dtype)
+        with torch.no_grad():
+            with kernels.configured(moe="loop"):
+                ref = block(x)
+                t_loop = timed(lambda: block(x))
+            with kernels.configured(moe="grouped"), kernels.triton_everywhere():
+                out = block(x)
+                t_grouped = timed(lambda: block(x))
+                t_graph = graph_timed(lambda: block(x)) if not dry else None
+                synced = "not checked (CPU)"
+                if not dry:
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        block(x)
+                        synced = "no sync"
+                    except RuntimeError as e:
+                        synced = f"SYNC: {str(e)[:80]}"
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        print(
+            f"whole {name} MoE block, {tokens[-1]} tokens: loop {t_loop * 1e6:.0f} us, grouped "
+            f"{t_grouped * 1e6:.0f} us eager, {_us(t_graph)} us graph; relative difference "
+            f"{err:.2g}; sync debug mode: {synced}",
+            flush=True,
+        )
+
+
+def check_moe_engine(dev: str) -> None:
+    """The engine on small random LLaDA-MoE and LLaDA2 models on the GPU: the grouped kernel
+    (float32) and the dense path (float64) decode the same windows as the loop."""
+    import dinfer_kernels as kernels
+    from workers.models import FAMILIES, family_name
+    from workers.scheduler import denoise
+
+    for name in MOE_SHAPES:
+        raw = moe_raw_config(name, scale=16)
+        config_cls, model_cls = FAMILIES[family_name(raw)]
+        g = torch.Generator().manual_seed(0)
+        model = model_cls(config_cls.from_dict(raw)).double()
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                std = 0.2 if pname.endswith("gate.weight") else 0.3
+                noise = std * torch.randn(p.shape, generator=g, dtype=torch.float64)
+                p.copy_(noise + 1 if pname.endswith("norm.weight") else noise)
+        model = model.to(dev).eval()
+        prompts = [torch.randint(0, 990, (n,), generator=g).tolist() for n in (5, 17, 9)]
+        params = SamplingParams(
+            gen_length=32, block_length=16, decoder="threshold", threshold=0.5, cache="dual"
+        ).validate()
+        for dtype, path in ((torch.float64, "dense"), (torch.float32, "grouped")):
+            model = model.to(dtype)
+            with kernels.configured(moe="loop"):
+                expected = [s.window for s in denoise(model, prompts, params, [1, 2, 3])]
+            with kernels.configured(moe=path):
+                got = [s.window for s in denoise(model, prompts, params, [1, 2, 3])]
+            same = sum(a == b for a, b in zip(got, expected))
+            print(f"engine on a small {name}, {dtype}: {path} vs loop, {same}/3 windows identical")
+
+
+def _float(experts):
+    from dinfer_kernels import moe
+
+    return moe.ExpertWeights(
+        *([w.float() for w in ws] for ws in (experts.gate, experts.up, experts.down))
+    )
+
+
+def _us(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1e6:.0f}"
+
+
+# ---- confidence: one program per row vs the vocabulary split over programs ---------------------
+
+
+def confidence_section(dev: str, bw: float | None, dry: bool) -> None:
+    """[32 x V] logits, V = 126,464 (LLaDA) and 157,184 (LLaDA-MoE, LLaDA2): one program per row
+    (today's default) vs split vocabularies (the dispatcher's rule, and a sweep), greedy and
+    Gumbel-max; each checked against the torch reference first, then % of copy bandwidth."""
+    from dinfer_kernels import reference
+    from dinfer_kernels import triton_ops as tk
+
+    vocabs = (4099,) if dry else (126_464, 157_184)
+    dtype = torch.float32 if dry else torch.bfloat16
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if not dry else 8
+    print(f"\nconfidence kernel, [32 x V] {dtype}{' (CPU dry run)' if dry else ''}")
+    print("| V | kind | splits | Triton us, eager | Triton us, graph | torch us | of bandwidth |")
+    print("|---|---|---|---|---|---|---|")
+    for V in vocabs:
+        g = torch.Generator(device=dev).manual_seed(V)
+        logits = (3 * torch.randn(1, 32, V, device=dev, generator=g)).to(dtype)
+        temp, seeds = torch.full((1,), 0.8, device=dev), torch.tensor([12345], device=dev)
+        auto = tk.confidence_splits(32, V, sms, 2048)
+        sweep = sorted({1, auto, 4, 8, 16, 32, 64}) if not dry else [1, 3]
+        for kind, args in (("greedy", (None, None)), ("Gumbel", (temp, seeds))):
+            ref = reference.confidence(logits, *args)
+            t_ref = timed(lambda a=args: reference.confidence(logits, *a))
+            for splits in sweep if kind == "greedy" else sorted({1, auto}):
+                fn = lambda a=args, s=splits: tk.confidence_full(logits, *a, splits=s)
+                token, prob = fn()
+                assert torch.equal(token, ref[0]), f"confidence V={V} {kind} splits={splits}"
+                t_eager = timed(fn)
+                t_graph = graph_timed(fn) if not dry else None
+                best = t_graph or t_eager
+                pct = logits.numel() * logits.element_size() / bw / best if bw else float("nan")
+                mark = " (rule)" if splits == auto else ""
+                print(
+                    f"| {V} | {kind} | {splits}{mark} | {t_eager * 1e6:.1f} | {_us(t_graph)} | "
+                    f"{t_ref * 1e6:.1f} | {pct:.0%} |",
+                    flush=True,
+                )
+        current = torch.randint(0, V, (1, 32), device=dev, generator=g)
+        got = tk.confidence_full(logits, current=current, splits=auto)
+        ref = reference.confidence_runner_up(logits, current)
+        assert torch.equal(got[2], ref[2]), "runner-up tokens differ from the reference"
+        print(f"runner-up and current-token probability (splits {auto}) agree with the reference")
+
+
+SECTIONS = ("check", "kernels", "moe", "confidence", "forward")
+
+
+def main():
+    global _DRY
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
+    parser.add_argument("--dry-run", action="store_true", help="moe, confidence on the CPU")
+    args = parser.parse_args()
+    sections = args.sections.split(",")
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.dry_run:
+        _DRY = True
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+        torch.set_num_threads(1)
+        for name in ("moe", "confidence"):
+            if name in sections:
+                globals()[f"{name}_section"]("cpu", None, dry=True)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels_gpu.py: no CUDA GPU here (run with --dry-run for a CPU check)")
+    from dinfer_kernels import reference
+    from dinfer_kernels import triton_ops as tk
+
+    dev = "cuda"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if "check" in sections:
+        check(tk, reference, dev)
+        check_engine(dev)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth: {bw / 1e9:.0f} GB/s", flush=True)
+    if "kernels" in sections:
+        kernel_rows(tk, reference, dev, bw)
+    if "moe" in sections:
+        check_moe_engine(dev)
+        moe_section(dev, bw, dry=False)
+    if "confidence" in sections:
+        confidence_section(dev, bw, dry=False)
+    if "forward" in sections:
+        forward_and_engine(dev, bw)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,33 @@
 #     bash benchmarks/run_on_gpu.sh OUTDIR
 # Each step has its own time limit and the next runs whatever happened, so one failure costs one
 # table, not the lease. Logs land in OUTDIR; copy the tables into benchmarks/RESULTS.md.
+# Before a lease: `python benchmarks/kernels_gpu.py --dry-run` runs the MoE and confidence steps
+# on the CPU (small sizes, Triton interpreted), and `env -u TRITON_INTERPRET python
+# benchmarks/compile_check.py` compiles the new kernels for sm_90 without a GPU, so no lease is
+# spent on a typo or a compile error.
+# STEPS picks steps (default all: their limits add up to ~12 minutes, so a 10-minute command
+# limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine").
 out=${1:?usage: run_on_gpu.sh OUTDIR}
+want() { [[ " ${STEPS:-kernels moe confidence forward batch engine} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # kernels/ is imported as dinfer_kernels (see pyproject.toml): install the tree in place first
 $py -m pip install -q --no-deps --no-build-isolation -e . || echo "editable install failed"
 nvidia-smi -L
 $py -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-# kernels vs references, engine vs reference sampler, kernel timings, the 8B-shaped forward and engine
-timeout 180 $py benchmarks/kernels_gpu.py 2>&1 | tee "$out/kernels_gpu.txt"
+# kernels vs references, engine vs reference sampler, kernel timings
+want kernels && timeout 120 $py benchmarks/kernels_gpu.py --sections check,kernels 2>&1 | tee "$out/kernels_gpu.txt"
+# MoE at LLaDA-MoE-7B-A1B's and LLaDA2.0-mini's shapes: engine tokens (grouped kernel vs the loop),
+# the Triton grouped GEMM vs torch._grouped_mm / dense / loop, the whole MoE block (graph, no sync)
+want moe && timeout 150 $py benchmarks/kernels_gpu.py --sections moe 2>&1 | tee "$out/moe_gpu.txt"
+# the confidence kernel on [32 x 126,464] and [32 x 157,184] bf16: one program per row vs split
+want confidence && timeout 60 $py benchmarks/kernels_gpu.py --sections confidence 2>&1 | tee "$out/confidence_gpu.txt"
+# the 8B-shaped block forward and the engine on it
+want forward && timeout 120 $py benchmarks/kernels_gpu.py --sections forward 2>&1 | tee "$out/forward_gpu.txt"
 # the main job end to end: client -> ZeroMQ -> a worker process on the GPU
-timeout 40 $py -m dinfer_async.batch examples/prompts.jsonl "$out/batch_cuda.jsonl" --device cuda 2>&1 | tail -3
+want batch && timeout 40 $py -m dinfer_async.batch examples/prompts.jsonl "$out/batch_cuda.jsonl" --device cuda 2>&1 | tail -3
 # the bundled model through the engine on the GPU, float32 then bfloat16
-timeout 130 $py benchmarks/engine_speed.py --device cuda --prompts 50 \
+want engine && timeout 130 $py benchmarks/engine_speed.py --device cuda --prompts 50 \
     --configs threshold:dual,credit:dual,threshold:none 2>&1 | tee "$out/engine_cuda_float32.txt"
-timeout 90 $py benchmarks/engine_speed.py --device cuda --dtype bfloat16 --prompts 25 \
+want engine && timeout 90 $py benchmarks/engine_speed.py --device cuda --dtype bfloat16 --prompts 25 \
     --configs threshold:dual,credit:dual 2>&1 | tee "$out/engine_cuda_bfloat16.txt"

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dinfer_kernels.moe import ExpertWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -140,7 +145,8 @@ def confidence(
     if temperature is None:
         top, token = logits.max(dim=-1)
         return token, torch.exp(top.double() - torch.logsumexp(logits.double(), dim=-1))
-    assert seeds is not None, "sampling needs the rows' seeds"
+    if seeds is None:
+        raise ValueError("confidence: sampling with a temperature needs seeds [B] (int64)")
     compute = torch.promote_types(logits.dtype, torch.float32)
     B, K, V = logits.shape
     h = logits.to(compute)
@@ -197,3 +203,48 @@ def hierarchical_commit(
     first.scatter_reduce_(1, run, torch.where(is_best, index, K), reduce="amin")
     run_pick = is_best & (index == first.gather(1, run)) & (conf >= low)
     return masked & (run_pick | threshold_commit(conf, conf > -torch.inf, tau))
+
+
+def confidence_runner_up(
+    logits: torch.Tensor,
+    current: torch.Tensor,
+    temperature: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+):
+    """confidence() plus what a token-editing decoder needs: (token, probability, runner-up token,
+    its probability, probability of `current` [B, K]), probabilities float64. The runner-up is the
+    second token by logit (the lowest among equals), whatever the temperature."""
+    token, prob = confidence(logits, temperature, seeds)
+    x = logits.double()
+    lse = torch.logsumexp(x, dim=-1)
+    rest = x.scatter(-1, x.argmax(dim=-1, keepdim=True), -torch.inf)
+    second = rest.argmax(dim=-1)
+    second_prob = torch.exp(rest.gather(-1, second[..., None])[..., 0] - lse)
+    current_prob = torch.exp(x.gather(-1, current[..., None].long())[..., 0] - lse)
+    return token, prob, second, second_prob, current_prob
+
+
+def routed_experts(
+    h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: ExpertWeights
+) -> torch.Tensor:
+    """sum_j weights[:, j] * expert_{ids[:, j]}(h) for h [N, d], ids and weights [N, k] -> [N, d]
+    in weights' dtype; an expert is down(silu(gate h) * up h) (kernels.moe.ExpertWeights).
+
+    The (token, choice) pairs are sorted by expert and each expert runs one matmul over its
+    tokens; each pair's output lands in its own row and a token's k rows are summed in choice
+    order, with no scatter-add, so the result is deterministic. The counts are read on the host
+    (a sync per layer on a GPU): kernels.moe and kernels/triton_moe.py avoid that."""
+    N, k = ids.shape
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # slots grouped by expert, each group in slot order
+    counts = torch.bincount(flat, minlength=experts.num_experts).tolist()
+    out = torch.empty(N * k, h.shape[-1], device=h.device, dtype=weights.dtype)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            slots = order[start : start + n]
+            x = h[slots // k]
+            gate, up = F.linear(x, experts.gate[e]), F.linear(x, experts.up[e])
+            out[slots] = F.linear(swiglu(gate, up), experts.down[e]).to(out.dtype)
+            start += n
+    return (out.view(N, k, -1) * weights[..., None]).sum(dim=1)

@@ -8,11 +8,15 @@ contiguous.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from dinfer_kernels import reference
+from dinfer_kernels import reference, triton_moe
+from dinfer_kernels.options import options
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +153,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out=None) -> tor
     return out
 
 
-# ---- confidence: top-1 token and its probability in one pass over the vocabulary ---------------
+# ---- confidence: top-1 token and its probability, the vocabulary split over programs ----------
+# Pass 1 runs one program per (row, split of the vocabulary) and keeps, online over chunks, the
+# split's max logit m, sum of exp(l - m) s, the winner (the max logit, or with sampling the max of
+# l + temperature * gumbel, lowest token on ties) and with EXTRA the runner-up by logit and the
+# logit of a given current token. With one split it writes the answer directly (one program per
+# row); otherwise pass 2 merges each row's partials (lower splits hold lower tokens, so "lowest
+# token among equals" is the same rule as torch's argmax).
+
+_PARTS = 6  # float partials per (row, split): m, s, winner score, winner logit, runner-up, current
+_PART_TOKENS = 3  # token partials: winner, top-1 by logit, runner-up by logit
 
 
 @triton.jit
@@ -173,130 +186,287 @@ def _gumbel(position_hash, cols, COMPUTE: tl.constexpr):
 
 
 @triton.jit
+def _first(values, tokens, best, none):
+    """The lowest token among `tokens` whose value equals `best` (`none` where there is none)."""
+    return tl.min(tl.where(values == best, tokens, none), axis=0)
+
+
+@triton.jit
 def _confidence_kernel(
     logits_ptr,
     temp_ptr,
     seed_ptr,
+    current_ptr,
     token_ptr,
     prob_ptr,
-    margin_ptr,
-    entropy_ptr,
+    second_ptr,
+    second_prob_ptr,
+    current_prob_ptr,
+    part_ptr,
+    part_token_ptr,
     vocab,
-    exclude,
+    split_size,
     positions,
+    n_parts,
     CHUNK: tl.constexpr,
     SAMPLE: tl.constexpr,
+    EXTRA: tl.constexpr,
+    FINAL: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
-    """Online over vocabulary chunks: running max m, sum of exp(l - m) s, sum of exp(l - m) * l
-    (for the entropy) and the runner-up; never holds more than one chunk of a row. With SAMPLE,
-    the token is the argmax of l + temperature * gumbel (Gumbel-max), its logit kept for p."""
     row = tl.program_id(0)
+    split = tl.program_id(1)
     base = logits_ptr + row.to(tl.int64) * vocab
+    lo = split * split_size
+    hi = tl.minimum(lo + split_size, vocab)
     m = tl.full((), -float("inf"), COMPUTE)
-    second = tl.full((), -float("inf"), COMPUTE)
     s = tl.zeros((), COMPUTE)
-    sl = tl.zeros((), COMPUTE)
+    top = lo.to(tl.int64)  # the max logit's token (the first one while all are -inf)
     best_score = tl.full((), -float("inf"), COMPUTE)
     best_logit = tl.full((), -float("inf"), COMPUTE)
-    best = 0
+    best = lo.to(tl.int64)
+    second = tl.full((), -float("inf"), COMPUTE)
+    second_token = lo.to(tl.int64)
+    current_logit = tl.full((), -float("inf"), COMPUTE)
+    current = -1
+    if EXTRA:
+        current = tl.load(current_ptr + row)
     if SAMPLE:
         request = row // positions
         temperature = tl.load(temp_ptr + request).to(COMPUTE)
         seed = tl.load(seed_ptr + request)
         seed_hash = _mix32(_mix32((seed & 0xFFFFFFFF).to(tl.uint32)) ^ (seed >> 32).to(tl.uint32))
         position_hash = _mix32(seed_hash ^ (row % positions).to(tl.uint32))
-    for start in range(0, vocab, CHUNK):
+    for start in range(lo, hi, CHUNK):
         cols = start + tl.arange(0, CHUNK)
-        keep = (cols < vocab) & (cols != exclude)
+        keep = cols < hi
         x = tl.load(base + cols, mask=keep, other=-float("inf")).to(COMPUTE)
         cmax = tl.max(x, axis=0)
-        xarg = tl.argmax(x, axis=0) + start
-        # runner-up inside this chunk: the max once the chunk's argmax is removed
-        csecond = tl.max(tl.where(cols == xarg, -float("inf"), x), axis=0)
+        xarg = (tl.argmax(x, axis=0) + start).to(tl.int64)
         if SAMPLE:  # the chunk's best noisy score, its token and that token's own logit
             score = tl.where(
                 keep, x + temperature * _gumbel(position_hash, cols, COMPUTE), -float("inf")
             )
             cbest = tl.max(score, axis=0)
-            carg = tl.argmax(score, axis=0) + start
+            carg = (tl.argmax(score, axis=0) + start).to(tl.int64)
             clogit = tl.max(tl.where(cols == carg, x, -float("inf")), axis=0)
-        else:  # greedy: the logits' own argmax, found above
-            cbest, carg, clogit = cmax, xarg, cmax
+            better = cbest > best_score
+            best = tl.where(better, carg, best)
+            best_logit = tl.where(better, clogit, best_logit)
+            best_score = tl.maximum(best_score, cbest)
+        if EXTRA:  # runner-up by logit: the better of the old pair and the chunk's pair
+            rest = tl.where(cols == xarg, -float("inf"), x)
+            csecond = tl.max(rest, axis=0)
+            csecond_token = (tl.argmax(rest, axis=0) + start).to(tl.int64)
+            # the chunk's max leads: old top-1 vs the chunk's runner-up; else the old top-1
+            # stays: old runner-up vs the chunk's max (the old one, a lower token, wins ties)
+            lead = cmax > m
+            second_token = tl.where(
+                lead,
+                tl.where(m >= csecond, top, csecond_token),
+                tl.where(second >= cmax, second_token, xarg),
+            )
+            second = tl.where(lead, tl.maximum(m, csecond), tl.maximum(second, cmax))
+            current_logit = tl.maximum(
+                current_logit, tl.max(tl.where(cols == current, x, -float("inf")), axis=0)
+            )
         new_m = tl.maximum(m, cmax)
-        finite = new_m > -float("inf")  # False only while every logit so far is -inf
-        scale = tl.where(finite, tl.exp(m - new_m), 0.0)
+        top = tl.where(cmax > m, xarg, top)
+        scale = tl.where(new_m > -float("inf"), tl.exp(m - new_m), 0.0)
         e = tl.where(x > -float("inf"), tl.exp(x - new_m), 0.0)
         s = s * scale + tl.sum(e, axis=0)
-        sl = sl * scale + tl.sum(tl.where(e > 0, e * x, 0.0), axis=0)
-        second = tl.maximum(tl.maximum(second, csecond), tl.minimum(m, cmax))
-        better = cbest > best_score
-        best = tl.where(better, carg, best)
-        best_logit = tl.where(better, clogit, best_logit)
-        best_score = tl.maximum(best_score, cbest)
         m = new_m
-    lse = m + tl.log(s)
-    tl.store(token_ptr + row, best)
+    if not SAMPLE:  # greedy: the winner is the max logit
+        best, best_logit, best_score = top, m, m
+    if FINAL:
+        lse = m + tl.log(s)
+        tl.store(token_ptr + row, best)
+        tl.store(prob_ptr + row, tl.exp(best_logit - lse))
+        if EXTRA:
+            tl.store(second_ptr + row, second_token)
+            tl.store(second_prob_ptr + row, tl.exp(second - lse))
+            tl.store(current_prob_ptr + row, tl.exp(current_logit - lse))
+    else:
+        part = row * n_parts + split
+        stride = tl.num_programs(0) * n_parts
+        tl.store(part_ptr + part, m)
+        tl.store(part_ptr + stride + part, s)
+        tl.store(part_ptr + 2 * stride + part, best_score)
+        tl.store(part_ptr + 3 * stride + part, best_logit)
+        tl.store(part_ptr + 4 * stride + part, second)
+        tl.store(part_ptr + 5 * stride + part, current_logit)
+        tl.store(part_token_ptr + part, best)
+        tl.store(part_token_ptr + stride + part, top)
+        tl.store(part_token_ptr + 2 * stride + part, second_token)
+
+
+@triton.jit
+def _confidence_merge_kernel(
+    part_ptr,
+    part_token_ptr,
+    token_ptr,
+    prob_ptr,
+    second_ptr,
+    second_prob_ptr,
+    current_prob_ptr,
+    n_parts,
+    vocab,
+    PARTS: tl.constexpr,
+    EXTRA: tl.constexpr,
+):
+    """One program per row over its n_parts partials (PARTS >= n_parts, a power of two)."""
+    row = tl.program_id(0)
+    idx = tl.arange(0, PARTS)
+    keep = idx < n_parts
+    part = row * n_parts + idx
+    stride = tl.num_programs(0) * n_parts
+    m = tl.load(part_ptr + part, mask=keep, other=-float("inf"))
+    s = tl.load(part_ptr + stride + part, mask=keep, other=0.0)
+    score = tl.load(part_ptr + 2 * stride + part, mask=keep, other=-float("inf"))
+    logit = tl.load(part_ptr + 3 * stride + part, mask=keep, other=-float("inf"))
+    best_token = tl.load(part_token_ptr + part, mask=keep, other=vocab)
+    big_m = tl.max(m, axis=0)
+    scale = tl.where(m > -float("inf"), tl.exp(m - big_m), 0.0)
+    lse = big_m + tl.log(tl.sum(s * scale, axis=0))
+    best_score = tl.max(score, axis=0)
+    token = _first(score, best_token, best_score, vocab)
+    best_logit = tl.max(tl.where(best_token == token, logit, -float("inf")), axis=0)
+    tl.store(token_ptr + row, token)
     tl.store(prob_ptr + row, tl.exp(best_logit - lse))
-    tl.store(margin_ptr + row, tl.exp(m - lse) - tl.exp(second - lse))
-    tl.store(entropy_ptr + row, lse - sl / s)
+    if EXTRA:
+        top = tl.load(part_token_ptr + stride + part, mask=keep, other=vocab)
+        second = tl.load(part_ptr + 4 * stride + part, mask=keep, other=-float("inf"))
+        second_token = tl.load(part_token_ptr + 2 * stride + part, mask=keep, other=vocab)
+        current = tl.load(part_ptr + 5 * stride + part, mask=keep, other=-float("inf"))
+        top_token = _first(m, top, big_m, vocab)
+        # runner-up: every split's runner-up, and every split's top-1 but the overall one
+        other = tl.where(top == top_token, -float("inf"), m)
+        runner = tl.maximum(tl.max(second, axis=0), tl.max(other, axis=0))
+        runner_token = tl.minimum(
+            _first(second, second_token, runner, vocab), _first(other, top, runner, vocab)
+        )
+        tl.store(second_ptr + row, runner_token)
+        tl.store(second_prob_ptr + row, tl.exp(runner - lse))
+        tl.store(current_prob_ptr + row, tl.exp(tl.max(current, axis=0) - lse))
 
 
-def confidence_stats(
+def confidence_splits(rows: int, vocab: int, sms: int, chunk: int) -> int:
+    """How many programs share one row's vocabulary: 1 (one program per row, no merge pass) once
+    the rows alone give every SM at least two programs; otherwise enough splits for about four
+    programs per SM, each split at least two chunks long, so the merge stays small."""
+    if rows >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * sms, rows), triton.cdiv(vocab, 2 * chunk)))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def confidence_full(
     logits: torch.Tensor,
     temperature: torch.Tensor | None = None,
     seeds: torch.Tensor | None = None,
-    exclude: int = -1,
+    current: torch.Tensor | None = None,
     chunk: int = 2048,
-    fill=None,
+    splits: int | None = None,
+    fill: float | None = None,
 ):
-    """logits [..., K, V] -> per position (token, its probability, top-1 minus top-2 probability,
-    entropy), the token `exclude` left out. Greedy, or Gumbel-max with `temperature` [B] and `seeds`
-    [B] int64 per request (kernels.reference.confidence). Margin and entropy are the logits' own.
-    Computed and returned in float32 (float64 for float64 logits); `fill` pre-fills the outputs."""
+    """logits [..., K, V] -> per position (token, its probability) and, when `current` (token ids
+    shaped like logits.shape[:-1]) is given, also (runner-up token by logit, its probability,
+    the probability of `current`): what a token-editing decoder needs, off by default so the
+    greedy path does no extra work. Greedy, or Gumbel-max with `temperature` [B] and `seeds` [B]
+    int64 per request (kernels.reference.confidence); the runner-up ranks the logits themselves,
+    whatever the temperature. Probabilities in float32 (float64 for float64 logits).
+
+    `splits`: programs per row (None: chosen by confidence_splits on CUDA when
+    kernels.options.confidence_split is on, else 1). `fill` pre-fills the outputs (tests)."""
     rows = _rows(logits)
-    n = rows.shape[0]
+    n, vocab = rows.shape
     positions = logits.shape[-2] if logits.dim() > 1 else 1
     compute = torch.promote_types(logits.dtype, torch.float32)
-    token = torch.full(
-        (n,), -1 if fill is None else int(fill), dtype=torch.long, device=rows.device
-    )
-    prob, margin, entropy = (
-        torch.full((n,), float("nan") if fill is None else fill, dtype=compute, device=rows.device)
-        for _ in range(3)
-    )
+    dev = rows.device
+    if splits is None:
+        splits = 1
+        if rows.is_cuda and options.confidence_split:
+            splits = confidence_splits(n, vocab, _sm_count(dev), chunk)
+    split_size = triton.cdiv(triton.cdiv(vocab, splits), chunk) * chunk
+    splits = triton.cdiv(vocab, split_size)  # no empty split
+    nan = float("nan") if fill is None else fill
+    token = torch.full((n,), -1 if fill is None else int(fill), dtype=torch.long, device=dev)
+    prob = torch.full((n,), nan, dtype=compute, device=dev)
+    extra = current is not None
+    second, second_prob, current_prob = token, prob, prob  # unread unless EXTRA
+    if extra:
+        second = token.clone()
+        second_prob, current_prob = prob.clone(), prob.clone()
     sample = temperature is not None
-    temp = prob  # unused by a greedy kernel
-    seed = token
-    if temperature is not None:
-        assert seeds is not None, "sampling needs the rows' seeds"
-        temp = temperature.to(compute).contiguous()
-        seed = seeds.to(torch.int64).contiguous()
-    _confidence_kernel[(n,)](
+    if sample and seeds is None:
+        raise ValueError("confidence: sampling with a temperature needs seeds [B] (int64)")
+    temp = temperature.to(compute).contiguous() if temperature is not None else prob
+    seed = seeds.to(torch.int64).contiguous() if seeds is not None and sample else token
+    cur = current.reshape(-1).to(torch.int64).contiguous() if current is not None else token
+    final = splits == 1
+    parts = torch.empty((_PARTS, n, splits) if not final else 1, dtype=compute, device=dev)
+    part_tokens = torch.empty(
+        (_PART_TOKENS, n, splits) if not final else 1, dtype=torch.long, device=dev
+    )
+    kind = tl.float64 if compute == torch.float64 else tl.float32
+    outputs = (token, prob, second, second_prob, current_prob)
+    _confidence_kernel[(n, splits)](
         rows,
         temp,
         seed,
-        token,
-        prob,
-        margin,
-        entropy,
-        rows.shape[1],
-        exclude,
+        cur,
+        *outputs,
+        parts,
+        part_tokens,
+        vocab,
+        split_size,
         positions,
+        splits,
         CHUNK=chunk,
         SAMPLE=sample,
-        COMPUTE=tl.float64 if compute == torch.float64 else tl.float32,
+        EXTRA=extra,
+        FINAL=final,
+        COMPUTE=kind,
     )
+    if not final:
+        _confidence_merge_kernel[(n,)](
+            parts,
+            part_tokens,
+            *outputs,
+            splits,
+            vocab,
+            PARTS=triton.next_power_of_2(splits),
+            EXTRA=extra,
+        )
     shape = logits.shape[:-1]
-    return token.view(shape), prob.view(shape), margin.view(shape), entropy.view(shape)
+    if not extra:
+        return token.view(shape), prob.view(shape)
+    return tuple(t.view(shape) for t in outputs)
 
 
 def confidence(
     logits: torch.Tensor, temperature: torch.Tensor | None = None, seeds: torch.Tensor | None = None
 ):
     """Dispatcher signature: (token, probability as float64)."""
-    token, prob, _, _ = confidence_stats(logits, temperature, seeds)
+    token, prob = confidence_full(logits, temperature, seeds)
     return token, prob.double()
+
+
+def confidence_runner_up(
+    logits: torch.Tensor,
+    current: torch.Tensor,
+    temperature: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
+):
+    """Dispatcher signature (kernels.reference.confidence_runner_up): token, probability, runner-up
+    token, its probability, probability of `current`; probabilities as float64."""
+    token, prob, second, second_prob, current_prob = confidence_full(
+        logits, temperature, seeds, current=current
+    )
+    return token, prob.double(), second, second_prob.double(), current_prob.double()
 
 
 # ---- commit selection on [B, K]: one program per row, the whole block loaded at once -----------
@@ -526,7 +696,7 @@ def _attention_kernel(
         out.to(q.dtype),
         mask=rows[:, None] < Lq,
     )
-    if WRITE:  # noqa: SIM102 (a constexpr branch of its own: pruned when compiled without it)
+    if WRITE:  # noqa: SIM102 (WRITE is a constexpr: `and` would not fold it at compile time)
         if (tl.program_id(1) == 0) & (h % (H // KV_H) == 0):
             for first in range(0, Lq, BLOCK_N):
                 pos = first + tl.arange(0, BLOCK_N)
@@ -551,8 +721,8 @@ def _launch_attention(q, k, v, key_mask, new_k, new_v, start, write, out, block_
     if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride() != v.stride():
         if write:
             raise ValueError(
-                "cache: keys and values must share strides with a contiguous last dimension to be "
-                "written in place"
+                "cache: keys and values must share strides with a contiguous last dimension "
+                "to be written in place"
             )
         k, v = k.contiguous(), v.contiguous()
     fresh = new_k is not None  # the fed tokens' keys/values come apart from the cache
@@ -635,12 +805,14 @@ def add_rms_norm(x, residual, weight, eps):
     return rms_norm(x, weight, eps, residual=residual)
 
 
-KERNELS = {
+KERNELS: dict[str, Callable[..., Any]] = {
+    "routed_experts": triton_moe.routed_experts,
     "rms_norm": rms_norm,
     "add_rms_norm": add_rms_norm,
     "swiglu": swiglu,
     "rope": rope,
     "confidence": confidence,
+    "confidence_runner_up": confidence_runner_up,
     "attention": attention,
     "cached_attention": cached_attention,
     "threshold_commit": threshold_commit,

@@ -67,53 +67,69 @@ def test_rope(dtype):
     )
 
 
-def reference_stats(logits, exclude):
-    x = logits.double()
-    if exclude >= 0:
-        x[..., exclude] = -torch.inf
-    p = torch.softmax(x, -1)
-    top = p.topk(2, dim=-1)
-    entropy = -(torch.where(p > 0, p * p.log(), 0.0)).sum(-1)
-    return top.indices[..., 0], top.values[..., 0], top.values[..., 0] - top.values[..., 1], entropy
+def confidence_logits(rows, vocab, dtype, seed, ties):
+    """Random logits with a forbidden half in row 1; with `ties`, integers in [-3, 3] so the max
+    and the runner-up repeat across chunks and splits (the lowest token must win)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 4 * torch.randn(rows, vocab, generator=g, dtype=torch.float64)
+    if ties:
+        logits = logits.clamp(-3, 3).round()
+    logits[1, : vocab // 2] = -torch.inf  # forbidden tokens
+    return logits.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("vocab,chunk", [(1000, 256), (4097, 1024), (126_464, 8192)])
-def test_confidence(dtype, vocab, chunk):
-    g = torch.Generator().manual_seed(vocab)
+@pytest.mark.parametrize(
+    "vocab,chunk,splits,ties",
+    [
+        (1000, 256, 1, True),
+        (1000, 128, 3, True),
+        (4097, 1024, 5, False),
+        (4097, 1024, 5, True),
+        (126_464, 8192, 4, False),
+    ],
+)
+def test_confidence(dtype, vocab, chunk, splits, ties):
+    """One program per row (splits 1) or the vocabulary split over programs and merged: the same
+    token as torch's argmax (lowest among equals), runner-up and current-token probabilities on
+    request, on vocabularies that are no multiple of the chunk; outputs start as NaN / -1."""
     rows = 3 if vocab > 100_000 else 6
-    logits = (4 * torch.randn(rows, vocab, generator=g)).to(dtype)
-    exclude = vocab - 3
-    logits[0, exclude] = 1e4 if dtype == torch.float32 else 6e4  # the excluded token would win
-    logits[1, : vocab // 2] = -torch.inf  # forbidden tokens
-    token, prob, margin, entropy = tk.confidence_stats(
-        logits, exclude=exclude, chunk=chunk
-    )  # outputs start as NaN / -1
-    ref_token, ref_prob, ref_margin, ref_entropy = reference_stats(logits, exclude)
+    logits = confidence_logits(rows, vocab, dtype, vocab + splits, ties)
+    token, prob = tk.confidence_full(logits, chunk=chunk, splits=splits)
+    ref_token, ref_prob = reference.confidence(logits)
     assert torch.equal(token, ref_token)
     torch.testing.assert_close(prob.double(), ref_prob, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(margin.double(), ref_margin, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-4, atol=1e-4)
-    t2, p2 = tk.confidence(
-        logits
-    )  # the dispatcher's signature: nothing excluded, float64 probabilities
-    r2, rp2 = reference.confidence(logits)
-    assert torch.equal(t2, r2) and p2.dtype == torch.float64
-    torch.testing.assert_close(p2, rp2, rtol=1e-4, atol=1e-6)
+    current = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(vocab))
+    current[0] = ref_token[0]
+    got = tk.confidence_full(logits, current=current, chunk=chunk, splits=splits)
+    expected = reference.confidence_runner_up(logits, current)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
+    for g, e in zip(got[1::2] + got[4:], expected[1::2] + expected[4:]):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-6)
+    t2, p2 = tk.confidence(logits)  # the dispatcher's signature: float64 probabilities
+    assert torch.equal(t2, ref_token) and p2.dtype == torch.float64
+
+
+def test_confidence_split_rule():
+    """Few rows: enough splits for ~4 programs per SM; many rows: one program per row."""
+    assert tk.confidence_splits(32, 126_464, 132, 2048) == 17
+    assert tk.confidence_splits(264, 126_464, 132, 2048) == 1
+    assert tk.confidence_splits(1, 3000, 132, 2048) == 1  # no split shorter than two chunks
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
-@pytest.mark.parametrize("vocab,chunk", [(1000, 256), (126_464, 8192)])
-def test_confidence_sampling_matches_the_reference(dtype, vocab, chunk):
+@pytest.mark.parametrize("vocab,chunk,splits", [(1000, 256, 1), (1000, 256, 3), (126_464, 8192, 6)])
+def test_confidence_sampling_matches_the_reference(dtype, vocab, chunk, splits):
     """Gumbel-max inside the kernel: the same token as the torch reference (which draws the same
-    counter-based noise), per request temperature (0 = greedy) and seed, ragged K."""
+    counter-based noise), per request temperature (0 = greedy) and seed, ragged K, whole rows or
+    split vocabularies."""
     g = torch.Generator().manual_seed(vocab + 1)
     B, K = (2, 3) if vocab > 100_000 else (3, 5)
     logits = (2 * torch.randn(B, K, vocab, generator=g, dtype=torch.float64)).to(dtype)
     logits[1, 0, : vocab // 3] = -torch.inf  # forbidden tokens are never sampled
     temperature = torch.tensor([0.0, 0.7, 1.3][:B], dtype=torch.float64)
     seeds = torch.randint(0, 2**63 - 1, (B,), generator=g)
-    token, prob, _, _ = tk.confidence_stats(logits, temperature, seeds, chunk=chunk)
+    token, prob = tk.confidence_full(logits, temperature, seeds, chunk=chunk, splits=splits)
     ref_token, ref_prob = reference.confidence(logits, temperature, seeds)
     assert torch.equal(token, ref_token)
     assert torch.equal(token[0], logits[0].double().argmax(-1))  # temperature 0 is greedy
@@ -427,3 +443,10 @@ def test_engine_through_the_kernels_matches_torch(family, overrides, monkeypatch
         "threshold_commit",
         "factor_commit",
     }
+
+
+def test_sampling_without_seeds_is_a_clear_error():
+    logits, temperature = torch.zeros(1, 2, 10), torch.ones(1)
+    for fn in (reference.confidence, tk.confidence):
+        with pytest.raises(ValueError, match="needs seeds"):
+            fn(logits, temperature, None)

@@ -197,28 +197,40 @@ class GatedMLP(nn.Module):
         return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def grouped_experts(
-    h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: nn.ModuleList
-) -> torch.Tensor:
-    """sum_j weights[:, j] * experts[ids[:, j]](h) for h [N, d], ids and weights [N, k]: [N, d] in
-    weights' dtype.
+class RoutedExperts(nn.ModuleList):
+    """An MoE layer's routed experts: `num_experts` GatedMLPs under the checkpoint names
+    (`experts.E.gate_proj.weight`, ...). forward(h [N, d], ids [N, k], weights [N, k]) ->
+    sum_j weights[:, j] * experts[ids[:, j]](h), [N, d] in weights' dtype.
 
-    Why: a Python loop over tokens is slow, so the (token, choice) slots are sorted by expert and
-    each expert runs one matmul over the tokens routed to it. Each slot's output lands in its own
-    row and the k rows of a token are summed, with no scatter-add, so the result is deterministic.
-    """
-    N, k = ids.shape
-    flat = ids.reshape(-1)
-    order = flat.argsort(stable=True)  # slots grouped by expert, each group in slot order
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    out = torch.empty(N * k, h.shape[-1], device=h.device, dtype=weights.dtype)
-    start = 0
-    for expert, n in zip(experts, counts):
-        if n:
-            slots = order[start : start + n]
-            out[slots] = expert(h[slots // k]).to(out.dtype)
-            start += n
-    return (out.view(N, k, -1) * weights[..., None]).sum(dim=1)
+    Why a class: the kernels take the experts as one kernels.ExpertWeights (each weight where the
+    loader put it, no stacked copy) and kernels.routed_experts picks the path (a Triton grouped
+    GEMM, a dense torch path, or the reference loop; see kernels.moe_path). The ExpertWeights is
+    built on the first call and kept while the parameters hold the same tensors, checked on the
+    first and last expert: replacing parameters (model.to(), a loader) builds it anew."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int):
+        super().__init__(GatedMLP(d_model, hidden) for _ in range(num_experts))
+        self._weights: kernels.ExpertWeights | None = None
+        self._key: tuple[int, ...] = ()
+
+    def expert_weights(self) -> kernels.ExpertWeights:
+        first, last = cast(GatedMLP, self[0]), cast(GatedMLP, self[-1])
+        key = tuple(
+            w.data_ptr()
+            for w in (first.gate_proj.weight, last.up_proj.weight, last.down_proj.weight)
+        )
+        if self._weights is None or key != self._key:
+            mlps = [cast(GatedMLP, m) for m in self]
+            self._weights = kernels.ExpertWeights(
+                [m.gate_proj.weight.detach() for m in mlps],
+                [m.up_proj.weight.detach() for m in mlps],
+                [m.down_proj.weight.detach() for m in mlps],
+            )
+            self._key = key
+        return self._weights
+
+    def forward(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return kernels.routed_experts(h, ids, weights, self.expert_weights())
 
 
 class DiffusionLM(nn.Module):

@@ -25,7 +25,7 @@ from workers.models.layers import (
     HFDiffusionLM,
     RMSNorm,
     Rotary,
-    grouped_experts,
+    RoutedExperts,
     rotary_attention,
 )
 
@@ -207,9 +207,7 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg: LLaDA2Config):
         super().__init__()
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(
-            GatedMLP(cfg.d_model, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
-        )
+        self.experts = RoutedExperts(cfg.num_experts, cfg.d_model, cfg.moe_intermediate_size)
         self.shared_experts = (
             GatedMLP(cfg.d_model, cfg.moe_intermediate_size * cfg.num_shared_experts)
             if cfg.num_shared_experts > 0
@@ -217,11 +215,11 @@ class SparseMoE(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Experts via layers.grouped_experts, weighted and summed in the router's dtype."""
+        """Experts via layers.RoutedExperts, weighted and summed in the router's dtype."""
         B, L, d = x.shape
         h = x.reshape(-1, d)
         ids, weights = self.gate(h)
-        y = grouped_experts(h, ids, weights, self.experts).to(x.dtype).view(B, L, d)
+        y = self.experts(h, ids, weights).to(x.dtype).view(B, L, d)
         return y if self.shared_experts is None else y + self.shared_experts(x)
 
 

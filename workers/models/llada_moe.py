@@ -23,7 +23,7 @@ from workers.models.layers import (
     HFDiffusionLM,
     RMSNorm,
     Rotary,
-    grouped_experts,
+    RoutedExperts,
     rotary_attention,
 )
 
@@ -145,15 +145,13 @@ class LLaDAMoEConfig:
 
 
 class SparseMoE(nn.Module):
-    """Softmax router, top-k SwiGLU experts (computed by layers.grouped_experts)."""
+    """Softmax router, top-k SwiGLU experts (computed by layers.RoutedExperts)."""
 
     def __init__(self, cfg: LLaDAMoEConfig):
         super().__init__()
         self.top_k, self.norm_topk_prob = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
-        self.experts = nn.ModuleList(
-            GatedMLP(cfg.d_model, cfg.expert_intermediate_size) for _ in range(cfg.num_experts)
-        )
+        self.experts = RoutedExperts(cfg.num_experts, cfg.d_model, cfg.expert_intermediate_size)
         if (
             cfg.expert_bias
         ):  # upstream's `expert_bias` buffer; a parameter here so the loader fills it
@@ -177,7 +175,7 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, experts = self.route(x)
-        return grouped_experts(x, experts, weights, self.experts).view(shape)
+        return self.experts(x, experts, weights).view(shape)
 
 
 class Attention(nn.Module):
