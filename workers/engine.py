@@ -98,7 +98,13 @@ class Engine:
         return [
             self._result(seq)
             for seq in denoise(
-                self.model, ids, per_prompt, seeds, self.max_batch_size, self.steps_per_check
+                self.model,
+                ids,
+                per_prompt,
+                seeds,
+                self.max_batch_size,
+                self.steps_per_check,
+                decode=self.decode,
             )
         ]
 
@@ -120,9 +126,13 @@ class Engine:
                 f"max_sequence_length {self.config.max_sequence_length}; shorten one of them",
             )
 
+    def decode(self, ids: list[int]) -> str:
+        """Answer text for token ids (special tokens left out)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def _result(self, seq) -> GenerationResult:
         answer = seq.answer(self.config.eos_token_id)
-        text = self.tokenizer.decode(answer, skip_special_tokens=True)
+        text = self.decode(answer) if seq.stop_text is None else seq.stop_text
         return GenerationResult(
             text, answer, seq.finish_reason, Stats(**seq.stats(self.config.eos_token_id))
         )

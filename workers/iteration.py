@@ -44,6 +44,7 @@ class Sequence:
     aborted: bool = False
     kv: tuple | None = None  # block-causal models: this request's final keys and values
     kv_len: int = 0  # ... valid for its first kv_len tokens (prompt head + finished blocks)
+    stop_text: str | None = None  # finished by a stop string: the answer's text, cut before it
 
     @classmethod
     def create(

@@ -17,6 +17,8 @@ import torch
 
 from workers.cache import KVCache, make_cache
 from workers.iteration import BlockRound, Sequence, StepUpdate
+from workers.reference import until_eos
+from workers.stops import Decode, cut_at_stop
 
 
 @dataclass
@@ -32,11 +34,18 @@ def group_key(params) -> tuple:
 
 class Scheduler:
     def __init__(
-        self, model, max_batch_size: int = 32, report: bool = True, steps_per_check: int = 1
+        self,
+        model,
+        max_batch_size: int = 32,
+        report: bool = True,
+        steps_per_check: int = 1,
+        decode: Decode | None = None,
     ):
         """report: produce a StepUpdate per request per step (streaming); without it, updates
-        come only at block ends and a step syncs the host once."""
+        come only at block ends and a step syncs the host once. decode: token ids -> text, for
+        requests with stop strings."""
         self.model, self.max_batch_size, self.report = model, max_batch_size, report
+        self.decode = decode
         self.steps_per_check = (
             steps_per_check  # see BlockRound; 1 suits CPUs, more hides GPU latency
         )
@@ -71,7 +80,8 @@ class Scheduler:
     def step(self) -> list[StepUpdate | Finished]:
         """One forward for the current round (starting one if needed)."""
         if self.round is not None and any(s.aborted for s in self.round.seqs):
-            self._drop_aborted()  # aborted requests leave before the next step, not at the block's end
+            # aborted requests leave before the next step, not at the block's end
+            self._drop_aborted()
             if self.round is not None and self.round.finished:
                 return self._end_round()
         if self.round is None and not self._start_round():
@@ -122,7 +132,9 @@ class Scheduler:
         for seq in seqs:
             lo, hi = seq.span(seq.block)
             seq.block += 1
-            if seq.params.early_stop and self.eos_id in seq.window[lo:hi]:
+            if seq.params.stop and self._finish_at_stop(seq, hi):
+                pass  # the answer is cut before the stop string
+            elif seq.params.early_stop and self.eos_id in seq.window[lo:hi]:
                 cut = seq.window.index(self.eos_id, seq.skip)
                 seq.window[cut:] = [self.eos_id] * (len(seq.window) - cut)
                 seq.finish_reason = "eos"
@@ -139,6 +151,20 @@ class Scheduler:
         self.round = self.round_key = None
         return done
 
+    def _finish_at_stop(self, seq: Sequence, decoded: int) -> bool:
+        """Finish `seq` with "stop" if its answer so far (window up to `decoded`) holds a stop
+        string: the answer is cut before it and the rest of the window becomes EOS."""
+        if self.decode is None:
+            raise ValueError("stop strings need a Scheduler with decode=")
+        answer = until_eos(seq.window[seq.skip : decoded], self.eos_id)
+        cut = cut_at_stop(answer, seq.params.stop, self.decode)
+        if cut is None:
+            return False
+        end = seq.skip + cut.tokens
+        seq.window[end:] = [self.eos_id] * (len(seq.window) - end)
+        seq.finish_reason, seq.stop_text = "stop", cut.text
+        return True
+
 
 def denoise(
     model,
@@ -147,10 +173,13 @@ def denoise(
     seeds: list[int],
     max_batch_size: int = 64,
     steps_per_check: int = 1,
+    decode: Decode | None = None,
 ) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-    scheduler = Scheduler(model, max_batch_size, report=False, steps_per_check=steps_per_check)
+    scheduler = Scheduler(
+        model, max_batch_size, report=False, steps_per_check=steps_per_check, decode=decode
+    )
     seqs = [
         scheduler.add(i, p, q, s)
         for i, (p, q, s) in enumerate(zip(prompts, per_prompt, seeds, strict=True))

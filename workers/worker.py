@@ -22,6 +22,7 @@ from dinfer_async.errors import InvalidRequestError
 from workers.engine import Engine
 from workers.iteration import StepUpdate
 from workers.scheduler import Finished, Scheduler
+from workers.stops import streamable
 
 
 @dataclass
@@ -34,7 +35,7 @@ class Live:
 class Worker:
     def __init__(self, engine: Engine, endpoint: str, secret: str = ""):
         self.engine, self.secret = engine, secret
-        self.scheduler = Scheduler(engine.model, engine.max_batch_size)
+        self.scheduler = self.new_scheduler()
         self.live: dict[str, Live] = {}
         self.greeted: set[bytes] = set()
         self.context = zmq.Context()
@@ -44,6 +45,9 @@ class Worker:
         cfg = engine.config
         self.mask_id, self.eos_id = cfg.mask_token_id, cfg.eos_token_id
         self.max_gen_length = cfg.max_sequence_length // 2
+
+    def new_scheduler(self) -> Scheduler:
+        return Scheduler(self.engine.model, self.engine.max_batch_size, decode=self.engine.decode)
 
     def welcome(self) -> wire.Welcome:
         tok = self.engine.tokenizer
@@ -98,7 +102,7 @@ class Worker:
             for rid, live in list(self.live.items()):
                 self.send(live.client, wire.Error(rid, "engine", f"engine step failed: {e!r}"))
             self.live.clear()
-            self.scheduler = Scheduler(self.engine.model, self.engine.max_batch_size)
+            self.scheduler = self.new_scheduler()
             return
         by_client: dict[bytes, list[wire.Chunk]] = {}
         chunks: dict[str, wire.Chunk] = {}
@@ -113,6 +117,7 @@ class Worker:
                 ):  # it finished without a step of its own (its batch-mates' abort ended the block)
                     chunk = self.final_chunk(live)
                     by_client.setdefault(live.client, []).append(chunk)
+                by_client.setdefault(live.client, [])[:0] = self.finish(live, chunk)
                 chunk.finish_reason, chunk.stats = u.seq.finish_reason, u.seq.stats(self.eos_id)
                 del self.live[u.seq.id]
                 continue
@@ -205,6 +210,8 @@ class Worker:
         text = self.engine.tokenizer.decode(stable, skip_special_tokens=True)
         while text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
             text = text[:-1]
+        if seq.params.stop:
+            text = streamable(text, seq.params.stop)
         new = text[len(live.emitted) :] if text.startswith(live.emitted) else ""
         live.emitted += new
         return wire.Chunk(
@@ -216,6 +223,34 @@ class Worker:
             final=u.block_final,
             stable_text=new,
         )
+
+    def finish(self, live: Live, last: wire.Chunk) -> list[wire.Chunk]:
+        """Settle a finished request's stream: `last` (its final chunk) gets the stable text
+        still held back (a tail that might have begun a stop string) and, when a stop string cut
+        the answer, the block as cut; blocks before it that the cut reached are sent again
+        (returned), so every final block's tokens match the answer."""
+        seq = live.seq
+        if seq.stop_text is not None:
+            text = seq.stop_text
+        else:
+            text = self.engine.decode(seq.answer(self.eos_id))
+        if text.startswith(live.emitted):
+            last.stable_text += text[len(live.emitted) :]
+            live.emitted = text
+        if seq.finish_reason != "stop":
+            return []
+        last.tokens = seq.window[slice(*seq.span(last.block))]
+        last.text = self.block_text(last.tokens)
+        end = seq.skip + len(seq.answer(self.eos_id))  # the window is EOS from here on
+        again = []
+        for block in range(last.block):
+            lo, hi = seq.span(block)
+            if hi > end:
+                tokens = seq.window[lo:hi]
+                again.append(
+                    wire.Chunk(seq.id, block, tokens, self.block_text(tokens), [], True, "")
+                )
+        return again
 
     def final_chunk(self, live: Live) -> wire.Chunk:
         seq = live.seq
