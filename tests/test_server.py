@@ -191,13 +191,32 @@ def test_denoise_extension_shows_each_step(server):
     assert text == plain["choices"][0]["message"]["content"]
 
 
-def test_stop_and_max_tokens_are_accepted(sdk):
-    for stop in ("\n", ["zz", "\n"]):
-        reply = sdk.chat.completions.create(
-            model="dinfer-bundled", messages=chat("sort 321"), stop=stop, max_completion_tokens=40
-        )
-        assert reply.choices[0].finish_reason in ("stop", "length")
-        assert reply.usage.completion_tokens <= 64  # 40 rounded up to two blocks of 32
+def test_stop_cuts_the_answer_stream_and_non_stream(sdk):
+    kwargs = dict(model="dinfer-bundled", messages=chat("copy green apple"), max_tokens=64)
+    base = sdk.chat.completions.create(**kwargs).choices[0].message.content
+    assert len(base) > 6, base
+    for stop in (base[3:5], [base[5:7], "~never~"]):
+        first = base.find(stop if isinstance(stop, str) else stop[0])
+        reply = sdk.chat.completions.create(stop=stop, **kwargs)
+        [choice] = reply.choices
+        assert (choice.message.content, choice.finish_reason) == (base[:first], "stop")
+        chunks = list(sdk.chat.completions.create(stop=stop, stream=True, **kwargs))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        assert text == base[:first] and chunks[-1].choices[0].finish_reason == "stop"
+    reply = sdk.chat.completions.create(stop="~never~", **kwargs)
+    assert reply.choices[0].message.content == base
+    assert reply.choices[0].finish_reason in ("stop", "length")  # EOS is "stop" too
+
+
+def test_max_tokens_rounds_up_to_whole_blocks(sdk):
+    reply = sdk.completions.create(
+        model="dinfer-bundled",
+        prompt="copy green apple",
+        max_tokens=40,
+        extra_body={"suppress_eos": True},
+    )
+    assert reply.usage.completion_tokens == 64  # 40 rounded up to two blocks of 32
+    assert reply.choices[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize(
