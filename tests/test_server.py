@@ -409,3 +409,13 @@ def test_worker_death_mid_stream_ends_with_an_error_event(server, sdk):
             assert e.status_code == 503 and time.monotonic() < deadline
             time.sleep(0.2)
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_importing_the_sdk_leaves_the_web_stack_out():
+    code = (
+        "import sys, dinfer_async, dinfer_async.openai_api; "
+        "print([m for m in ('torch', 'fastapi', 'uvicorn', 'starlette', 'prometheus_client') "
+        "if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
