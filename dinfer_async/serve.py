@@ -13,11 +13,12 @@ iteration the moment the connection closes. Only this module imports the web sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
@@ -89,24 +90,6 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def until_disconnect(receive: Receive, work: Callable[[], Awaitable]) -> list:
-    """Run `work` unless the HTTP client goes away first: [result] or [exception] when it
-    finished, [] when the client disconnected (work is cancelled, which aborts its request)."""
-    outcome: list = []
-    async with anyio.create_task_group() as tg:
-
-        async def run() -> None:
-            try:
-                outcome.append(await work())
-            except Exception as e:
-                outcome.append(e)
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch_disconnect, receive, tg.cancel_scope)
-        tg.start_soon(run)
-    return outcome
-
-
 async def watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -167,50 +150,81 @@ class Run:
             self.server.metrics.waiting.dec()
 
 
-class EventStream(Response):
-    """Server-sent events of one streamed request. Watches the receive channel so that a
-    disconnect cancels the request at once, not when the next chunk fails to send."""
+class Answer(Response):
+    """The answer to one generation request, whole (JSON) or streamed (server-sent events).
+    Watches the receive channel while it runs, so that a client that disconnects has its
+    request cancelled at once (which aborts it on the worker), not when a send fails."""
 
-    media_type = "text/event-stream"
-    finished = False  # the last chunk (or an error event) was sent
+    done = False  # a complete answer (or an error) was sent
 
-    def __init__(self, run: Run, first: Chunk, shape: api.StreamShape):
-        self.run, self.first, self.shape = run, first, shape
+    def __init__(self, run: Run, endpoint: str):
+        self.run, self.endpoint = run, endpoint
         self.status_code, self.background = 200, None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        self.init_headers({})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = self.run.server
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch_disconnect, receive, tg.cancel_scope)
-                try:
-                    start = {"type": "http.response.start", "status": 200}
-                    await send({**start, "headers": self.raw_headers})
-                    await self.pump(send)
-                except OSError:  # the connection is gone (ASGI 2.4 servers raise on send)
-                    pass
+                # OSError: the connection is gone (ASGI 2.4 servers raise on send)
+                with contextlib.suppress(OSError):
+                    await (self.stream(send) if self.run.request.stream else self.whole(send))
                 tg.cancel_scope.cancel()
         finally:
-            if not self.finished:  # the HTTP client left first: its request was aborted
-                self.run.server.metrics.aborted.inc()
+            if not self.done:  # the HTTP client left first: its request was aborted
+                server.metrics.aborted.inc()
+                server.count(self.endpoint, 499)
             await self.run.close()
 
-    async def pump(self, send: Send) -> None:
-        head, chunk = self.shape.start() or b"", self.first
+    async def reply(self, send: Send, status: int, body: dict) -> None:
+        self.run.server.count(self.endpoint, status)
+        await json_response(body, status)({"type": "http"}, _no_receive, send)
+        self.done = True
+
+    async def whole(self, send: Send) -> None:
+        try:
+            text, last = await self.run.collect()
+        except DinferError as e:
+            error = api_error(e)
+            await self.reply(send, error.status, error.body())
+            return
+        request = self.run.request
+        await self.reply(send, 200, api.response(request, api.new_id(request.kind), text, last))
+
+    async def stream(self, send: Send) -> None:
+        try:  # errors before the first chunk (e.g. the worker refuses the prompt) are statuses
+            chunk = await self.run.next()
+        except DinferError as e:
+            error = api_error(e)
+            await self.reply(send, error.status, error.body())
+            return
+        self.run.server.count(self.endpoint, 200)
+        shape = api.StreamShape(self.run.request, api.new_id(self.run.request.kind))
+        headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        head = shape.start() or b""
         try:
             while chunk is not None:
-                data = self.shape.chunk(chunk)
+                data = shape.chunk(chunk)
                 if head or data:
                     await send(_body(head + (data or b"")))
                     head = b""
                 if chunk.finish_reason is not None:
-                    self.finished = True
                     break
                 chunk = await self.run.next()
         except DinferError as e:
-            self.finished = True
             await send(_body(api.error_event(api_error(e))))
+        self.done = True
         await send(_body(b"", more=False))
+
+
+async def _no_receive() -> dict:
+    return {"type": "http.disconnect"}
 
 
 def _body(data: bytes, more: bool = True) -> dict:
@@ -255,29 +269,7 @@ class Server:
         except api.ApiError as e:
             self.count(endpoint, e.status)
             return error_response(e)
-        run = Run(self, req, begin)
-        streaming = False
-        try:
-            work = run.next if req.stream else run.collect
-            outcome = await until_disconnect(request.receive, work)
-            if not outcome:  # the HTTP client left: the request was aborted
-                self.metrics.aborted.inc()
-                self.count(endpoint, 499)
-                return Response(status_code=499)
-            if isinstance(outcome[0], Exception):
-                error = api_error(outcome[0])
-                self.count(endpoint, error.status)
-                return error_response(error)
-            self.count(endpoint, 200)
-            rid = api.new_id(req.kind)
-            if not req.stream:
-                text, last = outcome[0]
-                return json_response(api.response(req, rid, text, last))
-            streaming = True
-            return EventStream(run, outcome[0], api.StreamShape(req, rid))
-        finally:
-            if not streaming:
-                await run.close()
+        return Answer(Run(self, req, begin), endpoint)
 
     async def loads(self) -> list[int]:
         with anyio.fail_after(HEALTH_TIMEOUT):
