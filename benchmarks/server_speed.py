@@ -3,12 +3,12 @@
     python benchmarks/server_speed.py --prompts 64
 
 Both paths run one worker process with the same settings: the Client in this process, and a
-dinfer-serve subprocess (itself a Client of its own worker) driven by httpx with a raw SSE
-reader (a light load generator: the SDK's per-chunk parsing would compete for the same CPU
-cores). 1 stream: requests one after another; 16 streams: 16 in flight. Tokens are answer
-tokens before EOS (usage.completion_tokens over HTTP, stats["tokens"] through the Client); time
-to first token is to the first non-empty stable text (the first content delta over HTTP). Each
-figure is the best of --repeat runs, alternating the two paths.
+dinfer-serve subprocess (itself a Client of its own worker) driven by a minimal HTTP/1.1
+client (a light load generator: httpx or the openai package would compete with the server and
+the worker for the same CPU cores). 1 stream: requests one after another; 16 streams: 16 in
+flight. Tokens are answer tokens before EOS (usage.completion_tokens over HTTP, stats["tokens"]
+through the Client); time to first token is to the first non-empty stable text (the first
+content delta over HTTP). Each figure is the best of --repeat runs, alternating the two paths.
 """
 
 from __future__ import annotations
@@ -51,34 +51,75 @@ async def client_rate(client: Client, messages, params, concurrency) -> tuple[fl
     return tokens / (time.perf_counter() - begin), statistics.median(first)
 
 
-async def http_rate(http: httpx.AsyncClient, messages, body, concurrency) -> tuple[float, float]:
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client for streamed POSTs: the load generator's own CPU
+    (httpx costs about 2 ms per request) would otherwise count against the server on a small
+    machine, where all three processes share the cores."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def events(self, path: str, payload: dict):
+        """POST payload; yield each server-sent event's data (chunked transfer encoding)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        body = json.dumps(payload).encode()
+        head = f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+        self.writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        status = await self.reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"HTTP error: {status!r}")
+        while (await self.reader.readline()) != b"\r\n":  # headers
+            pass
+        buffer = b""
+        while size := int((await self.reader.readline()).strip(), 16):
+            buffer += (await self.reader.readexactly(size + 2))[:-2]
+            *complete, buffer = buffer.split(b"\n\n")
+            for event in complete:
+                if event.startswith(b"data: "):
+                    yield event[6:]
+        await self.reader.readline()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def http_rate(url: str, messages, body, concurrency) -> tuple[float, float]:
     tokens, first = 0, []
+    host, port = url.removeprefix("http://").split(":")
+    idle = [Connection(host, int(port)) for _ in range(concurrency)]
     limiter = anyio.Semaphore(concurrency)
 
     async def one(m):
         nonlocal tokens
         async with limiter:
+            connection = idle.pop()
             start, seen = time.perf_counter(), False
             request = {**body, "messages": m, "stream": True}
             request["stream_options"] = {"include_usage": True}
-            async with http.stream("POST", "/v1/chat/completions", json=request) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    event = json.loads(line[6:])
-                    if event.get("usage"):
-                        tokens += event["usage"]["completion_tokens"]
-                    choices = event["choices"]
-                    if not seen and choices and choices[0]["delta"].get("content"):
-                        first.append(time.perf_counter() - start)
-                        seen = True
+            async for data in connection.events("/v1/chat/completions", request):
+                if data == b"[DONE]":
+                    continue
+                event = json.loads(data)
+                if event.get("usage"):
+                    tokens += event["usage"]["completion_tokens"]
+                choices = event["choices"]
+                if not seen and choices and choices[0]["delta"].get("content"):
+                    first.append(time.perf_counter() - start)
+                    seen = True
+            idle.append(connection)
 
     begin = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for m in messages:
             tg.start_soon(one, m)
-    return tokens / (time.perf_counter() - begin), statistics.median(first)
+    elapsed = time.perf_counter() - begin
+    for connection in idle:
+        connection.close()
+    return tokens / elapsed, statistics.median(first)
 
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
@@ -126,21 +167,18 @@ async def main() -> None:
         best[key] = (max(rate, old[0]), min(ttft, old[1])) if old else (rate, ttft)
 
     try:
-        async with (
-            Client(model=args.model, workers=1, threads=args.threads, max_batch_size=16) as client,
-            httpx.AsyncClient(
-                base_url=url, timeout=300, limits=httpx.Limits(max_connections=64)
-            ) as http,
-        ):
+        async with Client(
+            model=args.model, workers=1, threads=args.threads, max_batch_size=16
+        ) as client:
             await client.generate(messages=messages[0], params=params)  # warm-up
-            await http_rate(http, messages[:2], body, 1)
+            await http_rate(url, messages[:2], body, 1)
             for _ in range(args.repeat):
                 for concurrency in (1, 16):
                     keep(
                         ("client", concurrency),
                         *await client_rate(client, messages, params, concurrency),
                     )
-                    keep(("http", concurrency), *await http_rate(http, messages, body, concurrency))
+                    keep(("http", concurrency), *await http_rate(url, messages, body, concurrency))
     finally:
         proc.terminate()
         proc.wait(30)
