@@ -43,7 +43,7 @@ COMMON_FIELDS = {
 }
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
-MESSAGE_FIELDS = {"role", "content", "name"}
+MESSAGE_FIELDS = {"role", "content", "name"}  # name is accepted and not used
 
 
 def _is(*allowed: object):
@@ -151,7 +151,9 @@ class ApiRequest:
         return {"token_ids": self.token_ids}
 
 
-def parse_chat(body: object, defaults: dict, model: str) -> ApiRequest:
+def parse_chat(
+    body: object, defaults: dict, model: str, max_gen_length: int | None = None
+) -> ApiRequest:
     body = _object(body)
     _check_fields(body, CHAT_FIELDS, CHAT_NEUTRAL)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
@@ -160,15 +162,17 @@ def parse_chat(body: object, defaults: dict, model: str) -> ApiRequest:
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "must be a non-empty list of {role, content} objects")
     plain = [_message(i, m) for i, m in enumerate(messages)]
-    request = _common(body, defaults, model, "chat")
+    request = _common(body, defaults, model, "chat", max_gen_length)
     request.messages = plain
     return request
 
 
-def parse_completion(body: object, defaults: dict, model: str) -> ApiRequest:
+def parse_completion(
+    body: object, defaults: dict, model: str, max_gen_length: int | None = None
+) -> ApiRequest:
     body = _object(body)
     _check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
-    request = _common(body, defaults, model, "completion")
+    request = _common(body, defaults, model, "completion", max_gen_length)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -238,10 +242,12 @@ def _message(i: int, m: object) -> dict:
     role = m.get("role")
     if not isinstance(role, str):
         raise invalid(f"messages[{i}].role", "must be a string such as 'user'")
-    return {"role": role, "content": content}
+    return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def _common(body: dict, defaults: dict, model: str, kind: str) -> ApiRequest:
+def _common(
+    body: dict, defaults: dict, model: str, kind: str, max_gen_length: int | None
+) -> ApiRequest:
     asked = body.get("model")
     if asked is not None and asked != model:
         raise ApiError(
@@ -282,14 +288,16 @@ def _common(body: dict, defaults: dict, model: str, kind: str) -> ApiRequest:
     return ApiRequest(
         kind=kind,
         model=model,
-        params=sampling_params(body, defaults),
+        params=sampling_params(body, defaults, max_gen_length),
         stream=bool(stream),
         include_usage=include_usage,
         denoise=denoise,
     )
 
 
-def sampling_params(body: dict, defaults: dict) -> SamplingParams:
+def sampling_params(
+    body: dict, defaults: dict, max_gen_length: int | None = None
+) -> SamplingParams:
     """The server's defaults, overridden by the request's fields (null means the default)."""
     given = {
         k: v for k, v in body.items() if v is not None and k in SamplingParams.__struct_fields__
@@ -302,9 +310,11 @@ def sampling_params(body: dict, defaults: dict) -> SamplingParams:
     if "gen_length" in given and "max_tokens" not in given:
         fields.pop("max_tokens", None)  # a request's gen_length beats the server's max_tokens
     try:
-        return SamplingParams(**fields).validate()
+        return SamplingParams(**fields).validate(max_gen_length)
     except InvalidRequestError as e:
-        field = e.field
+        field = e.field  # name the field the caller sent
+        if field == "gen_length" and "max_tokens" in given and "gen_length" not in given:
+            field = "max_tokens"
         if field == "max_tokens" and body.get("max_completion_tokens") is not None:
             field = "max_completion_tokens"
         raise invalid(field, e.reason) from None

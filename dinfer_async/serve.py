@@ -265,7 +265,8 @@ class Server:
         try:
             if self.client is None:
                 raise api.ApiError(503, "the server is not ready", code="not_ready")
-            req = parse(await self.body(request), self.defaults, self.model_name)
+            limit = self.client.welcome.max_gen_length
+            req = parse(await self.body(request), self.defaults, self.model_name, limit)
         except api.ApiError as e:
             self.count(endpoint, e.status)
             return error_response(e)

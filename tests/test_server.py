@@ -232,6 +232,8 @@ def test_max_tokens_rounds_up_to_whole_blocks(sdk):
         ({"temperature": -1}, "temperature"),
         ({"decoder": "nope"}, "decoder"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 100_000}, "max_tokens"),  # over the model's limit
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"max_completion_tokens": "ten"}, "max_completion_tokens"),
         ({"stop": [""]}, "stop[0]"),
         ({"seed": -4}, "seed"),
