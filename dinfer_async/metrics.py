@@ -23,7 +23,7 @@ WINDOW = 10.0  # seconds over which dinfer_tokens_per_second is averaged
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "dinfer_requests", "HTTP requests answered", ["endpoint", "status"], registry=r

@@ -18,8 +18,9 @@ import hmac
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 import msgspec
@@ -99,9 +100,10 @@ async def watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
 class Run:
     """One request's iteration over Client.stream, with its metrics and its clean end."""
 
-    def __init__(self, server: Server, request: api.ApiRequest, begin: float):
+    def __init__(self, server: Server, client: Client, request: api.ApiRequest, begin: float):
         self.server, self.request, self.begin = server, request, begin
-        self.stream: AsyncIterator[Chunk] = server.client.stream(
+        # a Chunk per step (text_only is off); an async generator, so aclose() ends it
+        self.stream: AsyncGenerator[Any, None] = client.stream(  # type: ignore[assignment]
             **request.inputs, params=request.params
         )
         self.waiting, self.first_text, self.closed = True, False, False
@@ -270,9 +272,11 @@ class Server:
         except api.ApiError as e:
             self.count(endpoint, e.status)
             return error_response(e)
-        return Answer(Run(self, req, begin), endpoint)
+        return Answer(Run(self, self.client, req, begin), endpoint)
 
     async def loads(self) -> list[int]:
+        if self.client is None:
+            raise ClientClosedError("the server is not ready")
         with anyio.fail_after(HEALTH_TIMEOUT):
             return await self.client.worker_load()
 
