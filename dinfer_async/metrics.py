@@ -2,8 +2,8 @@
 
 Counters and histograms are fed by the request handlers from each request's final stats;
 worker load is asked of the workers (Client.worker_load) when /metrics is scraped. Worker
-restarts: the client restarts a dead worker without reporting it, so what is counted is the
-WorkerDiedError that requests see (`dinfer_worker_died_errors_total`).
+restarts: `dinfer_worker_restarts` where the client counts them (`Client.restarts`), and always
+the WorkerDiedError that requests see (`dinfer_worker_died_errors_total`).
 """
 
 from __future__ import annotations
@@ -81,6 +81,15 @@ class Metrics:
             f"answer tokens per second over the last {WINDOW:.0f} s",
             registry=r,
         ).set_function(self._rate)
+
+    def watch_client(self, client: object) -> None:
+        """Worker restarts as the client counts them, where it does (`Client.restarts`)."""
+        if isinstance(getattr(client, "restarts", None), int):
+            Gauge(
+                "dinfer_worker_restarts",
+                "restarts of the workers so far, as the client counts them",
+                registry=self.registry,
+            ).set_function(lambda: client.restarts)  # type: ignore[attr-defined]
 
     def finished(self, stats: dict | None) -> None:
         """A request's final stats."""

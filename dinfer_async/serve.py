@@ -246,7 +246,9 @@ class Server:
     async def lifespan(self, app: FastAPI):
         async with Client(**self.client_kwargs) as client:
             self.client = client
-            self.model_name = self.model_name or client.welcome.model
+            welcome = client.welcome  # every worker answered the handshake by now
+            self.model_name = self.model_name or (welcome.model if welcome else "dinfer")
+            self.metrics.watch_client(client)
             yield
             self.client = None
 
@@ -267,12 +269,16 @@ class Server:
         try:
             if self.client is None:
                 raise api.ApiError(503, "the server is not ready", code="not_ready")
-            limit = self.client.welcome.max_gen_length
+            limit = self.max_gen_length()
             req = parse(await self.body(request), self.defaults, self.model_name, limit)
         except api.ApiError as e:
             self.count(endpoint, e.status)
             return error_response(e)
         return Answer(Run(self, self.client, req, begin), endpoint)
+
+    def max_gen_length(self) -> int | None:
+        welcome = self.client.welcome if self.client is not None else None
+        return welcome.max_gen_length if welcome is not None else None
 
     async def loads(self) -> list[int]:
         if self.client is None:
@@ -316,7 +322,7 @@ def create_app(
         return await server.generate(request, api.parse_completion, "completions")
 
     def model_card() -> dict:
-        limit = server.client.welcome.max_gen_length if server.client else None
+        limit = server.max_gen_length()
         return {
             "id": server.model_name,
             "object": "model",
