@@ -102,7 +102,7 @@ class Run:
 
     def __init__(self, server: Server, client: Client, request: api.ApiRequest, begin: float):
         self.server, self.request, self.begin = server, request, begin
-        # a Chunk per step (text_only is off); an async generator, so aclose() ends it
+        # a Chunk per step (text_only is off); aclose() leaves it, aborting the request
         self.stream: AsyncGenerator[Any, None] = client.stream(  # type: ignore[assignment]
             **request.inputs, params=request.params
         )
