@@ -122,20 +122,36 @@ def strict_loads(text: str | bytes) -> object:
     return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
-def _lone_surrogate(value: object) -> str | None:
-    """Where the parsed line holds a lone UTF-16 surrogate (JSON "\\ud800": not Unicode text,
-    so it cannot be tokenized nor written back as UTF-8), as a field path; None if nowhere."""
-    stack: list[tuple[str, object]] = [("", value)]
+class _NotJSON:
+    """Stands for NaN, Infinity or an overflowing float while a line is parsed, so the error
+    can name the field (and echo the line's id)."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+
+def _not_json_float(text: str) -> float | _NotJSON:
+    value = float(text)
+    return value if math.isfinite(value) else _NotJSON(text)
+
+
+def _not_text(value: object, path: str = "") -> str | None:
+    """What in a parsed line cannot go on: NaN/Infinity (not strict JSON) or a lone UTF-16
+    surrogate (JSON "\\ud800": not Unicode, so neither tokenized nor written back as UTF-8)."""
+    stack: list[tuple[str, object]] = [(path, value)]
     while stack:
         path, item = stack.pop()
+        where = path or "the line"
+        if isinstance(item, _NotJSON):
+            return f"{where} is {item.text}: not JSON (strict JSON has no NaN or Infinity)"
         if isinstance(item, str):
             found = _SURROGATE.search(item)
             if found:
-                return f"{path or 'the line'} holds U+{ord(found.group()):04X}"
+                return f"{where} holds U+{ord(found.group()):04X}, a lone surrogate: not Unicode"
         elif isinstance(item, dict):
             for k, v in item.items():
                 if _SURROGATE.search(k):
-                    return f"a key in {path or 'the line'} holds a lone surrogate"
+                    return f"a key in {where} holds a lone surrogate: not Unicode"
                 stack.append((f"{path}.{k}" if path else k, v))
         elif isinstance(item, list):
             stack.extend((f"{path}[{i}]", v) for i, v in enumerate(item))
@@ -194,10 +210,8 @@ def _sampling(
 def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
     """One input line -> a Job, or a LineError naming what is wrong and how to fix it."""
     try:
-        obj = strict_loads(text)
-    except json.JSONDecodeError as e:
-        return LineError(line, None, f"invalid JSON: {e}")
-    except ValueError as e:  # NaN, Infinity, 1e999, an integer of more than 4300 digits
+        obj = json.loads(text, parse_constant=_NotJSON, parse_float=_not_json_float)
+    except ValueError as e:  # not JSON, or an integer of more than 4300 digits
         return LineError(line, None, f"invalid JSON: {e}")
     except RecursionError:
         return LineError(line, None, "invalid JSON: nested too deeply")
@@ -208,14 +222,12 @@ def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
     openai = "custom_id" in obj or ("body" in obj and "url" in obj)
     field = "custom_id" if openai else "id"
     rid = obj.get(field)
-    bad = _bad_id(rid, field)
-    if bad is None and _lone_surrogate(rid):
-        bad = f"'{field}' holds a lone surrogate: not Unicode text"
+    bad = _not_text(rid, field) or _bad_id(rid, field)
     if bad is not None:
         return LineError(line, None, bad, openai)
-    where = _lone_surrogate(obj)
+    where = _not_text(obj)
     if where is not None:
-        return LineError(line, rid, f"{where}, a lone surrogate: not Unicode text", openai)
+        return LineError(line, rid, where, openai)
     if openai:
         return _parse_openai(line, obj, rid, defaults)
     unknown = [k for k in obj if k not in NATIVE_FIELDS]

@@ -29,7 +29,7 @@ class FakeClient:
         self.waits = 0
         self.inflight = self.peak = 0
         self.closed = False
-        FakeClient.last = self
+        type(self).last = self
 
     async def __aenter__(self) -> FakeClient:
         if self.start_error is not None:
@@ -75,5 +75,3 @@ def use(monkeypatch, **attributes) -> type[FakeClient]:
 
 def _wrap(value):
     return staticmethod(value) if callable(value) and not isinstance(value, type) else value
-
-
