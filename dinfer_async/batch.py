@@ -57,7 +57,7 @@ from dinfer_async.params import SamplingParams
 
 PROG = "dinfer-batch"
 log = logging.getLogger("dinfer_async.batch")
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+SIGNAL_EXIT: dict[int, int] = {signal.SIGINT.value: 130, signal.SIGTERM.value: 143}
 
 
 class UsageError(Exception):
@@ -75,8 +75,6 @@ class _Client(Protocol):
     def welcome(self): ...
 
     async def generate(self, prompt=None, *, messages=None, params=None): ...
-
-    async def wait_ready(self, timeout: float) -> None: ...
 
 
 # ---- input -----------------------------------------------------------------------------------
@@ -176,7 +174,9 @@ async def read_items(
                 text = decode_line(number, raw)
                 if isinstance(text, LineError):
                     item = text
-                elif not text.strip():
+                elif not text.strip():  # no record; it still counts on the progress bar
+                    if counts.on_skip is not None:
+                        counts.on_skip(1)
                     continue
                 else:
                     item = parse_line(number, text, defaults)
@@ -245,13 +245,14 @@ class Progress:
             self.last = time.perf_counter()
             log.info("%d written, %d errors, %.1f tokens/s", self.written, self.errors, rate)
 
-    def summary(self, before: int, startup: float) -> str:
+    def summary(self, before: int, errors_before: int, startup: float) -> str:
         if self.bar is not None:
             self.bar.close()
         seconds = time.perf_counter() - self.begin
         forwards = max(self.forwards, 1)
         return (
-            f"{PROG}: {before + self.written} lines: {before} already done, {self.written} new "
+            f"{PROG}: {before + self.written} lines: {before} already done"
+            f"{f' ({errors_before} with errors)' if errors_before else ''}, {self.written} new "
             f"({self.errors} errors); start-up {startup:.1f} s; generation {seconds:.1f} s: "
             f"{self.tokens} tokens, {self.tokens / max(seconds, 1e-9):.1f} tokens/s, "
             f"{self.tokens / forwards:.2f} tokens per forward, "
@@ -348,7 +349,11 @@ async def run(args: argparse.Namespace, defaults: dict, source: IO[bytes], out: 
     if refused is not None:
         raise refused
     if state.started and progress is not None:
-        print(progress.summary(counts.before, state.startup), file=sys.stderr, flush=True)
+        print(
+            progress.summary(counts.before, out.errors_before, state.startup),
+            file=sys.stderr,
+            flush=True,
+        )
     if state.signal is not None or state.stopped is not None:
         how = f"interrupted by {signal.Signals(state.signal).name}" if state.signal else "stopped"
         if not state.started:

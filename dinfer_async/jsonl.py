@@ -25,6 +25,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 
@@ -35,8 +36,15 @@ PARAM_FIELDS = tuple(SamplingParams.__struct_fields__)
 NATIVE_FIELDS = ("id", "prompt", "messages", *PARAM_FIELDS)
 OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 OPENAI_URLS = ("/v1/chat/completions", "/v1/completions")
-OPENAI_HONOURED = ("messages", "prompt", "max_tokens", "max_completion_tokens", "temperature")
-OPENAI_HONOURED += ("seed", "stop")
+OPENAI_HONOURED = (
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "seed",
+    "stop",
+)
 OPENAI_LABELS = ("model", "user", "metadata")  # any value: they change nothing here
 # OpenAI fields dinfer does not implement, accepted only at the value that changes nothing
 OPENAI_NOOP: dict[str, object] = {
@@ -225,6 +233,7 @@ def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
     bad = _not_text(rid, field) or _bad_id(rid, field)
     if bad is not None:
         return LineError(line, None, bad, openai)
+    rid = cast(str | int | float, rid)
     where = _not_text(obj)
     if where is not None:
         return LineError(line, rid, where, openai)

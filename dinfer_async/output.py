@@ -66,22 +66,23 @@ class OutputFile:
 
     def _open_existing(self, mode: int) -> None:
         try:
-            self.fd = os.open(self.path, mode | os.O_APPEND)
+            fd = os.open(self.path, mode | os.O_APPEND)
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
-        self._lock()
+        self._lock(fd)
 
-    def _lock(self) -> None:
+    def _lock(self, fd: int) -> None:
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
+            os.close(fd)
             raise OutputError(f"another dinfer-batch is writing {self.path}") from None
         except OSError:
             pass  # a file system without locks
+        self.fd = fd
 
     def _read_back(self) -> None:
+        assert self.fd is not None
         offset = 0
         with open(self.fd, "rb", closefd=False) as f:
             for number, raw in enumerate(iter(lambda: f.readline(MAX_RECORD), b""), start=1):
@@ -89,23 +90,22 @@ class OutputFile:
                     if len(raw) < MAX_RECORD and raw.startswith(RECORD_START[: len(raw)]):
                         self.cut = offset  # a write cut short by a kill: redone by this run
                         return
-                    self._refuse(number, raw, "(the last line, unterminated)")
+                    raise self._refuse(number, raw, "(the last line, unterminated)")
                 try:
                     key = record_key(strict_loads(raw))
                 except (ValueError, RecursionError):
                     key = None
                 if key is None:
-                    self._refuse(number, raw)
+                    raise self._refuse(number, raw)
                 self.done.add(key)
                 self.records_before += 1
                 self.errors_before += int(key.startswith("line:"))
                 offset += len(raw)
 
-    def _refuse(self, number: int, raw: bytes, where: str = "") -> None:
-        os.close(self.fd)
-        self.fd = None
+    def _refuse(self, number: int, raw: bytes, where: str = "") -> OutputError:
+        self.close()
         shown = raw[:60].decode("utf-8", "replace").rstrip("\n")
-        raise OutputError(
+        return OutputError(
             f"{self.path} line {number} {where + ' ' if where else ''}is not a dinfer-batch "
             f"record ({shown!r}); refusing to touch the file: give another output file, or "
             "delete this one to start over"
@@ -118,16 +118,17 @@ class OutputFile:
             return
         if self.fd is None:
             try:
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
             except OSError as e:
                 raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
-            self._lock()
-        if self.cut is not None:
+            self._lock(fd)
+        if self.cut is not None and self.fd is not None:
             os.ftruncate(self.fd, self.cut)
             self.cut = None
 
     def write(self, data: bytes) -> None:
         """Append one record's line (OSError if the disk is full or the pipe closed)."""
+        assert self.fd is not None, "open() first"
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view) :]

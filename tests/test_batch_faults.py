@@ -144,7 +144,7 @@ def test_only_a_partial_last_record_is_cut_and_a_rerun_says_what_was_done(
     assert fake.last.tries == {"word1": 1, "word3": 1}, "line 1 was not asked again"
     assert "4 lines: 1 already done, 3 new (1 errors)" in capsys.readouterr().err
     assert main([str(src), str(dst)]) == 1  # a finished job: nothing new, the old error counts
-    assert "4 lines: 4 already done, 0 new" in capsys.readouterr().err
+    assert "4 lines: 4 already done (1 with errors), 0 new" in capsys.readouterr().err
     assert dst.read_bytes() == full
 
 
