@@ -32,6 +32,7 @@ from typing import IO, Protocol
 import anyio
 
 from dinfer_async.cli import (
+    Parser,
     add_common_flags,
     add_engine_flags,
     add_sampling_flags,
@@ -405,9 +406,11 @@ async def _serve(
         except OutputError as e:
             raise UsageError(str(e)) from e
         state.started = True
-        progress = Progress(count_lines(args.input))
-        counts.on_skip = progress.skipped
+        progress = None
         with state.scope:
+            total = await anyio.to_thread.run_sync(count_lines, args.input, abandon_on_cancel=True)
+            progress = Progress(total)
+            counts.on_skip = progress.skipped
             await _lines(client, args, defaults, source, out, state, counts, progress)
         return progress
     finally:
@@ -456,13 +459,15 @@ async def _lines(
                 work.start_soon(one, item, slot)
         except Stop as e:
             state.stop(str(e))
+        finally:
+            reader.closed = True  # the reading thread stops at its next batch
 
 
 # ---- command line ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("input", help="JSONL input file, or - for stdin")

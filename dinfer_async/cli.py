@@ -95,6 +95,13 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (`prog: what is wrong (see --help)`)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def add_common_flags(parser: argparse.ArgumentParser, prog: str) -> None:
     """--version and --debug, the same on every command."""
     from dinfer_async import __version__

@@ -136,7 +136,8 @@ def test_bad_flag_is_refused_before_starting_anything(capsys):
     with pytest.raises(SystemExit) as e:  # argparse checks the choices, which come from params.py
         main(["in", "out", "--decoder", "greedy"])
     assert e.value.code == 2
-    assert "--decoder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--decoder" in err and len(err.strip().splitlines()) == 1
     assert main(["in", "out", "--threshold", "1.5"]) == 2
     assert "threshold" in capsys.readouterr().err
 
