@@ -200,7 +200,7 @@ def _unknown(fields: list[str], known: tuple[str, ...], where: str = "") -> str:
 
 
 def _sampling(
-    line: int, rid: object, openai: bool, defaults: dict, overrides: dict
+    line: int, rid: str | int | float, openai: bool, defaults: dict, overrides: dict
 ) -> SamplingParams | LineError:
     base = dict(defaults)
     if "gen_length" in overrides and "max_tokens" not in overrides:
@@ -210,9 +210,9 @@ def _sampling(
     try:
         return msgspec.convert({**base, **overrides}, SamplingParams).validate()
     except msgspec.ValidationError as e:
-        return LineError(line, rid, f"bad sampling parameter: {e}", openai)  # type: ignore[arg-type]
+        return LineError(line, rid, f"bad sampling parameter: {e}", openai)
     except InvalidRequestError as e:
-        return LineError(line, rid, str(e), openai)  # type: ignore[arg-type]
+        return LineError(line, rid, str(e), openai)
 
 
 def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:

@@ -338,3 +338,18 @@ def test_keeps_max_concurrency_requests_in_flight(tmp_path, monkeypatch):
     assert main([str(src), str(dst), "--max-concurrency", "16"]) == 0
     assert state["peak"] == 16
     assert [o["id"] for o in read_records(dst)] == [l["id"] for l in lines]
+
+
+def test_engine_stats_keep_answer_tokens_and_committed_positions_apart():
+    """Stats (engine) and the stats of a stream's last chunk (worker) carry prompt_tokens,
+    tokens_per_forward = tokens / forwards and committed_per_forward (EOS padding included)."""
+    from dinfer_async import SamplingParams
+    from workers import Engine
+
+    engine = Engine.from_pretrained(None, device="cpu", dtype="float32")
+    ids = engine.encode(messages=[{"role": "user", "content": "reverse abc"}])
+    [result] = engine.generate([ids], SamplingParams(gen_length=64, block_length=32))
+    s = result.stats
+    assert s.prompt_tokens == len(ids)
+    assert s.tokens == len(result.token_ids) and s.tokens_per_forward == s.tokens / s.forwards
+    assert s.committed_per_forward == s.committed / s.forwards >= s.tokens_per_forward
