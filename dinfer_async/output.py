@@ -59,17 +59,21 @@ class OutputFile:
         if _same(source, target):
             raise OutputError(f"IN and OUT are the same file ({path}); write the output elsewhere")
         if not stat.S_ISREG(target.st_mode) and not stat.S_ISDIR(target.st_mode):
-            self._open_existing(os.O_WRONLY)  # /dev/null, a terminal, a pipe: nothing to resume
+            # /dev/null, a terminal, a pipe: nothing to resume, and nothing to lock
+            self._open_existing(os.O_WRONLY, lock=False)
             return
         self._open_existing(os.O_RDWR)
         self._read_back()
 
-    def _open_existing(self, mode: int) -> None:
+    def _open_existing(self, mode: int, lock: bool = True) -> None:
         try:
             fd = os.open(self.path, mode | os.O_APPEND)
         except OSError as e:
             raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
-        self._lock(fd)
+        if lock:
+            self._lock(fd)
+        else:
+            self.fd = fd
 
     def _lock(self, fd: int) -> None:
         try:

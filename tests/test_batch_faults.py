@@ -210,6 +210,9 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path, monkeypatch, capsy
         assert main([str(src), str(dst)]) == 2
         assert "another dinfer-batch" in one_line(capsys.readouterr().err)
     assert main([str(src), str(dst)]) == 0
+    with open(os.devnull, "rb") as held:  # not a file to resume: never locked
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main([str(src), os.devnull]) == 0
 
 
 def test_a_line_whose_worker_died_is_retried_a_bounded_number_of_times(tmp_path, monkeypatch):
@@ -304,3 +307,13 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"dinfer-batch {__version__}"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_output_that_cannot_be_written_stops_the_run(tmp_path, monkeypatch, capsys):
+    use(monkeypatch)
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(lines(*(ask(i) for i in range(5))))
+    assert main([str(src), "/dev/full"]) == 3  # every write fails: No space left on device
+    err = capsys.readouterr().err
+    assert "cannot write /dev/full" in err and "to resume" in err and "Traceback" not in err
