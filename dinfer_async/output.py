@@ -32,6 +32,18 @@ def _same(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def _partial_record(tail: bytes) -> bool:
+    """Whether an unterminated last line is what a cut write of ours leaves: it begins like our
+    records and is either not a whole JSON value or a whole record (cut just before "\n")."""
+    if len(tail) >= MAX_RECORD or not tail.startswith(RECORD_START[: len(tail)]):
+        return False
+    try:
+        value = strict_loads(tail)
+    except (ValueError, RecursionError):
+        return True
+    return record_key(value) is not None
+
+
 class OutputFile:
     """OUT ("-": stdout, not resumable). Checking (here) touches nothing; `open` creates the
     file or cuts its partial last record, and is called once the workers are ready."""
@@ -91,7 +103,7 @@ class OutputFile:
         with open(self.fd, "rb", closefd=False) as f:
             for number, raw in enumerate(iter(lambda: f.readline(MAX_RECORD), b""), start=1):
                 if not raw.endswith(b"\n"):
-                    if len(raw) < MAX_RECORD and raw.startswith(RECORD_START[: len(raw)]):
+                    if _partial_record(raw):
                         self.cut = offset  # a write cut short by a kill: redone by this run
                         return
                     raise self._refuse(number, raw, "(the last line, unterminated)")

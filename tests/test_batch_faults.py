@@ -110,6 +110,7 @@ def test_a_huge_line_costs_no_more_memory_than_a_small_one(tmp_path):
     [
         b"my notes\nmore notes\n",
         b'{"id": "g0"}\n',
+        b'{"id": "g0"}',
         lines({"id": None, "error": {"line": 1, "message": "bad"}}) + b"a note\n",
         lines({"id": None, "error": {"line": 1, "message": "bad"}}) + b"notes, unterminated",
         b"\n",
@@ -146,6 +147,9 @@ def test_only_a_partial_last_record_is_cut_and_a_rerun_says_what_was_done(
     assert main([str(src), str(dst)]) == 1  # a finished job: nothing new, the old error counts
     assert "4 lines: 4 already done (1 with errors), 0 new" in capsys.readouterr().err
     assert dst.read_bytes() == full
+    dst.write_bytes(full[:-1])  # cut just before the last newline: that record is redone
+    assert main([str(src), str(dst)]) == 1
+    assert dst.read_bytes() == full and fake.last.tries == {"word3": 1}
 
 
 def test_in_equal_to_out_is_refused(tmp_path, monkeypatch, capsys):
