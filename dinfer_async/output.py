@@ -3,8 +3,8 @@
 Each record is one `os.write` of a whole line (O_APPEND), so a kill leaves at most one partial
 last record. On start the file is read back: every complete line must be one of this tool's
 records (`jsonl.record_key`), or the file is refused untouched (it may be someone's notes, or a
-record cut in the middle of the file is not ours to repair); a partial last line that starts
-like a record is cut once the workers are up, and the records' keys tell a rerun what to skip.
+record cut in the middle of the file is not ours to repair); an unterminated last line that is
+a cut record of ours is cut once the workers are up; the records' keys tell a rerun what to skip.
 Records are written in input order through a bounded reordering window; since a run only ever
 appends the next lines in order, a resumed file stays in input order too.
 """
