@@ -16,16 +16,13 @@ written (rerun to resume); 130 SIGINT; 143 SIGTERM.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import concurrent.futures
 import logging
 import os
 import shlex
 import signal
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -45,16 +42,10 @@ from dinfer_async.errors import (
     InvalidRequestError,
     WorkerDiedError,
 )
-from dinfer_async.jsonl import (
-    Job,
-    LineError,
-    completion_record,
-    decode_line,
-    error_record,
-    parse_line,
-)
+from dinfer_async.jsonl import Job, LineError, completion_record, error_record
 from dinfer_async.output import InOrder, OutputError, OutputFile
 from dinfer_async.params import SamplingParams
+from dinfer_async.reader import Counts, LineReader, ReadError, count_lines, read_items
 
 PROG = "dinfer-batch"
 log = logging.getLogger("dinfer_async.batch")
@@ -76,134 +67,6 @@ class _Client(Protocol):
     def welcome(self): ...
 
     async def generate(self, prompt=None, *, messages=None, params=None): ...
-
-
-# ---- input -----------------------------------------------------------------------------------
-
-
-@dataclass
-class TooLong:
-    size: int  # bytes of the line, newline included
-
-
-class LineReader:
-    """Reads IN in a daemon thread, in batches of lines, so a slow stdin never blocks the event
-    loop (streams and Ctrl-C go on) and reading overlaps generation. A line over `max_bytes` is
-    read in pieces and dropped (a TooLong takes its place): memory stays bounded."""
-
-    def __init__(self, stream: IO[bytes], max_bytes: int, batch: int = 256):
-        self.stream, self.max_bytes, self.batch = stream, max_bytes, batch
-        self.closed = False
-
-    async def batches(self) -> AsyncIterator[list[bytes | TooLong]]:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=4)
-        threading.Thread(target=self._run, name="dinfer-batch-reader", daemon=True).start()
-        try:
-            while True:
-                item = await self.queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise Stop(f"cannot read the input: {item}") from item
-                yield item
-        finally:
-            self.closed = True
-
-    def _run(self) -> None:
-        try:
-            lines: list[bytes | TooLong] = []
-            size = 0
-            while raw := self.stream.readline(self.max_bytes + 1):
-                if len(raw) > self.max_bytes and not raw.endswith(b"\n"):
-                    total = len(raw)
-                    while raw and not raw.endswith(b"\n"):
-                        raw = self.stream.readline(1 << 20)
-                        total += len(raw)
-                    lines.append(TooLong(total))
-                else:
-                    lines.append(raw)
-                    size += len(raw)
-                if len(lines) >= self.batch or size >= 1 << 20:
-                    if not self._send(lines):
-                        return
-                    lines, size = [], 0
-            if lines and not self._send(lines):
-                return
-            self._send(None)
-        except Exception as e:  # an I/O error: the run stops and says so
-            self._send(e)
-
-    def _send(self, item: list | Exception | None) -> bool:
-        try:
-            done = asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
-        except RuntimeError:  # the loop is gone: the run ended
-            return False
-        while not self.closed:
-            try:
-                done.result(timeout=0.2)
-                return True
-            except concurrent.futures.TimeoutError:
-                continue
-        done.cancel()
-        return False
-
-
-@dataclass
-class Counts:
-    before: int = 0  # lines whose record an earlier run wrote
-    on_skip: Callable[[int], None] | None = None
-
-
-async def read_items(
-    reader: LineReader, defaults: dict, done: set[str], counts: Counts
-) -> AsyncIterator[Job | LineError]:
-    """Parse lines lazily; flag duplicate ids; skip lines whose record is already written."""
-    seen: set[str] = set()
-    number = 0
-    async for lines in reader.batches():
-        for raw in lines:
-            number += 1
-            if isinstance(raw, TooLong):
-                item: Job | LineError = LineError(
-                    number,
-                    None,
-                    f"the line is {raw.size} bytes, over the limit of {reader.max_bytes} "
-                    "(--max-line-bytes)",
-                )
-            else:
-                text = decode_line(number, raw)
-                if isinstance(text, LineError):
-                    item = text
-                elif not text.strip():  # no record; it still counts on the progress bar
-                    if counts.on_skip is not None:
-                        counts.on_skip(1)
-                    continue
-                else:
-                    item = parse_line(number, text, defaults)
-            if isinstance(item, Job):
-                if item.key in seen:
-                    item = LineError(
-                        number,
-                        item.id,
-                        f"duplicate id {item.id!r}; ids must be unique",
-                        item.openai is not None,
-                    )
-                else:
-                    seen.add(item.key)
-            if item.key in done or f"line:{number}" in done:
-                counts.before += 1
-                if counts.on_skip is not None:
-                    counts.on_skip(1)
-                continue
-            yield item
-
-
-def count_lines(path: str) -> int | None:
-    if path == "-" or not os.path.isfile(path):
-        return None
-    with open(path, "rb") as f:
-        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 # ---- progress --------------------------------------------------------------------------------
@@ -457,7 +320,7 @@ async def _lines(
                     continue
                 await limiter.acquire()
                 work.start_soon(one, item, slot)
-        except Stop as e:
+        except ReadError as e:
             state.stop(str(e))
         finally:
             reader.closed = True  # the reading thread stops at its next batch
