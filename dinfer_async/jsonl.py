@@ -19,6 +19,7 @@ Records are strict JSON (no NaN, valid UTF-8): `encode_record` guarantees it.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -65,6 +66,7 @@ OPENAI_NOOP: dict[str, object] = {
 BOM = b"\xef\xbb\xbf"
 LONG_KEY = 200  # ids longer than this (as JSON) are remembered by their hash
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -138,9 +140,22 @@ class _NotJSON:
         self.text = text
 
 
-def _not_json_float(text: str) -> float | _NotJSON:
-    value = float(text)
-    return value if math.isfinite(value) else _NotJSON(text)
+def _loads_marking(text: str) -> tuple[object, bool]:
+    """json.loads with NaN, Infinity and overflowing floats as _NotJSON markers; and whether
+    the value may hold a marker or a lone surrogate (only a \\uD800-\\uDFFF escape can make
+    one: the text itself is valid UTF-8), so the walk over it is skipped for ordinary lines."""
+    marked: list[_NotJSON] = []
+
+    def constant(name: str) -> _NotJSON:
+        marked.append(_NotJSON(name))
+        return marked[-1]
+
+    def number(digits: str) -> float | _NotJSON:
+        value = float(digits)
+        return value if math.isfinite(value) else constant(digits)
+
+    value = json.loads(text, parse_constant=constant, parse_float=number)
+    return value, bool(marked) or _SURROGATE_ESCAPE.search(text) is not None
 
 
 def _not_text(value: object, path: str = "") -> str | None:
@@ -189,13 +204,18 @@ def _bad_id(value: object, field: str) -> str | None:
     return f"'{field}' is missing or not a non-empty string or number; give each line a unique id"
 
 
+@functools.lru_cache(maxsize=1024)
+def _closest(name: str, known: tuple[str, ...]) -> str | None:
+    """The known field `name` is most likely a typo of (cached: a file repeats its mistakes)."""
+    close = difflib.get_close_matches(name, known, n=1) if len(name) <= 64 else []
+    return close[0] if close else None
+
+
 def _unknown(fields: list[str], known: tuple[str, ...], where: str = "") -> str:
     names = []
     for name in fields:
-        close = difflib.get_close_matches(name, known, n=1)
-        names.append(
-            f"'{where}{name}'" + (f" (did you mean '{where}{close[0]}'?)" if close else "")
-        )
+        close = _closest(name, known)
+        names.append(f"'{where}{name}'" + (f" (did you mean '{where}{close}'?)" if close else ""))
     return f"unknown field{'s' if len(names) > 1 else ''} " + ", ".join(names)
 
 
@@ -218,7 +238,7 @@ def _sampling(
 def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
     """One input line -> a Job, or a LineError naming what is wrong and how to fix it."""
     try:
-        obj = json.loads(text, parse_constant=_NotJSON, parse_float=_not_json_float)
+        obj, suspect = _loads_marking(text)
     except ValueError as e:  # not JSON, or an integer of more than 4300 digits
         return LineError(line, None, f"invalid JSON: {e}")
     except RecursionError:
@@ -230,11 +250,11 @@ def parse_line(line: int, text: str, defaults: dict) -> Job | LineError:
     openai = "custom_id" in obj or ("body" in obj and "url" in obj)
     field = "custom_id" if openai else "id"
     rid = obj.get(field)
-    bad = _not_text(rid, field) or _bad_id(rid, field)
+    bad = (_not_text(rid, field) if suspect else None) or _bad_id(rid, field)
     if bad is not None:
         return LineError(line, None, bad, openai)
     rid = cast(str | int | float, rid)
-    where = _not_text(obj)
+    where = _not_text(obj) if suspect else None
     if where is not None:
         return LineError(line, rid, where, openai)
     if openai:
