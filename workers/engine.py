@@ -26,9 +26,11 @@ class Stats:
     forwards: int  # model calls that still had masked positions of this request
     tokens: int  # answer tokens before the first EOS
     committed: int  # positions committed (EOS padding of decoded blocks included)
-    tokens_per_forward: float  # committed / forwards
+    tokens_per_forward: float  # tokens / forwards: answer tokens per forward
     seconds: float  # from submission to the end
     tokens_per_second: float  # tokens / seconds
+    committed_per_forward: float  # committed / forwards: positions per forward, padding included
+    prompt_tokens: int  # the prompt's tokens
 
 
 @dataclass

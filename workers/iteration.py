@@ -90,7 +90,9 @@ class Sequence:
             "tokens": tokens,  # answer tokens before the first EOS
             # committed: positions committed (EOS padding of decoded blocks included)
             "committed": self.committed,
-            "tokens_per_forward": self.committed / max(self.forwards, 1),
+            "prompt_tokens": len(self.prompt) + self.skip,  # the prompt's tokens
+            "tokens_per_forward": tokens / max(self.forwards, 1),  # answer tokens per forward
+            "committed_per_forward": self.committed / max(self.forwards, 1),  # EOS padding included
             "seconds": self.seconds,
             "tokens_per_second": tokens / max(self.seconds, 1e-9),
         }
