@@ -110,9 +110,13 @@ async def test_connect_to_nothing_is_a_typed_error_naming_the_endpoint():
 
 async def test_workers_of_different_models_are_refused():
     a, b = free_endpoint(), free_endpoint()
-    with fake_worker(a, "--model", "one"), fake_worker(b, "--model", "two"):
-        with anyio.fail_after(60), pytest.raises(WorkerMismatchError, match="'two'|'one'"):
-            await Client.connect([a, b], connect_timeout=30)
+    with (
+        fake_worker(a, "--model", "one"),
+        fake_worker(b, "--model", "two"),
+        anyio.fail_after(60),
+        pytest.raises(WorkerMismatchError, match="'two'|'one'"),
+    ):
+        await Client.connect([a, b], connect_timeout=30)
 
 
 async def test_a_worker_that_exits_while_starting_names_its_last_stderr_line(caplog):
