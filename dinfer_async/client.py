@@ -59,7 +59,7 @@ ROLES = ("system", "user", "assistant", "tool")
 log = logging.getLogger("dinfer_async.worker")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 8.0  # seconds between restarts: doubling, capped
-STABLE_AFTER = 30.0  # a worker healthy this long has its count of restarts in a row reset
+STABLE_AFTER = 10.0  # a worker healthy this long has its count of restarts in a row reset
 STDERR_TAIL = 20  # lines of a launched worker's stderr kept for error messages
 DIR_PREFIX = "dinfer-"
 
@@ -427,8 +427,8 @@ class Client:
         """The worker's connection or process is gone: fail its streams, stop routing to it."""
         if w.state == CLOSED:
             return
-        if w.inflight:
-            log.warning("%s: %s", w.name, error)
+        if w.inflight or w.state == HEALTHY:
+            log.warning("%s", error)
         w.orphans |= set(w.inflight)
         w.fail_all(error)
         self._set_state(w, state)
@@ -648,7 +648,7 @@ class Client:
                     self._set_state(w, FAILED)
                     return
                 cause: DinferError = e
-                log.warning("%s could not be restarted: %s", w.name, e)
+                log.warning("restart failed: %s", e)
             else:
                 if not first:
                     log.info("%s is back (restart %d)", w.name, w.restarts)
@@ -735,9 +735,10 @@ class Client:
             exited.cancel()
 
     def _exit_message(self, w: _Worker, code: int | None, when: str) -> str:
-        lines = [line for line in w.stderr if line.strip()]
+        """Says why; the last line of a starting worker's stderr is usually its error."""
+        lines = [line for line in w.stderr if line.strip()] if when == "while starting" else []
         last = f": {lines[-1].strip()}" if lines else ""
-        return f"worker {w.index} exited with code {code} {when}{last}"
+        return f"{w.name} exited with code {code} {when}{last}"
 
     async def _until_gone(self, w: _Worker) -> WorkerDiedError:
         """Return once the healthy worker's process is gone: its exit, or the kill of a worker
