@@ -1,11 +1,11 @@
 """Chaos run: concurrent streams while workers are SIGKILLed and SIGSTOPped at random.
 
     python benchmarks/chaos.py [--workers 2] [--streams 16] [--minutes 1] [--seed 0]
-        [--heartbeat-timeout 2] [--batch-lines 300] [--no-batch]
+        [--heartbeat-timeout 2] [--batch-lines 600]
 
 One client launches `--workers` workers (bundled model unless --model) and keeps `--streams`
 requests running for `--minutes`; in parallel `python -m dinfer_async.batch` answers a
-generated input file with its own worker. Every 1-4 s a random worker of either is SIGKILLed or
+generated input file with its own worker. Every 2-6 s a random worker of either is SIGKILLed or
 SIGSTOPped (and SIGCONTed 0.5 s to 2 heartbeat timeouts later). Prints a table: streams
 completed, typed errors by type, hangs (a request not finished within --bound seconds; must be
 0), restarts, and the batch run's lines lost or duplicated (must be 0). Not part of the tests.
@@ -54,14 +54,14 @@ async def streamer(
 ) -> None:
     n = 0
     while time.monotonic() < until:
-        prompt = f"copy word{i}x{n}"
+        ask = [{"role": "user", "content": f"copy word{i}x{n}"}]
         n += 1
         try:
             with anyio.fail_after(bound):
                 if n % 2:
-                    await client.generate(prompt=prompt, params=params)
+                    await client.generate(messages=ask, params=params)
                 else:
-                    async with client.stream(prompt=prompt, params=params) as chunks:
+                    async with client.stream(messages=ask, params=params) as chunks:
                         async for _ in chunks:
                             pass
             tally.completed += 1
@@ -77,13 +77,15 @@ async def streamer(
 
 
 async def chaos(targets, until: float, hb: float, rng: random.Random, tally: Tally) -> None:
-    """Every 1-4 s, SIGKILL or SIGSTOP (then SIGCONT) one worker pid of `targets()`."""
+    """Every 2-6 s, SIGKILL or SIGSTOP (then SIGCONT) one worker of a random group of
+    `targets()` (the client's serving workers, else its starting ones; the batch's)."""
     while time.monotonic() < until:
-        await asyncio.sleep(rng.uniform(1, 4))
-        pids = targets()
-        if not pids:
+        await asyncio.sleep(rng.uniform(2, 6))
+        groups = [g for g in targets() if g[1]]
+        if not groups:
             continue
-        who, pid = rng.choice(pids)
+        who, pids = rng.choice(groups)
+        pid = rng.choice(pids)
         try:
             if rng.random() < 0.5:
                 os.kill(pid, signal.SIGKILL)
@@ -91,7 +93,7 @@ async def chaos(targets, until: float, hb: float, rng: random.Random, tally: Tal
             else:
                 os.kill(pid, signal.SIGSTOP)
                 tally.faults[f"{who}: SIGSTOP"] += 1
-                await asyncio.sleep(rng.uniform(0.5, 2 * hb))
+                await asyncio.sleep(rng.uniform(0.5, 3 * hb))
                 os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
@@ -127,7 +129,12 @@ async def main(args: argparse.Namespace) -> int:
     path_in, path_out = os.path.join(work, "in.jsonl"), os.path.join(work, "out.jsonl")
     with open(path_in, "w") as f:
         for i in range(args.batch_lines):
-            f.write(json.dumps({"id": f"l{i}", "prompt": f"reverse word{i}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {"id": f"l{i}", "messages": [{"role": "user", "content": f"reverse w{i}"}]}
+                )
+                + "\n"
+            )
     batch = None
     if args.batch_lines:
         cmd = [
@@ -151,6 +158,15 @@ async def main(args: argparse.Namespace) -> int:
         batch = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
+    try:
+        return await chaos_run(args, rng, params, tally, batch, path_in, path_out)
+    finally:
+        if batch is not None and batch.returncode is None:
+            batch.kill()
+            await batch.wait()
+
+
+async def chaos_run(args, rng, params, tally, batch, path_in, path_out) -> int:
     started = time.monotonic()
     async with Client(
         model=args.model,
@@ -161,15 +177,15 @@ async def main(args: argparse.Namespace) -> int:
     ) as client:
         until = time.monotonic() + 60 * args.minutes
 
-        def targets() -> list[tuple[str, int]]:
-            pids = [
-                ("client", w.process.pid)
-                for w in client._workers
-                if w.process is not None and w.process.returncode is None
+        def targets() -> list[tuple[str, list[int]]]:
+            running = [
+                w for w in client._workers if w.process is not None and w.process.returncode is None
             ]
+            serving = [w.process.pid for w in running if w.alive]
+            groups = [("client", serving or [w.process.pid for w in running])]
             if batch is not None and batch.returncode is None:
-                pids += [("batch", p) for p in children(batch.pid)]
-            return pids
+                groups.append(("batch", children(batch.pid)))
+            return groups
 
         await asyncio.gather(
             chaos(targets, until, args.heartbeat_timeout, rng, tally),
@@ -218,7 +234,7 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heartbeat-timeout", type=float, default=2.0)
     ap.add_argument("--gen-length", type=int, default=32)
-    ap.add_argument("--batch-lines", type=int, default=300, help="0: no parallel dinfer-batch")
+    ap.add_argument("--batch-lines", type=int, default=600, help="0: no parallel dinfer-batch")
     ap.add_argument(
         "--bound",
         type=float,

@@ -438,7 +438,7 @@ class Client:
     def _open_socket(self, endpoint: str) -> zmq.asyncio.Socket:
         """The one place a client socket is made and configured (not yet connected)."""
         sock = self._ctx.socket(zmq.DEALER)
-        ms = int(self.heartbeat_timeout * 1000)
+        ms = min(int(self.heartbeat_timeout * 1000), 6_500_000)  # ZMTP's TTL field is 16-bit ds
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue frames for a connection not made yet
         sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, ms // 4))
@@ -845,7 +845,8 @@ class Client:
     # ---- requests ------------------------------------------------------------------------------
 
     @property
-    def welcome(self) -> wire.Welcome:
+    def welcome(self) -> wire.Welcome | None:
+        """The handshake of a worker (all of a client's workers serve one model)."""
         known = [w.welcome for w in self._workers if w.welcome is not None]
         return known[0] if known else None
 
