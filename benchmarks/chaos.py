@@ -93,7 +93,7 @@ async def chaos(targets, until: float, hb: float, rng: random.Random, tally: Tal
             else:
                 os.kill(pid, signal.SIGSTOP)
                 tally.faults[f"{who}: SIGSTOP"] += 1
-                await asyncio.sleep(rng.uniform(0.5, 3 * hb))
+                await asyncio.sleep(rng.uniform(hb / 2, 3 * hb))
                 os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass

@@ -454,8 +454,8 @@ class Client:
         w.monitor = sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_MONITOR_STOPPED
         )
-        sock.connect(w.endpoint)
         w.socket = sock
+        sock.connect(w.endpoint)
         w.last_heard = asyncio.get_running_loop().time()
         self._spawn(w.tasks, self._read(w, sock))
         self._spawn(w.tasks, self._watch_socket(w, w.monitor))
@@ -631,7 +631,14 @@ class Client:
     async def _attach(self, w: _Worker) -> None:
         """An attached worker: connect once; ZeroMQ reconnects and every new connection is
         greeted, so a worker restarted on the endpoint is served again."""
-        self._connect(w)
+        try:
+            self._connect(w)
+        except zmq.ZMQError as e:
+            self._close_socket(w)
+            w.failure = InvalidRequestError(
+                "endpoint", f"{w.endpoint!r}: {e}; use tcp://HOST:PORT or ipc://PATH"
+            )
+            self._set_state(w, FAILED)
 
     # ---- launched workers ----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from dinfer_async import (
     Client,
     ClientClosedError,
     ConnectError,
+    InvalidRequestError,
     SamplingParams,
     WorkerError,
     WorkerMismatchError,
@@ -106,6 +107,11 @@ async def test_connect_to_nothing_is_a_typed_error_naming_the_endpoint():
     with anyio.fail_after(60), pytest.raises(ConnectError, match=endpoint) as info:
         await Client.connect(endpoint, connect_timeout=0.5)
     assert isinstance(info.value, TimeoutError)
+
+
+async def test_a_malformed_endpoint_is_an_invalid_request():
+    with anyio.fail_after(60), pytest.raises(InvalidRequestError, match="endpoint"):
+        await Client.connect("127.0.0.1:5555")
 
 
 async def test_workers_of_different_models_are_refused():

@@ -1,7 +1,7 @@
 """Liveness: dead, stopped and restarted workers, started by the client or attached with
 connect, end every stream with a typed error and are served again; restarts back off and give
 up; error frames always reach somebody. Fake workers (tests/fake_worker.py) and a hand-driven
-peer socket keep it fast; heartbeat_timeout is 1 s. Waits are bounded with generous fail_after
+peer socket keep it fast; heartbeat_timeout is 2 s. Waits are bounded with generous fail_after
 only to catch hangs."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from tests.client_helpers import FakeClient, Peer, fake_worker, free_endpoint, s
 
 P = SamplingParams(gen_length=32, block_length=32)
 LONG = ["--steps", "100000", "--step-delay", "0.01"]
-HB = dict(heartbeat_timeout=1.0)
+HB = dict(heartbeat_timeout=2.0)
 
 
 async def until(check, timeout: float = 30.0) -> None:
