@@ -41,6 +41,10 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def log(line: str) -> None:
+    print(f"chaos: {time.strftime('%H:%M:%S')} {line}", file=sys.stderr, flush=True)
+
+
 class Tally:
     def __init__(self) -> None:
         self.completed = 0
@@ -90,10 +94,13 @@ async def chaos(targets, until: float, hb: float, rng: random.Random, tally: Tal
             if rng.random() < 0.5:
                 os.kill(pid, signal.SIGKILL)
                 tally.faults[f"{who}: SIGKILL"] += 1
+                log(f"SIGKILL {who} {pid}")
             else:
                 os.kill(pid, signal.SIGSTOP)
                 tally.faults[f"{who}: SIGSTOP"] += 1
-                await asyncio.sleep(rng.uniform(hb / 2, 3 * hb))
+                pause = rng.uniform(hb / 2, 3 * hb)
+                log(f"SIGSTOP {who} {pid} for {pause:.1f} s")
+                await asyncio.sleep(pause)
                 os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
