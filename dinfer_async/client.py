@@ -396,18 +396,34 @@ class Client:
                 )
             await self._changed_within(left)
 
-    def _spawn(self, tasks: set[asyncio.Task], run: Awaitable) -> asyncio.Task:
+    def _spawn(
+        self, tasks: set[asyncio.Task], run: Awaitable, worker: _Worker | None = None
+    ) -> asyncio.Task:
+        """A background task the client owns; if one of a worker's connection tasks fails (a
+        bug), that worker's streams get a WorkerError and its connection is made anew."""
         task = asyncio.get_running_loop().create_task(run)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
-        task.add_done_callback(self._report_crash)
+        task.add_done_callback(lambda t: self._report_crash(t, worker))
         return task
 
-    def _report_crash(self, task: asyncio.Task) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            logging.getLogger("dinfer_async").error(
-                "a background task of the client failed", exc_info=task.exception()
-            )
+    def _report_crash(self, task: asyncio.Task, w: _Worker | None) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        logging.getLogger("dinfer_async").error(
+            "a background task of the client failed", exc_info=task.exception()
+        )
+        if w is None or self._closing:
+            return
+        self._down(
+            w, WorkerError(f"the client lost track of {w.name}: {task.exception()!r}"), RECONNECTING
+        )
+        if not w.owned:  # a launched worker is killed and restarted by its supervisor
+            self._spawn(self._tasks, self._reconnect(w))
+
+    async def _reconnect(self, w: _Worker) -> None:
+        await self._disconnect(w)
+        self._connect(w)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -423,7 +439,7 @@ class Client:
         w.state, w.since = state, asyncio.get_running_loop().time()
         self._notify()
 
-    def _down(self, w: _Worker, error: WorkerDiedError, state: str) -> None:
+    def _down(self, w: _Worker, error: DinferError, state: str) -> None:
         """The worker's connection or process is gone: fail its streams, stop routing to it."""
         if w.state == CLOSED:
             return
@@ -457,9 +473,9 @@ class Client:
         w.socket = sock
         sock.connect(w.endpoint)
         w.last_heard = asyncio.get_running_loop().time()
-        self._spawn(w.tasks, self._read(w, sock))
-        self._spawn(w.tasks, self._watch_socket(w, w.monitor))
-        self._spawn(w.tasks, self._heartbeat(w, sock))
+        self._spawn(w.tasks, self._read(w, sock), w)
+        self._spawn(w.tasks, self._watch_socket(w, w.monitor), w)
+        self._spawn(w.tasks, self._heartbeat(w, sock), w)
 
     async def _disconnect(self, w: _Worker) -> None:
         tasks = set(w.tasks)

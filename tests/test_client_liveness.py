@@ -256,3 +256,32 @@ def test_fake_processes_are_cleaned_up():
         os.kill(proc.pid, signal.SIGSTOP)
     assert proc.returncode is not None
     stop(proc)
+
+
+async def test_a_failing_background_task_reaches_the_streams_and_reconnects():
+    endpoint = free_endpoint()
+    peer = Peer(endpoint)
+    try:
+        with anyio.fail_after(30):
+            opening = asyncio.create_task(Client.connect(endpoint, **HB))
+            assert isinstance(await peer.recv(), wire.Hello)
+            await peer.send(peer.welcome())
+            client = await opening
+            task = asyncio.create_task(consume(client))
+            while not isinstance(await peer.recv(), wire.Submit):
+                pass
+
+            def broken(w, msg):  # stands for a bug in the client's frame handling
+                raise RuntimeError("bug")
+
+            client._refused = broken
+            await peer.send(wire.Error(None, "frame", "anything"))
+            with pytest.raises(WorkerError, match="lost track"):
+                await task
+            while not isinstance(await peer.recv(), wire.Hello):  # a new connection greets
+                pass
+            await peer.send(peer.welcome())
+            await client.wait_ready(10)
+            await client.close()
+    finally:
+        peer.close()
