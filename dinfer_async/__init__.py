@@ -3,10 +3,14 @@
 from dinfer_async.client import Client, Completion
 from dinfer_async.errors import (
     ClientClosedError,
+    ConnectError,
     DinferError,
+    DinferTimeoutError,
     InvalidRequestError,
     WorkerDiedError,
     WorkerError,
+    WorkerMismatchError,
+    WorkerUnresponsiveError,
 )
 from dinfer_async.params import SamplingParams
 from dinfer_async.protocol import Chunk
@@ -16,10 +20,14 @@ __all__ = [
     "Client",
     "ClientClosedError",
     "Completion",
+    "ConnectError",
     "DinferError",
+    "DinferTimeoutError",
     "InvalidRequestError",
     "SamplingParams",
     "WorkerDiedError",
     "WorkerError",
+    "WorkerMismatchError",
+    "WorkerUnresponsiveError",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""Error types shared by the client, the batch CLI and the workers. Importing this never imports
-torch."""
+"""Error types shared by the client, the batch CLI and the workers (importing this never imports
+torch)."""
 
 
 class DinferError(Exception):
@@ -16,12 +16,31 @@ class InvalidRequestError(DinferError, ValueError):
 
 
 class WorkerDiedError(DinferError):
-    """The worker serving this request exited; the client restarts it, so a retry can succeed."""
+    """The worker serving this request exited or lost its connection; the request is lost, but
+    the client restarts (or reconnects to) the worker, so a retry can succeed."""
+
+
+class WorkerUnresponsiveError(WorkerDiedError):
+    """The worker stopped answering heartbeats (stopped, hung or unreachable) for longer than the
+    client's `heartbeat_timeout`; its requests were failed as if it had died."""
 
 
 class WorkerError(DinferError):
-    """The worker failed while running this request (not the request's fault)."""
+    """The worker failed while running this request, could not be started, or was given up
+    after too many restarts (not the request's fault)."""
+
+
+class WorkerMismatchError(DinferError):
+    """Workers of one client announced different models or tokenizers in their handshake."""
 
 
 class ClientClosedError(DinferError):
-    """The client was closed while this request was running."""
+    """The client was closed while this request was running (or before it was sent)."""
+
+
+class DinferTimeoutError(DinferError, TimeoutError):
+    """A bounded wait of the client ran out (for example `wait_ready`)."""
+
+
+class ConnectError(DinferTimeoutError):
+    """No worker answered the handshake at an endpoint within the connect timeout."""

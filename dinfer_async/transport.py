@@ -13,12 +13,15 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import TypeVar
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from dinfer_async.errors import DinferError
+
+SocketT = TypeVar("SocketT", bound=zmq.Socket)
 
 
 class KeyFileError(DinferError, ValueError):
@@ -73,10 +76,10 @@ def _load(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
 
 
 def secure_dealer(
-    sock: zmq.Socket,
+    sock: SocketT,
     server_public_key_file: str | os.PathLike | None,
     client_secret_key_file: str | os.PathLike | None = None,
-) -> zmq.Socket:
+) -> SocketT:
     """Make a client socket speak CURVE to a worker (call before connect). Without a server key
     file this does nothing (ipc:// and loopback workers). Without a client key a fresh key pair
     is made: enough for workers that authorize any client (they then check a shared secret)."""
