@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
-import sys
 import types
 import typing
 
 from dinfer_async import params as sp
+from dinfer_async.logs import setup_logging
 from dinfer_async.params import SamplingParams
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -114,43 +113,7 @@ def add_common_flags(parser: argparse.ArgumentParser, prog: str) -> None:
     )
 
 
-class _Handler(logging.Handler):
-    """One line per record on stderr: `prog: message` for the command's own loggers, `logger:
-    message` for the rest; written through tqdm when it is loaded, so a progress bar stays whole.
-    Tracebacks only at debug level."""
-
-    def __init__(self, prog: str, tracebacks: bool):
-        super().__init__()
-        self.prog, self.tracebacks = prog, tracebacks
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            own = record.name in ("__main__", "root") or record.name.startswith("dinfer_async.")
-            text = f"{self.prog if own else record.name}: {record.getMessage()}"
-            if record.exc_info and self.tracebacks:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
-            if "tqdm" in sys.modules:
-                sys.modules["tqdm"].tqdm.write(text, file=sys.stderr)
-            else:
-                sys.stderr.write(text + "\n")
-                sys.stderr.flush()
-        except Exception:
-            self.handleError(record)
-
-
-def log_level() -> int:
-    """DINFER_LOG_LEVEL (debug, info, warning, error), default info."""
-    level = logging.getLevelName(os.environ.get("DINFER_LOG_LEVEL", "info").upper())
-    return level if isinstance(level, int) else logging.INFO
-
-
 def configure_logging(prog: str, debug: bool = False) -> bool:
-    """Log to stderr at DINFER_LOG_LEVEL (--debug forces debug); return whether tracebacks are
-    shown (debug level only)."""
-    level = logging.DEBUG if debug else log_level()
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if isinstance(h, _Handler)]:
-        root.removeHandler(handler)
-    root.addHandler(_Handler(prog, tracebacks=level <= logging.DEBUG))
-    root.setLevel(level)
-    return level <= logging.DEBUG
+    """Log to stderr as `prog: message` at DINFER_LOG_LEVEL (--debug forces debug); return
+    whether tracebacks are shown (debug level only)."""
+    return setup_logging(prog=prog, debug=debug) <= logging.DEBUG

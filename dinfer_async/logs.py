@@ -23,7 +23,25 @@ LEVELS = {
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 # Our loggers follow DINFER_LOG_LEVEL; others' (transformers, urllib3, ...) stay at warning.
-OURS = ("dinfer_async", "workers", "dinfer_kernels", "benchmarks", "examples", "__main__")
+OURS = ("dinfer_async", "dinfer", "workers", "dinfer_kernels", "benchmarks", "examples", "__main__")
+
+
+class OneLine(logging.Formatter):
+    """A command's own format: `prog: message` (`prog: error: message` from warning up) for our
+    loggers, `logger: message` for others'; one record on one line; tracebacks only when asked."""
+
+    def __init__(self, prog: str, tracebacks: bool):
+        super().__init__()
+        self.prog, self.tracebacks = prog, tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        own = record.name == "root" or record.name.split(".")[0] in OURS
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
+        text = " ".join(record.getMessage().split())
+        line = f"{self.prog if own else record.name}: {level}{text}"
+        if record.exc_info and self.tracebacks:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
 
 
 class TqdmHandler(logging.Handler):
@@ -60,9 +78,15 @@ def debug_enabled() -> bool:
     return os.environ.get(ENV, "").strip().lower() == "debug"
 
 
-def setup_logging(level: str | int | None = None) -> int:
+def setup_logging(
+    level: str | int | None = None, prog: str | None = None, debug: bool = False
+) -> int:
     """Install the one handler on the root logger (again: replaced, not doubled) and set our
-    loggers' level: `level` if given, else DINFER_LOG_LEVEL, else info. Returns the level."""
+    loggers' level: debug with `debug`, else `level` if given, else DINFER_LOG_LEVEL, else
+    info. With `prog` (a command's name) records read `prog: message` and tracebacks show only
+    at debug level; without it, a timestamped format. Returns the level."""
+    if debug:
+        level = logging.DEBUG
     if isinstance(level, str):
         if level.lower() not in LEVELS:
             raise ValueError(f"log level {level!r}: choose one of {', '.join(LEVELS)}")
@@ -73,9 +97,10 @@ def setup_logging(level: str | int | None = None) -> int:
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
     root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.WARNING:
-        root.setLevel(logging.WARNING)
-    chosen = log_level() if level is None else level
+    root.setLevel(logging.WARNING)  # others' loggers (transformers, urllib3, ...) stay quiet
+    chosen = log_level() if level is None else level  # a bad DINFER_LOG_LEVEL is logged
+    if prog is not None:
+        handler.setFormatter(OneLine(prog, tracebacks=chosen <= logging.DEBUG))
     for name in OURS:
         logging.getLogger(name).setLevel(chosen)
     return chosen

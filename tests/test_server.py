@@ -241,7 +241,7 @@ def test_max_tokens_rounds_up_to_whole_blocks(sdk):
         ({"dinfer": {"colour": True}}, "dinfer.colour"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0]"),
-        ({"messages": [{"role": "user", "content": "x" * 5000}]}, "prompt"),  # worker refuses
+        ({"messages": [{"role": "user", "content": "x" * 5000}]}, "messages"),  # worker refuses
     ],
 )
 @pytest.mark.parametrize("stream", [False, True])

@@ -51,7 +51,7 @@ def test_version(capsys):
 
 def test_bad_model_path(capsys, ipc, tmp_path):
     line = one_line_failure(capsys, "--endpoint", ipc, "--model", str(tmp_path / "nope"))
-    assert "does not exist" in line and "Hugging Face directory" in line
+    assert "no such directory" in line and "Hugging Face id" in line
 
 
 def test_missing_tokenizer(capsys, ipc, no_tokenizer):

@@ -29,6 +29,7 @@ import socket
 import sys
 from urllib.parse import urlsplit
 
+from dinfer_async import logs
 from dinfer_async.transport import is_loopback
 
 log = logging.getLogger("dinfer.worker")
@@ -172,39 +173,10 @@ def exit_with_parent() -> None:
         sys.exit(0)
 
 
-class _Handler(logging.StreamHandler):
-    """The worker's own stderr handler (told apart from any the embedding program adds)."""
-
-
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = " ".join(record.getMessage().split())  # one record, one line
-        level = "" if record.levelno <= logging.INFO else f"{record.levelname.lower()}: "
-        line = f"dinfer-worker: {level}{text}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
 def setup_logging(debug: bool = False) -> bool:
-    """Route the worker's logs to stderr at DINFER_LOG_LEVEL (default info); True if debug."""
-    name = os.environ.get("DINFER_LOG_LEVEL", "info").strip().upper()
-    level = logging.DEBUG if debug else logging.getLevelName(name)
-    if not isinstance(level, int):
-        level = logging.INFO
-    logger = logging.getLogger("dinfer")
-    for old in [h for h in logger.handlers if isinstance(h, _Handler)]:
-        logger.removeHandler(old)  # main() called again (tests): one handler, today's stderr
-    handler = _Handler(sys.stderr)
-    handler.setFormatter(_OneLine())
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
-    if not isinstance(logging.getLevelName(name), int):
-        log.warning(
-            "DINFER_LOG_LEVEL=%s is not a level (debug, info, warning, error); using info", name
-        )
-    return level <= logging.DEBUG
+    """The worker's logs on stderr as `dinfer-worker: ...` at DINFER_LOG_LEVEL (default info);
+    True if at debug level (tracebacks shown)."""
+    return logs.setup_logging(prog="dinfer-worker", debug=debug) <= logging.DEBUG
 
 
 def parser() -> argparse.ArgumentParser:
