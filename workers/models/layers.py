@@ -267,11 +267,19 @@ class DiffusionLM(nn.Module):
     def forward(
         self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
     ):
+        h = self.hidden(input_ids, positions, key_mask, cache, start, inputs_embeds)
+        return F.linear(h, self.lm_head_weight[: self.config.vocab_size])
+
+    def hidden(
+        self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
+    ) -> torch.Tensor:
+        """The final norm's output [B, L, d], which the LM head reads (a tensor-parallel model
+        applies its own vocabulary shard of the head, workers/parallel/shard.py)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary(positions, x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, key_mask, cache, i, start)
-        return F.linear(self.final_norm(x), self.lm_head_weight[: self.config.vocab_size])
+        return self.final_norm(x)
 
 
 class HFDiffusionLM(DiffusionLM):
