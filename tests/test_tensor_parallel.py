@@ -57,12 +57,19 @@ PARAMS = {
     "fixed-vicinity-cfg": dict(
         decoder="fixed", cache="vicinity", block_length=8, steps=8, cfg_scale=0.5
     ),
+    "credit-dual-sampled": dict(
+        decoder="credit", threshold=0.8, cache="dual", block_length=8, temperature=0.7
+    ),
+    "hierarchical-prefix-soft": dict(
+        decoder="hierarchical", cache="prefix", block_length=8, soft_diffusion=True
+    ),
 }
 LIGHT = ("fixed-none-greedy", "threshold-vicinity-sampled")  # enough for the variant models
+THREE = ("threshold-dual-greedy", "threshold-vicinity-sampled", "fixed-vicinity-cfg")
 CASES = [
     (model, case)
     for model in MODELS
-    for case in (PARAMS if model in ("llada", "llada2_moe") else LIGHT)
+    for case in (PARAMS if model == "llada" else THREE if model == "llada2_moe" else LIGHT)
 ]
 
 

@@ -128,11 +128,6 @@ class Engine:
                 "params", f"{len(per_prompt)} params for {len(prompts)} prompts"
             )
         per_prompt = [p.validate() for p in per_prompt]
-        if self.tensor_parallel is not None:
-            from workers.parallel.shard import check_params
-
-            for i, q in enumerate(per_prompt):
-                check_params(q, f"params[{i}]")
         ids = [self.encode(prompt=p) if isinstance(p, str) else list(p) for p in prompts]
         for i, (p, q) in enumerate(zip(ids, per_prompt)):
             self.check_prompt(p, q, f"prompts[{i}]")

@@ -15,6 +15,7 @@ token id, that token's logit, log-sum-exp), and the ranks all-gather those: neve
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 import dinfer_kernels as kernels
 from dinfer_kernels.reference import exponential, uniform
@@ -72,3 +73,29 @@ def sharded_confidence(
     chosen = parts[:, 2].gather(0, winner)[0]
     lse = torch.logsumexp(parts[:, 3].to(h.dtype), dim=0)
     return token, torch.exp(chosen.to(h.dtype) - lse).double()
+
+
+def local_ids(token: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global token ids -> (their column in this rank's logits [0, width), whether this rank
+    holds them); a single process holds every id."""
+    tp = current()
+    if tp is None:
+        return token, torch.ones_like(token, dtype=torch.bool)
+    local = token - tp.vocab_start
+    inside = (local >= 0) & (local < width)
+    return local.clamp(0, width - 1), inside
+
+
+def expected_embedding(logits: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """sum_v softmax(logits)_v table[v]: logits [B, K, V] (a rank's vocabulary shard under
+    tensor parallel, `table` then its rows from vocab_start) -> [B, K, d] in table's dtype.
+    Across shards: the softmax from the global max and sum, the partial products summed."""
+    x = logits.to(table.dtype)
+    rows = table[: x.shape[-1]]
+    tp = current()
+    if tp is None:
+        return torch.softmax(x, dim=-1) @ rows
+    top = tp.all_reduce(x.max(dim=-1, keepdim=True).values, dist.ReduceOp.MAX)
+    e = torch.exp(x - top)
+    total = tp.all_reduce(e.sum(dim=-1, keepdim=True))
+    return tp.all_reduce(e @ rows) / total

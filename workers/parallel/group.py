@@ -28,10 +28,10 @@ class TensorParallel:
     vocab_start: int = 0  # the global token id of the local logits' first column
     vocab_stop: int = 0
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks, in place; every rank gets the same bits (the reduction's result
-        is broadcast), so they stay in lockstep."""
-        dist.all_reduce(x, group=self.group)
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM):
+        """Sum (or `op`) over the ranks, in place; every rank gets the same bits (the
+        reduction's result is broadcast), so they stay in lockstep."""
+        dist.all_reduce(x, op=op, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:

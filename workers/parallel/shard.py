@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinfer_async.params import SamplingParams
 from workers.models.layers import DiffusionLM
 from workers.parallel.group import TensorParallel, set_current
 from workers.parallel.layers import RowParallelLinear, VocabParallelEmbedding, column_linear, split
@@ -101,7 +100,7 @@ def _rows(heads: list[int], head_dim: int, offset: int = 0) -> torch.Tensor:
 def _shard_attention(module: nn.Module, tp: TensorParallel) -> int:
     """Keep this rank's heads of an attention module (attributes n_heads, n_kv_heads, head_dim);
     returns its number of key/value heads."""
-    H, Hkv, hd = module.n_heads, module.n_kv_heads, module.head_dim
+    H, Hkv, hd = (int(getattr(module, a)) for a in ("n_heads", "n_kv_heads", "head_dim"))
     queries, kv = head_split(H, Hkv, tp)
     q_rows, kv_rows = _rows(queries, hd), _rows(kv, hd)
     if hasattr(module, FUSED_ATTENTION[0]):
@@ -117,7 +116,8 @@ def _shard_attention(module: nn.Module, tp: TensorParallel) -> int:
         setattr(module, k, column_linear(getattr(module, k), kv_rows))
         setattr(module, v, column_linear(getattr(module, v), kv_rows))
     setattr(module, out, RowParallelLinear(getattr(module, out), q_rows, tp))
-    module.n_heads, module.n_kv_heads = len(queries), len(kv)
+    setattr(module, "n_heads", len(queries))  # noqa: B010 (not an nn.Module attribute)
+    setattr(module, "n_kv_heads", len(kv))  # noqa: B010
     return len(kv)
 
 
@@ -205,17 +205,3 @@ def shard_model(model: DiffusionLM, tp: TensorParallel) -> TensorParallelModel:
     sharded = TensorParallelModel(model, tp)
     set_current(sharded.tp)
     return sharded
-
-
-def check_params(params: SamplingParams, field: str) -> None:
-    """Refuse what tensor parallel does not do yet (naming the field and the way out)."""
-    from dinfer_async.errors import InvalidRequestError
-
-    if params.decoder == "credit":
-        raise InvalidRequestError(
-            f"{field}.decoder", "credit is not supported with tensor parallel yet; use another"
-        )
-    if params.soft_diffusion:
-        raise InvalidRequestError(
-            f"{field}.soft_diffusion", "is not supported with tensor parallel yet; turn it off"
-        )
