@@ -19,6 +19,8 @@ from tests.tiny_models import random_prompts, tiny_family_model, tiny_model
 from workers.engine import Engine
 from workers.parallel.group import TensorParallel, launch
 from workers.parallel.shard import head_split
+from workers.parallel.spmd import Leader, follow
+from workers.scheduler import Scheduler
 
 SIZE = 2
 
@@ -97,6 +99,24 @@ def confidence_case(tp: TensorParallel | None) -> dict[str, list]:
     return out
 
 
+def scripted(scheduler: Scheduler | Leader, vocab: int, mask: int) -> dict[str, list[int]]:
+    """Requests arriving and one aborted between steps, as a worker sees them; the answers."""
+    prompts = random_prompts(4, [5, 8, 3], vocab, mask)
+    common = dict(gen_length=16, block_length=4, cache="dual", early_stop=False)
+    params = SamplingParams(**common, temperature=0.5).validate()
+    fixed = SamplingParams(**common, decoder="fixed", steps=8).validate()
+    a = scheduler.add("a", prompts[0], params, seed=1)
+    b = scheduler.add("b", prompts[1], fixed, seed=2)
+    for _ in range(3):
+        scheduler.step()
+    c = scheduler.add("c", prompts[2], params, seed=3)
+    scheduler.step()
+    scheduler.abort(b)
+    while scheduler.has_work():
+        scheduler.step()
+    return {s.id: s.generated() for s in (a, c)} | {"b": [int(b.finish_reason is None)]}
+
+
 def _rank(rank: int, size: int, out: str) -> None:
     from dataclasses import replace
 
@@ -107,6 +127,15 @@ def _rank(rank: int, size: int, out: str) -> None:
     for model, case in CASES:
         engine = Engine(MODELS[model](), Tokens(), tensor_parallel_size=size)
         results[f"{model}/{case}"] = run_case(engine, model, case)
+    engine = Engine(MODELS["llada"](), Tokens(), tensor_parallel_size=size)
+    scheduler = Scheduler(engine.model, report=True)
+    assert engine.tensor_parallel is not None
+    if rank == 0:
+        leader = Leader(scheduler, engine.tensor_parallel)
+        results["spmd"] = scripted(leader, engine.config.vocab_size, engine.config.mask_token_id)
+        leader.stop()
+    else:
+        follow(scheduler, engine.tensor_parallel)
     lo, hi = split(11, size, rank)
     tp = replace(join(size), vocab_start=lo, vocab_stop=hi)
     set_current(tp)
@@ -127,6 +156,14 @@ def test_tensor_parallel_tokens_equal_one_process(parallel, model, case):
     assert any(single), "the case must generate something to compare"
     for rank in range(SIZE):
         assert parallel[rank][f"{model}/{case}"] == single, f"rank {rank}"
+
+
+def test_rank_zero_broadcasts_arrivals_and_aborts(parallel):
+    engine = Engine(MODELS["llada"](), Tokens())
+    cfg = engine.config
+    single = scripted(Scheduler(engine.model, report=True), cfg.vocab_size, cfg.mask_token_id)
+    assert single["b"] == [1]  # b was aborted before its end
+    assert parallel[0]["spmd"] == single
 
 
 def test_sharded_confidence_equals_full(parallel):
