@@ -18,6 +18,7 @@ from dinfer_async.errors import InvalidRequestError
 from tests.tiny_models import random_prompts, tiny_family_model, tiny_model
 from workers.engine import Engine
 from workers.parallel.group import TensorParallel, launch
+from workers.parallel.layers import AbsentExpert
 from workers.parallel.shard import head_split
 from workers.parallel.spmd import Leader, follow
 from workers.scheduler import Scheduler
@@ -44,7 +45,13 @@ MODELS = {
     "llada2_moe": lambda: tiny_family_model("llada2_moe", seed=3),
     "Dream": lambda: tiny_family_model("Dream", seed=3),
     "lladamoe": lambda: tiny_family_model("lladamoe", seed=3),
+    # a dense layer, and a shared expert off the layer, besides the routed ones
+    "lladamoe_ep": lambda: tiny_family_model(
+        "lladamoe", seed=4, moe_layer_freq=[0, 1], shared_expert_intermediate_size=10
+    ),
+    "llada2_moe_ep": lambda: tiny_family_model("llada2_moe", seed=3),
 }
+EXPERT_PARALLEL = ("lladamoe_ep", "llada2_moe_ep")
 
 COMMON = dict(gen_length=16, early_stop=False)
 PARAMS = {
@@ -117,6 +124,11 @@ def scripted(scheduler: Scheduler | Leader, vocab: int, mask: int) -> dict[str, 
     return {s.id: s.generated() for s in (a, c)} | {"b": [int(b.finish_reason is None)]}
 
 
+def _routed(module: torch.nn.Module) -> bool:
+    """A routed expert, held (GatedMLP) or not (AbsentExpert)."""
+    return isinstance(module, AbsentExpert) or type(module).__name__ == "GatedMLP"
+
+
 def _rank(rank: int, size: int, out: str) -> None:
     from dataclasses import replace
 
@@ -125,8 +137,11 @@ def _rank(rank: int, size: int, out: str) -> None:
 
     results: dict[str, object] = {}
     for model, case in CASES:
-        engine = Engine(MODELS[model](), Tokens(), tensor_parallel_size=size)
+        ep = model in EXPERT_PARALLEL
+        engine = Engine(MODELS[model](), Tokens(), tensor_parallel_size=size, expert_parallel=ep)
         results[f"{model}/{case}"] = run_case(engine, model, case)
+        kept = [not isinstance(m, AbsentExpert) for m in engine.model.modules() if _routed(m)]
+        results[f"{model}/experts kept"] = [sum(kept), len(kept)]
     engine = Engine(MODELS["llada"](), Tokens(), tensor_parallel_size=size)
     scheduler = Scheduler(engine.model, report=True)
     assert engine.tensor_parallel is not None
@@ -156,6 +171,14 @@ def test_tensor_parallel_tokens_equal_one_process(parallel, model, case):
     assert any(single), "the case must generate something to compare"
     for rank in range(SIZE):
         assert parallel[rank][f"{model}/{case}"] == single, f"rank {rank}"
+
+
+def test_expert_parallel_keeps_a_share_of_the_experts(parallel):
+    for model in EXPERT_PARALLEL:
+        kept, total = parallel[0][f"{model}/experts kept"]
+        assert 0 < kept < total, model  # the shared/dense MLPs are kept, half the routed ones
+    kept, total = parallel[0]["lladamoe/experts kept"]
+    assert kept == total  # without expert_parallel every rank keeps them all
 
 
 def test_rank_zero_broadcasts_arrivals_and_aborts(parallel):

@@ -49,6 +49,7 @@ class Engine:
         max_batch_size: int = 32,
         steps_per_check: int = 1,
         tensor_parallel_size: int = 1,
+        expert_parallel: bool = False,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound); results do not depend on it.
@@ -57,7 +58,8 @@ class Engine:
         (workers.parallel.group.launch, torchrun, or init_process_group); `model` is the full
         model, which is sharded in place over the group (workers/parallel/shard.py). Every rank
         builds its Engine the same way and calls `generate` with the same prompts and params
-        (SPMD); they take the same decisions and all return the same results."""
+        (SPMD); they take the same decisions and all return the same results. expert_parallel:
+        the MoE families' routed experts are split over the same ranks (else replicated)."""
         if (
             isinstance(tensor_parallel_size, bool)
             or not isinstance(tensor_parallel_size, int)
@@ -66,11 +68,18 @@ class Engine:
             raise InvalidRequestError(
                 "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
             )
+        if expert_parallel and tensor_parallel_size == 1:
+            raise InvalidRequestError(
+                "expert_parallel",
+                "splits experts over the tensor-parallel ranks: set tensor_parallel_size > 1 too",
+            )
         self.tensor_parallel: TensorParallel | None = None
         if tensor_parallel_size > 1:
             from workers.parallel.shard import shard_model
 
-            sharded = shard_model(cast("DiffusionLM", model), join(tensor_parallel_size))
+            sharded = shard_model(
+                cast("DiffusionLM", model), join(tensor_parallel_size), expert_parallel
+            )
             self.tensor_parallel = sharded.tp
             model = cast("DiffusionModel", sharded)
         self.model = model

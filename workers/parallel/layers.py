@@ -37,11 +37,14 @@ def column_linear(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
 
 class RowParallelLinear(nn.Module):
     """The input features `columns` of a full linear; forward sums the ranks' partial products,
-    then adds the bias once."""
+    then adds the bias once. With reduce=False the partial product is returned (and the bias
+    left to rank 0) for a caller that sums it with other partial outputs in one all-reduce."""
 
-    def __init__(self, linear: nn.Linear, columns: torch.Tensor, tp: TensorParallel):
+    def __init__(
+        self, linear: nn.Linear, columns: torch.Tensor, tp: TensorParallel, reduce: bool = True
+    ):
         super().__init__()
-        self.tp = tp
+        self.tp, self.reduce = tp, reduce
         self.weight = nn.Parameter(linear.weight[:, columns].clone(), requires_grad=False)
         self.bias = (
             None
@@ -50,8 +53,34 @@ class RowParallelLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = F.linear(x, self.weight)
+        if self.reduce:
+            y = self.tp.all_reduce(y)
+        elif self.tp.rank:
+            return y
         return y if self.bias is None else y + self.bias
+
+
+class AbsentExpert(nn.Module):
+    """A routed expert held by another rank (expert parallel): it adds nothing here; its owner's
+    output arrives through the MoE's all-reduce."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class ExpertParallel(nn.Module):
+    """An MoE block whose experts are split over the ranks: each rank's output holds the
+    contributions of its own experts (and its part of a shared expert); one all-reduce sums
+    them. Tokens are not moved: every rank already holds all of them (no dispatch, the choice
+    for small batches; all-to-all dispatch would pay at large ones)."""
+
+    def __init__(self, moe: nn.Module, tp: TensorParallel):
+        super().__init__()
+        self.moe, self.tp = moe, tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.moe(x).contiguous())
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -6,7 +6,8 @@ Every rank loads the full model, then keeps its slice (`shard_model`):
   (replicated); the output projection is row-parallel. The KV cache follows: it holds the
   rank's key/value heads only (`LocalConfig.n_kv_heads`).
 - dense MLPs (LLaDA's, Dream's, the MoE families' dense layers and shared experts): gate and up
-  column-parallel, down row-parallel. Routed experts and routers stay whole on every rank.
+  column-parallel, down row-parallel. Routers stay whole on every rank; routed experts too,
+  unless expert_parallel splits them (each MoE block's outputs then summed in one all-reduce).
 - the embedding and the LM head: vocabulary-parallel; the logits stay sharded.
 Norms, RoPE and routers are replicated: after each all-reduce every rank holds the same hidden
 states, so they compute the same thing.
@@ -23,7 +24,14 @@ from torch import nn
 
 from workers.models.layers import DiffusionLM
 from workers.parallel.group import TensorParallel, set_current
-from workers.parallel.layers import RowParallelLinear, VocabParallelEmbedding, column_linear, split
+from workers.parallel.layers import (
+    AbsentExpert,
+    ExpertParallel,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    column_linear,
+    split,
+)
 
 ATTENTION = (("q_proj", "k_proj", "v_proj", "attn_out"), ("q_proj", "k_proj", "v_proj", "o_proj"))
 FUSED_ATTENTION = ("query_key_value", "dense")  # LLaDA2: one projection, rows q | k | v
@@ -121,13 +129,45 @@ def _shard_attention(module: nn.Module, tp: TensorParallel) -> int:
     return len(kv)
 
 
-def _shard_mlp(module: nn.Module, names: tuple[str, str, str], tp: TensorParallel) -> None:
+def _shard_mlp(
+    module: nn.Module, names: tuple[str, str, str], tp: TensorParallel, reduce: bool = True
+) -> None:
     gate, up, down = names
     lo, hi = split(getattr(module, gate).out_features, tp.size, tp.rank)
     cols = torch.arange(lo, hi)
     setattr(module, gate, column_linear(getattr(module, gate), cols))
     setattr(module, up, column_linear(getattr(module, up), cols))
-    setattr(module, down, RowParallelLinear(getattr(module, down), cols, tp))
+    setattr(module, down, RowParallelLinear(getattr(module, down), cols, tp, reduce))
+
+
+def _mlp_names(module: nn.Module) -> tuple[str, str, str] | None:
+    return next(
+        (n for n in MLP if all(isinstance(getattr(module, a, None), nn.Linear) for a in n)), None
+    )
+
+
+def _shard_experts(inner: nn.Module, tp: TensorParallel) -> set[int]:
+    """Expert parallel: each MoE block keeps its contiguous share of the routed experts (the
+    others become AbsentExpert) and is wrapped in ExpertParallel, whose one all-reduce also sums
+    a shared expert inside the block (sharded without its own reduce). Returns the ids of the
+    modules sharded here."""
+    done: set[int] = set()
+    for name, moe in list(inner.named_modules()):
+        experts = getattr(moe, "experts", None)
+        if not isinstance(experts, nn.ModuleList):
+            continue
+        lo, hi = split(len(experts), tp.size, tp.rank)
+        for e in range(len(experts)):
+            if not lo <= e < hi:
+                experts[e] = AbsentExpert()
+        shared = getattr(moe, "shared_experts", None)
+        names = None if shared is None else _mlp_names(shared)
+        if shared is not None and names is not None:
+            _shard_mlp(shared, names, tp, reduce=False)
+            done.add(id(shared))
+        parent_name, _, attr = name.rpartition(".")
+        setattr(inner.get_submodule(parent_name), attr, ExpertParallel(moe, tp))
+    return done
 
 
 def _is_expert(name: str) -> bool:
@@ -148,7 +188,7 @@ class TensorParallelModel(nn.Module):
     """This rank's shard of a DiffusionLM, following workers.interfaces.DiffusionModel; its
     logits are [B, L, vocab_stop - vocab_start], the columns of the rank's vocabulary shard."""
 
-    def __init__(self, inner: DiffusionLM, tp: TensorParallel):
+    def __init__(self, inner: DiffusionLM, tp: TensorParallel, expert_parallel: bool = False):
         super().__init__()
         cfg = inner.config
         V = cfg.vocab_size
@@ -166,11 +206,10 @@ class TensorParallelModel(nn.Module):
             for m in list(inner.modules())
             if all(hasattr(m, a) for a in ("n_heads", "n_kv_heads", "head_dim"))
         }
+        done = _shard_experts(inner, self.tp) if expert_parallel else set()
         for name, m in list(inner.named_modules()):
-            names = next(
-                (n for n in MLP if all(isinstance(getattr(m, a, None), nn.Linear) for a in n)), None
-            )
-            if names is not None and not _is_expert(name):
+            names = _mlp_names(m)
+            if names is not None and not _is_expert(name) and id(m) not in done:
                 _shard_mlp(m, names, self.tp)
         if len(kv_heads) != 1:
             raise NotImplementedError(f"tensor parallel: layers with {kv_heads} key/value heads")
@@ -199,9 +238,12 @@ class TensorParallelModel(nn.Module):
         return F.linear(h, self.head)
 
 
-def shard_model(model: DiffusionLM, tp: TensorParallel) -> TensorParallelModel:
+def shard_model(
+    model: DiffusionLM, tp: TensorParallel, expert_parallel: bool = False
+) -> TensorParallelModel:
     """This rank's shard of `model` (which it modifies: use the result, not `model`), and the
-    process-wide handle set so the sampler merges the vocabulary shards."""
-    sharded = TensorParallelModel(model, tp)
+    process-wide handle set so the sampler merges the vocabulary shards. expert_parallel: split
+    the routed experts over the ranks too (else every rank keeps them all)."""
+    sharded = TensorParallelModel(model, tp, expert_parallel)
     set_current(sharded.tp)
     return sharded
