@@ -192,6 +192,8 @@ class TensorParallelModel(nn.Module):
         super().__init__()
         cfg = inner.config
         V = cfg.vocab_size
+        if tp.size > V:
+            raise ValueError(f"tensor_parallel_size={tp.size} exceeds the vocabulary ({V} ids)")
         lo, hi = split(V, tp.size, tp.rank)
         self.tp = dataclasses.replace(tp, vocab_start=lo, vocab_stop=hi)
         table, head = inner.embed_weight, inner.lm_head_weight
