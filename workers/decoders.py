@@ -20,7 +20,7 @@ import torch
 import dinfer_kernels as kernels
 from dinfer_async.params import SamplingParams
 from dinfer_kernels.reference import descending_rank, random_scores
-from workers.sampling import predict
+from workers.sampling import local_ids, predict
 from workers.shared import transfer_counts
 
 Device = torch.device | str
@@ -172,7 +172,8 @@ class CreditDecoder(Decoder):
         token, prob = predict(logits, None, seeds)
         self.credit.mul_(self.beta)
         gain = torch.where(masked, prob.pow(self.gamma), 0.0)
-        self.credit.scatter_add_(-1, token[..., None], gain[..., None])
+        column, held = local_ids(token, logits.shape[-1])  # a vocabulary shard: its own ids
+        self.credit.scatter_add_(-1, column[..., None], torch.where(held, gain, 0.0)[..., None])
         boosted = logits.double() + self.alpha * torch.log1p(self.credit)
         token, conf = self.predict(boosted, seeds)
         conf = torch.where(masked, conf, -torch.inf)

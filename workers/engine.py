@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -13,12 +13,14 @@ from dinfer_async.errors import InvalidRequestError
 from dinfer_async.params import SamplingParams
 from dinfer_async.validation import check_input, check_token_ids
 from workers.loader import load_model, resolve_dtype
+from workers.parallel.group import TensorParallel, join
 from workers.scheduler import denoise
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
 
 if TYPE_CHECKING:
     from workers.interfaces import DiffusionModel, Tokenizer
     from workers.iteration import Sequence
+    from workers.models.layers import DiffusionLM
 
 
 @dataclass
@@ -49,9 +51,40 @@ class Engine:
         name: str = "model",
         max_batch_size: int = 32,
         steps_per_check: int = 1,
+        tensor_parallel_size: int = 1,
+        expert_parallel: bool = False,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
-        are done (see workers.iteration.BlockRound); results do not depend on it."""
+        are done (see workers.iteration.BlockRound); results do not depend on it.
+
+        tensor_parallel_size T > 1: this process is one of T ranks of a torch.distributed group
+        (workers.parallel.group.launch, torchrun, or init_process_group); `model` is the full
+        model, which is sharded in place over the group (workers/parallel/shard.py). Every rank
+        builds its Engine the same way and calls `generate` with the same prompts and params
+        (SPMD); they take the same decisions and all return the same results. expert_parallel:
+        the MoE families' routed experts are split over the same ranks (else replicated)."""
+        if (
+            isinstance(tensor_parallel_size, bool)
+            or not isinstance(tensor_parallel_size, int)
+            or tensor_parallel_size < 1
+        ):
+            raise InvalidRequestError(
+                "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
+            )
+        if expert_parallel and tensor_parallel_size == 1:
+            raise InvalidRequestError(
+                "expert_parallel",
+                "splits experts over the tensor-parallel ranks: set tensor_parallel_size > 1 too",
+            )
+        self.tensor_parallel: TensorParallel | None = None
+        if tensor_parallel_size > 1:
+            from workers.parallel.shard import shard_model
+
+            sharded = shard_model(
+                cast("DiffusionLM", model), join(tensor_parallel_size), expert_parallel
+            )
+            self.tensor_parallel = sharded.tp
+            model = cast("DiffusionModel", sharded)
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -68,7 +101,9 @@ class Engine:
         **kwargs: Any,
     ) -> Engine:
         """Load a local Hugging Face directory or a Hub id (`org/name`, from the local cache first,
-        see workers.hub); None loads the bundled model."""
+        see workers.hub); None loads the bundled model. Keyword arguments go to Engine
+        (tensor_parallel_size among them: every rank loads the full model, then keeps its
+        shard)."""
         from workers.hub import resolve_model
 
         local = resolve_model(path)  # a Hub id is named by its id, a directory by its name
@@ -106,6 +141,8 @@ class Engine:
             self.check_prompt(p, q, f"prompts[{i}]")
         draw = random.Random()
         seeds = [q.seed if q.seed is not None else draw.randrange(2**63) for q in per_prompt]
+        if self.tensor_parallel is not None:  # every rank draws with rank 0's seeds
+            seeds = self.tensor_parallel.broadcast([seeds])[0]
         return [
             self._result(seq)
             for seq in denoise(

@@ -15,6 +15,7 @@ import torch
 
 from dinfer_async.params import SamplingParams
 from workers.decoders import DecoderSet
+from workers.sampling import expected_embedding
 from workers.shared import block_causal_mask, block_seed, forbid_tokens, step_seeds, until_eos
 
 if TYPE_CHECKING:
@@ -227,11 +228,11 @@ class Batch:
     def set_soft(self, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
         """Soft diffusion: a still-masked block position's next input is
         E[mask] + w * sum_v softmax(logits)_v E[v], with w = min(0.15 + 0.02 step, 0.3)."""
-        table = self.model.embed_weight
-        probs = torch.softmax(logits.to(table.dtype), dim=-1)
         weight = min(0.15 + 0.02 * step, 0.3)
-        soft = table[self.mask_id] + weight * (probs @ table[: logits.shape[-1]])
-        plain = table[self.block()]
+        block = self.block()
+        mask_row = self.model.embed(block.new_full((1,), self.mask_id))
+        soft = mask_row + weight * expected_embedding(logits, self.model.embed_weight)
+        plain = self.model.embed(block)
         use = still_masked & self.soft_rows[:, None]
         self.soft = torch.where(use[..., None], soft, plain)
 

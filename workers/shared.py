@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dinfer_kernels.reference import mix32
+from workers.parallel.group import current
 
 
 def until_eos(ids: list[int], eos_id: int) -> list[int]:
@@ -60,8 +61,12 @@ def forbid_tokens(
     logits: torch.Tensor, mask_id: int, eos_id: int, suppress_eos: torch.Tensor | None
 ) -> torch.Tensor:
     """Never predict the mask token; never predict EOS on rows whose `suppress_eos` [B] is set
-    (None: no row suppresses EOS). In place; returns `logits` [B, L, V]."""
-    logits[..., mask_id] = -torch.inf
-    if suppress_eos is not None:
-        logits[suppress_eos, :, eos_id] = -torch.inf
+    (None: no row suppresses EOS). In place; returns `logits` [B, L, V]. Under tensor parallel
+    the logits are a vocabulary shard (workers.parallel): each rank forbids the ids it holds."""
+    tp = current()
+    first = 0 if tp is None else tp.vocab_start
+    if 0 <= mask_id - first < logits.shape[-1]:
+        logits[..., mask_id - first] = -torch.inf
+    if suppress_eos is not None and 0 <= eos_id - first < logits.shape[-1]:
+        logits[suppress_eos, :, eos_id - first] = -torch.inf
     return logits

@@ -214,17 +214,28 @@ class RoutedExperts(nn.ModuleList):
         self._key: tuple[int, ...] = ()
 
     def expert_weights(self) -> kernels.ExpertWeights:
-        first, last = cast(GatedMLP, self[0]), cast(GatedMLP, self[-1])
+        """Experts another rank holds (expert parallel: not a GatedMLP here) read one shared
+        zero weight each, so they add exactly nothing and cost one expert's memory in all."""
+        present = [m for m in self if isinstance(m, GatedMLP)]
+        first, last = present[0], present[-1]
         key = tuple(
             w.data_ptr()
             for w in (first.gate_proj.weight, last.up_proj.weight, last.down_proj.weight)
-        )
+        ) + (len(present),)
         if self._weights is None or key != self._key:
-            mlps = [cast(GatedMLP, m) for m in self]
+            zero = {
+                name: torch.zeros_like(getattr(first, name).weight.detach())
+                for name in ("gate_proj", "up_proj", "down_proj")
+            }
+
+            def weights(name: str) -> list[torch.Tensor]:
+                return [
+                    getattr(m, name).weight.detach() if isinstance(m, GatedMLP) else zero[name]
+                    for m in self
+                ]
+
             self._weights = kernels.ExpertWeights(
-                [m.gate_proj.weight.detach() for m in mlps],
-                [m.up_proj.weight.detach() for m in mlps],
-                [m.down_proj.weight.detach() for m in mlps],
+                weights("gate_proj"), weights("up_proj"), weights("down_proj")
             )
             self._key = key
         return self._weights
@@ -279,11 +290,19 @@ class DiffusionLM(nn.Module):
     def forward(
         self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
     ):
+        h = self.hidden(input_ids, positions, key_mask, cache, start, inputs_embeds)
+        return F.linear(h, self.lm_head_weight[: self.config.vocab_size])
+
+    def hidden(
+        self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
+    ) -> torch.Tensor:
+        """The final norm's output [B, L, d], which the LM head reads (a tensor-parallel model
+        applies its own vocabulary shard of the head, workers/parallel/shard.py)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary(positions, x.dtype)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, key_mask, cache, i, start)
-        return F.linear(self.final_norm(x), self.lm_head_weight[: self.config.vocab_size])
+        return self.final_norm(x)
 
 
 class HFDiffusionLM(DiffusionLM):
