@@ -33,8 +33,8 @@ import sys
 import tempfile
 import uuid
 from collections import deque
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar, cast
 
 import msgspec
 import zmq
@@ -143,7 +143,8 @@ class _Worker:
         self.healthy_at = 0.0  # loop time of the last Welcome
         self.hello_at = 0.0  # loop time of the last Hello sent
         self.stderr: deque[str] = deque(maxlen=STDERR_TAIL)
-        self.tasks: set[asyncio.Task] = set()  # this connection's reader, monitor and heartbeat
+        # this connection's reader, monitor and heartbeat
+        self.tasks: set[asyncio.Task[None]] = set()
 
     @property
     def alive(self) -> bool:
@@ -197,8 +198,10 @@ class _Stream:
         try:
             if self._inbox is None:
                 await self._submit()
+            inbox = self._inbox
+            assert inbox is not None, "_submit sets the inbox"
             while True:
-                item = await self._inbox.get()
+                item = await inbox.get()
                 if isinstance(item, Exception):
                     self._done = True
                     raise item
@@ -219,6 +222,9 @@ class _Stream:
         client, r = self._client, self._request
         params = client._check(r["prompt"], r["messages"], r["token_ids"], r["params"])
         worker = client._pick()
+        # _pick returned a healthy worker (no await since): only a connected worker is
+        # welcomed, and its socket is closed only after it has left the healthy state
+        assert worker.socket is not None, "a healthy worker has a socket"
         self._loop = asyncio.get_running_loop()
         self._worker, self._rid = worker, uuid.uuid4().hex
         self._inbox = _Inbox(client.stream_buffer)
@@ -302,7 +308,7 @@ class Client:
         self._workers: list[_Worker] = []
         self._dir: str | None = None
         self._ctx: zmq.asyncio.Context | None = None
-        self._tasks: set[asyncio.Task] = set()  # supervisors and stderr readers
+        self._tasks: set[asyncio.Task[None]] = set()  # supervisors and stderr readers
         self._changed = asyncio.Event()  # set (and replaced) on every worker state change
         self._identity: tuple[str, str, int, int] | None = None
         self._opened = False
@@ -390,6 +396,7 @@ class Client:
         while True:
             for w in self._workers:
                 if w.state == FAILED:
+                    assert w.failure is not None, "a worker is FAILED only with its failure set"
                     raise w.failure
             pending = [w for w in self._workers if w.state != HEALTHY]
             if not pending:
@@ -405,8 +412,11 @@ class Client:
             await self._changed_within(left)
 
     def _spawn(
-        self, tasks: set[asyncio.Task], run: Awaitable, worker: _Worker | None = None
-    ) -> asyncio.Task:
+        self,
+        tasks: set[asyncio.Task[Any]],
+        run: Coroutine[Any, Any, T],
+        worker: _Worker | None = None,
+    ) -> asyncio.Task[T]:
         """A background task the client owns; if one of a worker's connection tasks fails (a
         bug), that worker's streams get a WorkerError and its connection is made anew."""
         task = asyncio.get_running_loop().create_task(run)
@@ -507,7 +517,11 @@ class Client:
         """Send without waiting; False if the frame could not be queued."""
         if w.socket is None or w.socket.closed:
             return False
-        future = w.socket.send(wire.encode(msg), flags=zmq.NOBLOCK)
+        # zmq.asyncio's send returns an asyncio.Future (its stub says only Awaitable)
+        future = cast(
+            "asyncio.Future[zmq.MessageTracker | None]",
+            w.socket.send(wire.encode(msg), flags=zmq.NOBLOCK),
+        )
         future.add_done_callback(_retrieve)
         return not (future.done() and future.exception() is not None)
 
@@ -750,6 +764,7 @@ class Client:
         try:
             while w.state != HEALTHY:
                 if w.state == FAILED:
+                    assert w.failure is not None, "a worker is FAILED only with its failure set"
                     raise w.failure
                 left = deadline - loop.time()
                 if left <= 0:
@@ -776,6 +791,7 @@ class Client:
         """Return once the healthy worker's process is gone: its exit, or the kill of a worker
         that stayed unreachable for heartbeat_timeout. Its streams are failed first."""
         proc = w.process
+        assert proc is not None, "called once _launch has started the process"
         loop = asyncio.get_running_loop()
         tick = max(0.05, self.heartbeat_timeout / 4)
         exited = loop.create_task(proc.wait())
@@ -796,11 +812,13 @@ class Client:
 
     async def _forward_stderr(self, w: _Worker, proc: asyncio.subprocess.Process) -> None:
         """Each stderr line of a launched worker goes to the `dinfer_async.worker` logger."""
+        stderr = proc.stderr
+        assert stderr is not None, "_launch starts the process with stderr=PIPE"
         while True:
             try:
-                raw = await proc.stderr.readline()
+                raw = await stderr.readline()
             except ValueError:  # a line over the limit: take it in pieces
-                raw = await proc.stderr.read(1 << 16)
+                raw = await stderr.read(1 << 16)
             if not raw:
                 return
             line = raw.decode(errors="replace").rstrip("\n")
@@ -927,15 +945,22 @@ class Client:
         params: SamplingParams | None = None,
     ) -> Completion:
         """Run one request to the end and return its Completion."""
-        text, blocks, last = [], {}, None
+        text: list[str] = []
+        blocks: dict[int, list[int]] = {}
+        last: wire.Chunk | None = None
         async with self.stream(
             prompt, messages=messages, token_ids=token_ids, params=params
         ) as chunks:
             async for chunk in chunks:
+                assert isinstance(chunk, wire.Chunk)  # text_only is off: every item is a Chunk
                 text.append(chunk.stable_text)
                 if chunk.final:
                     blocks[chunk.block] = chunk.tokens
                 last = chunk
+        # the stream ended normally, so its last chunk carried finish_reason, and the worker
+        # that sent it was welcomed, which sets the client's identity (never reset)
+        assert last is not None and last.finish_reason is not None
+        assert self._identity is not None
         eos = self._identity[2]
         ids = [t for b in sorted(blocks) for t in blocks[b]]
         ids = ids[: ids.index(eos)] if eos in ids else ids

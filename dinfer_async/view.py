@@ -161,7 +161,10 @@ async def show(
     out: TextIO = sys.stdout,
 ) -> Picture:
     """Stream one prompt (a user message, or raw text) and draw each step as it arrives."""
-    picture = Picture(client.welcome.eos_token_id, client.welcome.mask_token_id, color)
+    welcome = client.welcome
+    if welcome is None:  # not open yet, or its only worker is being restarted
+        raise DinferError("no worker has greeted the client: open it and wait_ready() first")
+    picture = Picture(welcome.eos_token_id, welcome.mask_token_id, color)
     messages = None if raw else [{"role": "user", "content": prompt}]
     last: Chunk | None = None
     async for chunk in client.stream(prompt if raw else None, messages=messages, params=params):
