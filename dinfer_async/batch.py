@@ -68,6 +68,8 @@ class _Client(Protocol):
 
     async def generate(self, prompt=None, *, messages=None, params=None): ...
 
+    async def wait_ready(self, timeout: float) -> None: ...
+
 
 # ---- progress --------------------------------------------------------------------------------
 
@@ -141,7 +143,7 @@ async def answer(client: _Client, job: Job, retries: int, ready_timeout: float) 
                 return error_record(job, f"its worker died on each of {retries} tries ({e})")
             log.info("line %d: %s; trying again (%d of %d)", job.line, e, attempt + 1, retries)
             try:
-                await _wait_ready(client, ready_timeout)
+                await client.wait_ready(ready_timeout)
             except (DinferError, TimeoutError) as ready:
                 raise Stop(f"no worker is ready ({ready})") from ready
         except InvalidRequestError as e:
@@ -154,16 +156,6 @@ async def answer(client: _Client, job: Job, retries: int, ready_timeout: float) 
             log.debug("line %d failed", job.line, exc_info=True)
             return error_record(job, f"internal error: {type(e).__name__}: {e}")
     raise AssertionError("unreachable")
-
-
-async def _wait_ready(client: _Client, timeout: float) -> None:
-    """client.wait_ready(timeout); for a client without it, poll for a live worker (bounded)."""
-    if hasattr(client, "wait_ready"):
-        await client.wait_ready(timeout)
-        return
-    with anyio.fail_after(timeout):
-        while not any(w.alive for w in getattr(client, "_workers", [])):
-            await anyio.sleep(0.1)
 
 
 # ---- the run ---------------------------------------------------------------------------------

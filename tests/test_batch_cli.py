@@ -12,7 +12,6 @@ import time
 import anyio
 import pytest
 
-import dinfer_async.client as dinfer_client
 from dinfer_async.batch import main
 
 FAST = ["--gen-length", "32", "--block-length", "32", "--threads", "1"]
@@ -185,11 +184,6 @@ def test_sigkill_at_any_moment_then_rerun_gives_exactly_one_line_per_id(tmp_path
     assert "error" in out[5] and all("text" in o for i, o in enumerate(out) if i != 5)
 
 
-@pytest.mark.xfail(
-    not hasattr(dinfer_client.Client, "wait_ready"),
-    reason="before this wave's client and worker, a worker prints a traceback on SIGINT",
-    strict=True,
-)
 def test_ctrl_c_stops_workers_and_all_cleanly_and_says_how_to_resume(tmp_path):
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it to the CLI and its
     workers: exit 130, the summary and the resume command, no traceback from anyone."""
