@@ -28,6 +28,7 @@ class Stats:
     tokens_per_forward: float  # committed / forwards
     seconds: float  # from submission to the end
     tokens_per_second: float  # tokens / seconds
+    edits: int = 0  # committed positions replaced by token edits (decoder "joint")
 
 
 @dataclass
