@@ -14,12 +14,14 @@ CACHES = ("none", "prefix", "dual", "vicinity")
 REMASKING = ("low_confidence", "random")
 MAX_STOP, MAX_STOP_LENGTH = 8, 256  # like OpenAI's limit of 4 stop strings, with room
 
-# LLaDA2.1's two decoding modes for decoder="joint", as its authors publish them on the model card
-# (huggingface.co/inclusionAI/LLaDA2.1-mini, "S Mode" and "Q Mode"): speedy lowers the mask-to-token
-# threshold to 0.5 and edits whenever the model's top token changes (editing_threshold 0.0);
-# quality keeps threshold 0.7 and edits above 0.5. Both bound the edit rounds after a block is
-# filled by 16 (the card's max_post_steps=16, SGLang JointThreshold's max_post_edit_steps default)
-# and use block_length 32. SamplingParams.preset("speedy" | "quality", **overrides).
+# LLaDA2.1's two decoding modes for decoder="joint" (SamplingParams.preset(name, **overrides)).
+# Values: the LLaDA2.1 model card (huggingface.co/inclusionAI/LLaDA2.1-mini, "S Mode" / "Q Mode"),
+# speedy: threshold 0.5, editing_threshold 0.0; quality: threshold 0.7, editing_threshold 0.5;
+# max_post_steps 16 and block_length 32 in both (also the Diffusers LLaDA2 pipeline's example:
+# threshold 0.7, editing_threshold 0.5, max_post_steps 16). The rule follows SGLang's
+# JointThreshold (in sglang.srt.dllm.algorithm; its defaults: threshold 0.5,
+# edit_threshold 0, max_post_edit_steps 16): edit where p > edit_threshold, so 0.0 edits whenever
+# the top token changes (Diffusers' pipeline instead reads editing_threshold 0 as "off").
 JOINT_PRESETS: dict[str, dict[str, float | int | str]] = {
     "speedy": dict(
         decoder="joint", block_length=32, threshold=0.5, edit_threshold=0.0, max_edit_steps=16

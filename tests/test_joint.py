@@ -181,3 +181,18 @@ def test_params_presets_and_validation():
         SamplingParams(decoder="joint", max_edit_steps=-1).validate()
     with pytest.raises(InvalidRequestError, match="preset"):
         SamplingParams.preset("fast")
+
+
+def test_bundled_model_joint_equals_reference():
+    """The LLaDA-format bundled model (float64, no cache) with the quality preset: the engine's
+    batch equals the reference one prompt at a time, edits included."""
+    from workers.bundled import tasks
+
+    engine = Engine.from_pretrained(None, dtype="float64")
+    cfg = engine.config
+    prompts = [engine.encode(messages=ex.messages) for ex in tasks.held_out(1)[:2]]
+    params = SamplingParams.preset("quality", gen_length=32, cache="none", early_stop=False)
+    seqs = denoise(engine.model, prompts, params.validate(), [0, 0])
+    kw = dict(gen_length=32, block_length=32, threshold=0.7, edit_threshold=0.5)
+    want = reference(engine.model, cfg.mask_token_id, cfg.eos_token_id, prompts, [0, 0], **kw)
+    assert [(s.generated(), s.forwards, s.edits) for s in seqs] == want
