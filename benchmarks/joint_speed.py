@@ -57,6 +57,13 @@ def main() -> None:
             )
         )
 
+    # edits only while masks remain: how much of the change the edit rounds make
+    runs.append(
+        (
+            "joint quality, max_edit_steps 0",
+            SamplingParams.preset("quality", max_edit_steps=0, **common),
+        )
+    )
     names = sorted(tasks.TASKS) + ["all"]
     print(
         f"\n{engine.name}, {args.per_task} held-out prompts per task, gen_length "
