@@ -103,6 +103,7 @@ class _Inbox:
             and not last.final
         ):
             item.committed = sorted(set(last.committed) | set(item.committed))
+            item.revised = sorted(set(last.revised) | set(item.revised))
             item.stable_text = last.stable_text + item.stable_text
             self.items[-1] = item
         else:

@@ -8,10 +8,28 @@ import msgspec
 
 from dinfer_async.errors import InvalidRequestError
 
-DECODERS = ("fixed", "threshold", "factor", "hierarchical", "credit")
+DECODERS = ("fixed", "threshold", "factor", "hierarchical", "credit", "joint")
+EDITING_DECODERS = ("joint",)  # decoders that may change committed tokens of the current block
 CACHES = ("none", "prefix", "dual", "vicinity")
 REMASKING = ("low_confidence", "random")
 MAX_STOP, MAX_STOP_LENGTH = 8, 256  # like OpenAI's limit of 4 stop strings, with room
+
+# LLaDA2.1's two decoding modes for decoder="joint" (SamplingParams.preset(name, **overrides)).
+# Values: the LLaDA2.1 model card (huggingface.co/inclusionAI/LLaDA2.1-mini, "S Mode" / "Q Mode"),
+# speedy: threshold 0.5, editing_threshold 0.0; quality: threshold 0.7, editing_threshold 0.5;
+# max_post_steps 16 and block_length 32 in both (also the Diffusers LLaDA2 pipeline's example:
+# threshold 0.7, editing_threshold 0.5, max_post_steps 16). The rule follows SGLang's
+# JointThreshold (in sglang.srt.dllm.algorithm; its defaults: threshold 0.5,
+# edit_threshold 0, max_post_edit_steps 16): edit where p > edit_threshold, so 0.0 edits whenever
+# the top token changes (Diffusers' pipeline instead reads editing_threshold 0 as "off").
+JOINT_PRESETS: dict[str, dict[str, float | int | str]] = {
+    "speedy": dict(
+        decoder="joint", block_length=32, threshold=0.5, edit_threshold=0.0, max_edit_steps=16
+    ),
+    "quality": dict(
+        decoder="joint", block_length=32, threshold=0.7, edit_threshold=0.5, max_edit_steps=16
+    ),
+}
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -36,6 +54,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         up to whole blocks (max_tokens=40, block_length=32: gen_length=64); gen_length is ignored.
     stop: strings that end the answer: it is cut before the first one, decoding stops after the
         block that completes it, and finish_reason is "stop".
+    edit_threshold: "joint" decoder (LLaDA2.1 token editing): a committed position of the current
+        block is replaced by the predicted token when that differs and its probability is
+        > edit_threshold (0: whenever the top token changes; 1: never).
+    max_edit_steps: "joint": edit rounds per block once no mask is left; the block ends after a
+        round without edits or after this many rounds.
     """
 
     gen_length: int = 256
@@ -60,6 +83,22 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     soft_diffusion: bool = False
     max_tokens: int | None = None
     stop: list[str] | None = None
+    edit_threshold: float = 0.5
+    max_edit_steps: int = 16
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> SamplingParams:
+        """One of JOINT_PRESETS (LLaDA2.1's "speedy" and "quality" modes), fields overridable."""
+        if name not in JOINT_PRESETS:
+            raise InvalidRequestError(
+                "preset", f"{name!r} is not one of {', '.join(JOINT_PRESETS)}"
+            )
+        return cls(**{**JOINT_PRESETS[name], **overrides})
+
+    @property
+    def revises(self) -> bool:
+        """The decoder may change committed tokens of the block being decoded (until it ends)."""
+        return self.decoder in EDITING_DECODERS
 
     @property
     def num_blocks(self) -> int:
@@ -107,6 +146,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         _choice("remasking", self.remasking, REMASKING)
         if not _is_number(self.threshold) or not 0.0 < self.threshold <= 1.0:
             raise InvalidRequestError("threshold", f"{self.threshold!r} must be in (0, 1]")
+        if not _is_number(self.edit_threshold) or not 0.0 <= self.edit_threshold <= 1.0:
+            raise InvalidRequestError(
+                "edit_threshold", f"{self.edit_threshold!r} must be in [0, 1]"
+            )
+        _int_at_least("max_edit_steps", self.max_edit_steps, 0)
         if not _is_number(self.low_threshold) or not 0.0 < self.low_threshold <= 1.0:
             raise InvalidRequestError("low_threshold", f"{self.low_threshold!r} must be in (0, 1]")
         for name in ("factor", "credit_alpha", "credit_gamma"):

@@ -74,6 +74,9 @@ class Chunk(Message, tag="chunk"):
     committed: offsets in the block committed by this step; final: the block is done;
     stable_text: text newly fixed since the previous chunk (committed tokens never change);
     finish_reason and stats are set on the request's last chunk.
+    revised: offsets in the block whose committed token an edit changed this step (decoder
+    "joint"; its stable_text then covers finished blocks only); confidence: per `tokens` position,
+    the probability its token was committed or last revised with (0 where undecided).
     """
 
     request_id: str
@@ -85,6 +88,8 @@ class Chunk(Message, tag="chunk"):
     stable_text: str
     finish_reason: str | None = None
     stats: dict | None = None
+    revised: list[int] = []
+    confidence: list[float] | None = None
 
 
 class Updates(Message, tag="updates"):

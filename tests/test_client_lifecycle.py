@@ -23,6 +23,7 @@ from dinfer_async import (
     WorkerError,
     WorkerMismatchError,
 )
+from dinfer_async import protocol as wire
 from tests.client_helpers import FakeClient, dead_pid, fake_worker, free_endpoint
 
 P = SamplingParams(gen_length=32, block_length=32)
@@ -182,3 +183,18 @@ async def test_a_killed_client_s_directory_is_removed_by_the_next_one():
                 for name in os.listdir(d):
                     os.unlink(os.path.join(d, name))
                 os.rmdir(d)
+
+
+def test_a_full_buffer_merges_chunks_of_one_block_keeping_every_change():
+    """A slow reader's buffer merges consecutive chunks of one block: the latest tokens, and the
+    union of committed and revised positions (token edits), and all the stable text."""
+    from dinfer_async.client import _Inbox
+
+    inbox = _Inbox(limit=1)
+    inbox.put(wire.Chunk("r", 0, [1, 9, 9], "a░░", [0], False, "a", revised=[]))
+    inbox.put(wire.Chunk("r", 0, [2, 3, 9], "bc░", [1], False, "", revised=[0]))
+    inbox.put(wire.Chunk("r", 0, [2, 3, 4], "bcd", [2], True, "bcd"[1:], revised=[1]))
+    (merged,) = inbox.items
+    assert merged.tokens == [2, 3, 4] and merged.final
+    assert merged.committed == [0, 1, 2] and merged.revised == [0, 1]
+    assert merged.stable_text == "acd"

@@ -4,7 +4,10 @@ A decoder serves the rows of a batch that chose it, each row with its own parame
 [rows, 1] tensors). `select` sees the rows' block logits [B, K, V] and which positions are still
 masked [B, K], and returns predicted tokens and a commit mask using tensor ops only (no host
 sync). `done` says which rows have finished the block. A decoder sees logits and the block's
-state, never the model.
+state, never the model. An editing decoder ("joint") may also return committed positions of the
+block in its commit mask with a new token (revisions); it reads the block's tokens (`block`).
+Each decoder leaves the probability of its predictions in `prob` (what streams show as
+confidence).
 
 Adding a decoder: a `Decoder` subclass here (its parameters read from each row's
 SamplingParams in `__init__`), one line in `DECODERS`, its name in dinfer_async/params.py's
@@ -45,16 +48,24 @@ class Decoder:
             [p.temperature for p in params], device=device, dtype=torch.float64
         )
         self.sampling = any(p.temperature > 0 for p in params)  # decided on the host, once
+        self.prob: torch.Tensor | None = None  # [B, K] the last prediction's probabilities
 
     def predict(
         self, logits: torch.Tensor, seeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return predict(logits, self.temperature if self.sampling else None, seeds)
+        token, self.prob = predict(logits, self.temperature if self.sampling else None, seeds)
+        return token, self.prob
 
     def select(
-        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, K, V], masked [B, K] -> (predicted token [B, K], commit [B, K] bool)."""
+        """logits [B, K, V], masked [B, K], block [B, K] the block's tokens -> (predicted token
+        [B, K], commit [B, K] bool: the positions that take the predicted token)."""
         raise NotImplementedError
 
     def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
@@ -90,7 +101,12 @@ class FixedDecoder(Decoder):
         return self.steps <= step
 
     def select(
-        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         token, score = self.predict(logits, seeds)
         if self.any_random:
@@ -112,7 +128,12 @@ class ThresholdDecoder(Decoder):
         self.tau = _column([p.threshold for p in params], device)
 
     def select(
-        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         token, conf = self.predict(logits, seeds)
         conf = torch.where(masked, conf, -torch.inf)
@@ -128,7 +149,12 @@ class FactorDecoder(Decoder):
         self.f = _column([p.factor for p in params], device)
 
     def select(
-        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         token, conf = self.predict(logits, seeds)
         return token, kernels.factor_commit(conf, masked, self.f)
@@ -145,7 +171,12 @@ class HierarchicalDecoder(Decoder):
         self.low = _column([p.low_threshold for p in params], device)
 
     def select(
-        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         token, conf = self.predict(logits, seeds)
         return token, kernels.hierarchical_commit(conf, masked, self.tau, self.low)
@@ -165,7 +196,12 @@ class CreditDecoder(Decoder):
         self.credit: torch.Tensor | None = None
 
     def select(
-        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.credit is None:
             self.credit = torch.zeros(logits.shape, dtype=torch.float64, device=logits.device)
@@ -183,6 +219,55 @@ class CreditDecoder(Decoder):
         self.credit = None
 
 
+class JointDecoder(Decoder):
+    """LLaDA2.1's joint threshold decoding (SGLang's JointThreshold): each step commits masked
+    positions as `threshold` does (mask-to-token) and replaces each position committed earlier in
+    the block whose predicted token differs from its token with probability > edit_threshold
+    (token-to-token). Once the block has no mask, steps are edit rounds: the block ends after a
+    round without edits or after max_edit_steps rounds (0: it ends when the last mask commits).
+    The prompt's tail in a block-causal model's first block is never edited."""
+
+    def __init__(self, params: list[SamplingParams], device: Device):
+        super().__init__(params, device)
+        self.tau = _column([p.threshold for p in params], device)
+        self.edit_tau = _column([p.edit_threshold for p in params], device)
+        self.max_rounds = torch.tensor([p.max_edit_steps for p in params], device=device)
+        rows = len(params)
+        self.rounds = torch.zeros(rows, dtype=torch.long, device=device)
+        self.edited = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.editable: torch.Tensor | None = None  # [B, K] masked when the block began
+
+    def select(
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if block is None:
+            raise ValueError("the joint decoder needs the block's tokens (block=)")
+        if step == 0 or self.editable is None:
+            self.editable = masked.clone()
+        token, conf = self.predict(logits, seeds)
+        self.rounds += ~masked.any(-1)  # a step that starts with no mask is an edit round
+        commit = masked & _best_or_above(torch.where(masked, conf, -torch.inf), self.tau)
+        edit = self.editable & ~masked & (token != block) & (conf > self.edit_tau)
+        self.edited = edit.any(-1)
+        return token, commit | edit
+
+    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
+        filled = ~masked_left.any(-1)
+        # a round that edited nothing ends the block; so does the last allowed round
+        quiet = (self.rounds > 0) & ~self.edited
+        return filled & (quiet | (self.rounds >= self.max_rounds))
+
+    def end_block(self) -> None:
+        self.editable = None
+        self.rounds.zero_()
+        self.edited.zero_()
+
+
 # name (SamplingParams.decoder, listed in dinfer_async.params.DECODERS) -> class
 DECODERS: dict[str, type[Decoder]] = {
     "fixed": FixedDecoder,
@@ -190,6 +275,7 @@ DECODERS: dict[str, type[Decoder]] = {
     "factor": FactorDecoder,
     "hierarchical": HierarchicalDecoder,
     "credit": CreditDecoder,
+    "joint": JointDecoder,
 }
 
 
@@ -198,6 +284,7 @@ class DecoderSet:
 
     def __init__(self, params: list[SamplingParams], device: Device):
         self.device = device
+        self.confidence: torch.Tensor | None = None  # [B, K] after select
         names = sorted({p.decoder for p in params})
         self.groups: list[tuple[torch.Tensor, Decoder]] = []
         for name in names:
@@ -206,16 +293,29 @@ class DecoderSet:
             self.groups.append((index, DECODERS[name]([params[i] for i in rows], device)))
 
     def select(
-        self, logits: torch.Tensor, masked: torch.Tensor, step: int, seeds: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        masked: torch.Tensor,
+        step: int,
+        seeds: torch.Tensor,
+        block: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each group's rows through its decoder (see Decoder.select)."""
+        """Each group's rows through its decoder (see Decoder.select); `confidence` [B, K] holds
+        the probabilities of their predictions."""
         if len(self.groups) == 1:  # the common case: one decoder for the whole batch
-            return self.groups[0][1].select(logits, masked, step, seeds)
+            decoder = self.groups[0][1]
+            token, commit = decoder.select(logits, masked, step, seeds, block)
+            self.confidence = decoder.prob
+            return token, commit
         token = torch.empty(masked.shape, dtype=torch.long, device=masked.device)
         commit = torch.zeros_like(masked)
+        confidence = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
         for index, decoder in self.groups:
-            t, c = decoder.select(logits[index], masked[index], step, seeds[index])
+            t, c = decoder.select(logits[index], masked[index], step, seeds[index], block[index])
             token[index], commit[index] = t, c
+            if decoder.prob is not None:
+                confidence[index] = decoder.prob
+        self.confidence = confidence
         return token, commit
 
     def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:

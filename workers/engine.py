@@ -33,6 +33,7 @@ class Stats:
     tokens_per_second: float  # tokens / seconds
     committed_per_forward: float  # committed / forwards: positions per forward, padding included
     prompt_tokens: int  # the prompt's tokens
+    edits: int = 0  # committed positions replaced by token edits (decoder "joint")
 
 
 @dataclass

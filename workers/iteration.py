@@ -8,7 +8,7 @@ different prompts and decoding parameters; only the block length and cache polic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +44,7 @@ class Sequence:
     block: int = 0  # the block the next round decodes
     forwards: int = 0
     committed: int = 0
+    edits: int = 0  # committed positions an editing decoder ("joint") changed
     finish_reason: str | None = None
     admitted_at: float = 0.0
     seconds: float = 0.0
@@ -94,6 +95,7 @@ class Sequence:
             "prompt_tokens": len(self.prompt) + self.skip,  # the prompt's tokens
             "tokens_per_forward": tokens / max(self.forwards, 1),  # answer tokens per forward
             "committed_per_forward": self.committed / max(self.forwards, 1),  # EOS padding included
+            "edits": self.edits,  # committed positions replaced by token edits (decoder="joint")
             "seconds": self.seconds,
             "tokens_per_second": tokens / max(self.seconds, 1e-9),
         }
@@ -257,6 +259,10 @@ class StepUpdate:
     block_tokens: list[int]
     newly_committed: list[int]  # offsets inside the block
     block_final: bool
+    revised: list[int] = field(default_factory=list)  # offsets an edit changed this step
+    # per block_tokens position: the probability it was committed (or last revised) with; 0 for
+    # undecided positions; None where not reported
+    confidence: list[float] | None = None
 
 
 class BlockRound:
@@ -292,6 +298,11 @@ class BlockRound:
         # per-row counters stay on the device; copied to the requests when the block ends
         self.forwards = torch.zeros(len(seqs), dtype=torch.long, device=device)
         self.committed = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        self.edits = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        # streamed confidence of each block position's token (only kept when reporting)
+        self.confidence = torch.zeros(
+            len(seqs), self.batch.block_length, dtype=torch.float64, device=device
+        )
         self.report = report
         self.steps_per_check = 1 if report else steps_per_check
         self.step_index = 0
@@ -312,6 +323,8 @@ class BlockRound:
         self.block_seeds = self.block_seeds[rows]
         self.forwards = self.forwards[rows]
         self.committed = self.committed[rows]
+        self.edits = self.edits[rows]
+        self.confidence = self.confidence[rows]
         if self.seqs and bool(self.row_done.all()):
             self._finish()
 
@@ -319,55 +332,69 @@ class BlockRound:
         """One forward and its commits. Every `steps_per_check` steps the host looks at which
         rows are done: all of them end the round; some leave the forwards now instead of idling
         until the slowest row is done (they start their next block with the next round)."""
-        working, commit, still_masked, logits = self._decode()
+        working, commit, revised, still_masked, logits = self._decode()
         if self.step_index % self.steps_per_check:  # no host check: nothing to report either
             self._prepare_soft(logits, still_masked)
             return []
         done = torch.nonzero(self.row_done)[:, 0].tolist()  # the host sync
         if len(done) == len(self.seqs):
             self.finished = True
-            updates = self._updates(working, commit)
+            updates = self._updates(working, commit, revised)
             self._finish()
             return updates
         self._prepare_soft(logits, still_masked)
-        updates = self._updates(working, commit, None if self.report else done)
+        updates = self._updates(working, commit, revised, None if self.report else done)
         if done:
             self._write_back(done)
             self.drop(set(done))
         return updates
 
-    def _decode(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _decode(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One forward, the decoders' picks committed into the batch, counters updated (tensor
-        ops only). Returns which rows had work, the commits, what is still masked, the logits."""
+        ops only). Returns which rows had work, the commits of masked positions, the revisions
+        of committed ones (editing decoders), what is still masked, the logits."""
         batch, t = self.batch, self.step_index
         logits = self.policy.block_logits(batch, t)
         suppress = self.suppress_eos if self.any_suppress else None
         logits = forbid_tokens(logits, self.mask_id, self.eos_id, suppress)
         block = batch.block()
         masked = block == self.mask_id
-        token, commit = self.decoders.select(logits, masked, t, step_seeds(self.block_seeds, t))
+        seeds = step_seeds(self.block_seeds, t)
+        token, written = self.decoders.select(logits, masked, t, seeds, block)
         working = ~self.row_done
-        commit &= working[:, None]
-        block.copy_(torch.where(commit, token, block))
+        written &= working[:, None]
+        if self.report and self.decoders.confidence is not None:
+            self.confidence = torch.where(written, self.decoders.confidence, self.confidence)
+        block.copy_(torch.where(written, token, block))
+        commit, revised = written & masked, written & ~masked
         self.forwards += working  # a forward counts for a request only while it still had work
         self.committed += commit.sum(-1)
+        self.edits += revised.sum(-1)
         still_masked = masked & ~commit
         self.row_done |= self.decoders.done(t + 1, still_masked)
         self.step_index += 1
-        return working, commit, still_masked, logits
+        return working, commit, revised, still_masked, logits
 
     def _prepare_soft(self, logits: torch.Tensor, still_masked: torch.Tensor) -> None:
         if self.any_soft:
             self.batch.set_soft(logits, still_masked, self.step_index - 1)
 
     def _updates(
-        self, working: torch.Tensor, commit: torch.Tensor, only: list[int] | None = None
+        self,
+        working: torch.Tensor,
+        commit: torch.Tensor,
+        revised: torch.Tensor,
+        only: list[int] | None = None,
     ) -> list[StepUpdate]:
         """What changed for each request this step (`only` those rows), limited to the block's
         answer positions; rows done with the block say so (block_final)."""
         K = self.batch.block_length
         block = self.batch.block().tolist()
         commits = commit.tolist()
+        revisions = revised.tolist()
+        confidence = self.confidence.tolist() if self.report else None
         work = working.tolist()
         done = self.row_done.tolist()
         rows = range(len(self.seqs)) if only is None else only
@@ -379,7 +406,9 @@ class BlockRound:
             lo, hi = s.span(s.block)
             a, b = lo - s.block * K, hi - s.block * K  # the answer part, as block offsets
             offsets = [j - a for j in range(a, b) if commits[i][j]]
-            updates.append(StepUpdate(s, s.block, block[i][a:b], offsets, done[i]))
+            edited = [j - a for j in range(a, b) if revisions[i][j]]
+            conf = None if confidence is None else confidence[i][a:b]
+            updates.append(StepUpdate(s, s.block, block[i][a:b], offsets, done[i], edited, conf))
         return updates
 
     def _write_back(self, rows: list[int]) -> None:
@@ -390,11 +419,13 @@ class BlockRound:
         blocks = self.batch.block()[index].tolist()
         forwards = self.forwards[index].tolist()
         committed = self.committed[index].tolist()
-        for r, row, n, c in zip(rows, blocks, forwards, committed):
+        edits = self.edits[index].tolist()
+        for r, row, n, c, e in zip(rows, blocks, forwards, committed, edits):
             s = self.seqs[r]
             s.window[s.block * K : (s.block + 1) * K] = row
             s.forwards += n
             s.committed += c
+            s.edits += e
         self.policy.end_block(self.batch, rows)
 
     def _finish(self) -> None:

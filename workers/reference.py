@@ -45,7 +45,7 @@ from workers.shared import (
 if TYPE_CHECKING:
     from workers.interfaces import DiffusionModel
 
-__all__ = ["reference_generate", "transfer_counts", "until_eos"]  # the last two: from shared
+__all__ = ["reference_generate", "reference_joint", "transfer_counts", "until_eos"]
 
 
 @torch.no_grad()
@@ -157,3 +157,99 @@ def reference_generate(
                 chosen = torch.sort(-score, stable=True).indices[:k]  # ties: leftmost first
                 x[i, start + chosen] = prediction[chosen]
     return [row[P : P + gen_length].tolist() for row in x], forwards
+
+
+@torch.no_grad()
+def reference_joint(
+    model: DiffusionModel,
+    prompt: list[int],
+    *,
+    mask_id: int,
+    eos_id: int,
+    gen_length: int = 64,
+    block_length: int = 32,
+    threshold: float = 0.7,
+    edit_threshold: float = 0.5,
+    max_edit_steps: int = 16,
+    temperature: float = 0.0,
+    seed: int = 0,
+    suppress_eos: bool = False,
+    early_stop: bool = False,
+) -> tuple[list[int], int, int]:
+    """LLaDA2.1's joint threshold decoding of one prompt, written out plainly: the oracle of the
+    engine's "joint" decoder. Returns the gen_length answer positions, the model calls and the
+    number of token edits.
+
+    Each step runs the model over the sequence (up to the block's end for a block-causal model),
+    predicts every block position (argmax, or Gumbel-max with the request's counter-based noise),
+    then mask-to-token: every masked position with probability >= min(threshold, the best masked
+    probability), so at least the most confident one; token-to-token: every position committed
+    earlier in this block whose prediction differs from its token with probability >
+    edit_threshold. Once no mask is left, a step is an edit round; the block ends after a round
+    that changed nothing or after max_edit_steps rounds (with 0, as soon as no mask is left).
+    early_stop: after a block whose answer part holds EOS, the rest of the answer is EOS."""
+    device = model.lm_head_weight.device
+    K = block_length
+    shift = getattr(model, "logit_shift", 0)
+    aligned = getattr(model, "block_causal", False)
+    P = len(prompt)
+    tail = P % K if aligned else 0  # a block-causal prompt's last partial block joins block 0
+    start0 = P - tail
+    num_blocks = -(-(tail + gen_length) // K)
+    L = start0 + num_blocks * K
+    x = prompt + [mask_id] * (L - P)
+    positions = torch.arange(L, device=device)[None]
+    forwards = edits = 0
+    for block in range(num_blocks):
+        lo, hi = start0 + block * K, start0 + (block + 1) * K
+        editable = [x[i] == mask_id for i in range(lo, hi)]  # the prompt's tail is never edited
+        key = torch.tensor([block_seed(seed, block)], device=device)
+        seen = hi if aligned else L
+        mask = None
+        if aligned:
+            mask = block_causal_mask(positions[:, :seen], positions[:, :seen], K)
+        step = rounds = 0
+        while True:
+            ids = torch.tensor([x[:seen]], device=device)
+            logits = model(ids, positions[:, :seen], mask).double()
+            forwards += 1
+            if shift:
+                logits = torch.cat([logits[:, :shift], logits[:, :-shift]], dim=1)
+            no_eos = torch.tensor([suppress_eos], device=device) if suppress_eos else None
+            forbid_tokens(logits, mask_id, eos_id, no_eos)
+            block_logits = logits[0, lo:hi]
+            if temperature > 0:
+                noise = gumbel(step_seeds(key, step), K, block_logits.shape[-1], torch.float64)
+                prediction = (block_logits + temperature * noise[0]).argmax(-1)
+            else:
+                prediction = block_logits.argmax(-1)
+            lse = torch.logsumexp(block_logits, dim=-1)
+            tokens = prediction.tolist()
+            probs = torch.exp(block_logits.gather(-1, prediction[:, None])[:, 0] - lse).tolist()
+            masked = [j for j in range(K) if x[lo + j] == mask_id]
+            if not masked:
+                rounds += 1
+            chosen = []
+            if masked:  # tau_eff = min(tau, best): positions tied with the best commit with it
+                tau = min(threshold, max(probs[j] for j in masked))
+                chosen = [j for j in masked if probs[j] >= tau]
+            edited = [
+                j
+                for j in range(K)
+                if editable[j]
+                and x[lo + j] != mask_id
+                and tokens[j] != x[lo + j]
+                and probs[j] > edit_threshold
+            ]
+            for j in chosen + edited:
+                x[lo + j] = tokens[j]
+            edits += len(edited)
+            step += 1
+            if mask_id not in x[lo:hi] and ((rounds and not edited) or rounds >= max_edit_steps):
+                break
+        answer_lo, answer_hi = max(lo, P), min(hi, P + gen_length)
+        if early_stop and eos_id in x[answer_lo:answer_hi]:
+            cut = x.index(eos_id, P)
+            x[cut:] = [eos_id] * (L - cut)
+            break
+    return x[P : P + gen_length], forwards, edits

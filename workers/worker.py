@@ -396,7 +396,9 @@ class Worker:
 
     def chunk(self, live: Live, u: StepUpdate) -> wire.Chunk:
         seq = u.seq
-        window = seq.window[seq.skip : seq.span(u.block)[0]] + u.block_tokens
+        # a block that may still be revised (decoder "joint") is not stable until it is final
+        block_tokens = [] if seq.params.revises and not u.block_final else u.block_tokens
+        window = seq.window[seq.skip : seq.span(u.block)[0]] + block_tokens
         stable = window[: window.index(self.mask_id)] if self.mask_id in window else window
         if self.eos_id in stable:
             stable = stable[: stable.index(self.eos_id)]
@@ -415,6 +417,8 @@ class Worker:
             committed=u.newly_committed,
             final=u.block_final,
             stable_text=new,
+            revised=u.revised,
+            confidence=u.confidence,
         )
 
     def finish(self, live: Live, last: wire.Chunk) -> list[wire.Chunk]:
