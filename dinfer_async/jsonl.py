@@ -382,8 +382,9 @@ def record_stats(stats: dict) -> dict:
         "committed_per_forward": round(stats.get("committed", tokens) / max(forwards, 1), 4),
         "seconds": round(stats["seconds"], 4),
     }
-    if isinstance(stats.get("prompt_tokens"), int):
-        out["prompt_tokens"] = stats["prompt_tokens"]
+    for name in ("prompt_tokens", "edits"):  # edits: token edits (decoder "joint")
+        if isinstance(stats.get(name), int):
+            out[name] = stats[name]
     return out
 
 

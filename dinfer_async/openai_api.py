@@ -424,10 +424,14 @@ class StreamShape:
 
 
 def _denoise(chunk: Chunk) -> dict:
+    """The extension's view of a step: the block as it stands, which positions this step
+    committed and which a token edit revised (decoder "joint"), and their confidence."""
     return {
         "block": chunk.block,
         "text": chunk.text,
         "committed": chunk.committed,
+        "revised": chunk.revised,
+        "confidence": chunk.confidence,
         "final": chunk.final,
     }
 

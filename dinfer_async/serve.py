@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import hmac
 import os
+import socket
 import sys
 import time
 from collections.abc import AsyncGenerator
@@ -33,7 +34,13 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from dinfer_async import openai_api as api
-from dinfer_async.cli import add_engine_flags, add_sampling_flags, sampling_defaults
+from dinfer_async.cli import (
+    add_common_flags,
+    add_engine_flags,
+    add_sampling_flags,
+    configure_logging,
+    sampling_defaults,
+)
 from dinfer_async.client import Client
 from dinfer_async.errors import (
     ClientClosedError,
@@ -372,6 +379,7 @@ def parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_common_flags(ap, "dinfer-serve")
     add_engine_flags(ap)
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
     ap.add_argument("--port", type=int, default=8000)
@@ -399,6 +407,18 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--{e.field.replace('_', '-')}: {e.reason}")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
+    configure_logging("dinfer-serve", args.debug)
+    try:  # a port in use is one line now, not a traceback after the workers have loaded
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        print(
+            f"dinfer-serve: cannot listen on {args.host}:{args.port} "
+            f"({os.strerror(e.errno) if e.errno else e}): "
+            "pick another --port or stop what is using it",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     api_key = args.api_key or os.environ.get("DINFER_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(

@@ -75,8 +75,10 @@ def test_bad_lines_get_error_records_and_the_run_goes_on(tmp_path):
             "tokens_per_forward",
             "committed_per_forward",
             "prompt_tokens",
+            "edits",
             "seconds",
         }
+        assert stats["edits"] == 0  # only the joint decoder edits committed tokens
         assert good["finish_reason"] in ("eos", "length") and stats["forwards"] >= 1
         # answer tokens per forward, apart from committed positions (EOS padding included)
         assert stats["tokens_per_forward"] == round(stats["tokens"] / stats["forwards"], 4)

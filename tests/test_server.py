@@ -181,6 +181,8 @@ def test_denoise_extension_shows_each_step(server):
     steps = [e["dinfer"] for e in events[:-1] if "dinfer" in e]
     assert len(steps) == 32 and all(len(s["committed"]) == 1 for s in steps)
     assert MASK_TEXT in steps[0]["text"] and steps[-1]["final"]
+    assert all(s["revised"] == [] for s in steps)  # only the joint decoder edits
+    assert all(len(s["confidence"]) == 32 for s in steps)  # one per position of the block
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
     plain = httpx.post(
         server["url"] + "/v1/chat/completions",
@@ -421,3 +423,16 @@ def test_importing_the_sdk_leaves_the_web_stack_out():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_version_and_a_port_in_use_are_one_line_each():
+    out = subprocess.run(["dinfer-serve", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("dinfer-serve ")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        out = subprocess.run(
+            ["dinfer-serve", "--port", str(port)], capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and "already in use" in out.stderr
+    assert "pick another --port" in out.stderr
