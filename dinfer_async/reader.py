@@ -77,9 +77,11 @@ class LineReader:
             self._send(e)
 
     def _send(self, item: list | Exception | None) -> bool:
+        put = self.queue.put(item)
         try:
-            done = asyncio.run_coroutine_threadsafe(self.queue.put(item), self.loop)
+            done = asyncio.run_coroutine_threadsafe(put, self.loop)
         except RuntimeError:  # the loop is gone: the run ended
+            put.close()  # never scheduled: close it, so it is not reported as never awaited
             return False
         while not self.closed:
             try:
@@ -87,7 +89,8 @@ class LineReader:
                 return True
             except concurrent.futures.TimeoutError:
                 continue
-        done.cancel()
+        if done.cancel():  # the loop never started it
+            put.close()
         return False
 
 
