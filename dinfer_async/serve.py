@@ -13,6 +13,7 @@ iteration the moment the connection closes. Only this module imports the web sta
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hmac
 import os
@@ -243,15 +244,23 @@ def _body(data: bytes, more: bool = True) -> dict:
 class Server:
     """The app's state: the client, the request defaults, the served model name, metrics."""
 
-    def __init__(self, client_kwargs: dict, defaults: dict, model_name: str | None):
+    def __init__(
+        self,
+        client_kwargs: dict,
+        defaults: dict,
+        model_name: str | None,
+        client: Client | None = None,
+    ):
         self.client_kwargs, self.defaults, self.model_name = client_kwargs, defaults, model_name
+        self.opened = client  # a client its owner opened (and closes): dinfer-serve's main
         self.client: Client | None = None
         self.metrics = Metrics()
         self.created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
-        async with Client(**self.client_kwargs) as client:
+        owned = contextlib.nullcontext(self.opened) if self.opened else Client(**self.client_kwargs)
+        async with owned as client:
             self.client = client
             welcome = client.welcome  # every worker answered the handshake by now
             self.model_name = self.model_name or (welcome.model if welcome else "dinfer")
@@ -299,10 +308,12 @@ def create_app(
     defaults: dict | None = None,
     api_key: str | None = None,
     model_name: str | None = None,
+    client: Client | None = None,
 ) -> FastAPI:
-    """The ASGI app. client_kwargs go to Client(...); defaults are SamplingParams fields every
-    request starts from; model_name is what /v1/models lists (default: the workers' model)."""
-    server = Server(client_kwargs or {}, defaults or {}, model_name)
+    """The ASGI app. client_kwargs go to Client(...) at start-up, unless `client` (already open,
+    closed by its owner) is given; defaults are SamplingParams fields every request starts from;
+    model_name is what /v1/models lists (default: the workers' model)."""
+    server = Server(client_kwargs or {}, defaults or {}, model_name, client)
     app = FastAPI(title="dinfer-serve", lifespan=server.lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     if api_key:
@@ -434,15 +445,37 @@ def main(argv: list[str] | None = None) -> None:
         "max_batch_size": args.max_batch_size,
         "stream_buffer": args.stream_buffer,
     }
-    app = create_app(client_kwargs, defaults, api_key, args.served_model_name)
-    uvicorn.run(
-        app,
+    config = dict(
         host=args.host,
         port=args.port,
         log_level=args.log_level,
         access_log=args.access_log,
         timeout_graceful_shutdown=5,
     )
+    try:
+        import uvloop
+
+        sys.exit(uvloop.run(_serve(client_kwargs, defaults, api_key, args, config)))
+    except ImportError:
+        sys.exit(asyncio.run(_serve(client_kwargs, defaults, api_key, args, config)))
+
+
+async def _serve(
+    client_kwargs: dict, defaults: dict, api_key: str | None, args: argparse.Namespace, config: dict
+) -> int:
+    """Start the workers first, so a failure (bad model, no CUDA, ...) is one line and exit 2,
+    then serve HTTP until a signal; the workers stop with the server."""
+    try:
+        client = await Client(**client_kwargs).__aenter__()
+    except DinferError as e:
+        print(f"dinfer-serve: could not start the workers: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        app = create_app(client_kwargs, defaults, api_key, args.served_model_name, client)
+        await uvicorn.Server(uvicorn.Config(app, **config)).serve()
+    finally:
+        await client.close()
+    return 0
 
 
 if __name__ == "__main__":
