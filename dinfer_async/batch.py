@@ -205,16 +205,12 @@ async def run(args: argparse.Namespace, defaults: dict, source: IO[bytes], out: 
     if refused is not None:
         raise refused
     if state.started and progress is not None:
-        print(
-            progress.summary(counts.before, out.errors_before, state.startup),
-            file=sys.stderr,
-            flush=True,
-        )
+        log.info("%s", progress.summary(counts.before, out.errors_before, state.startup))
     if state.signal is not None or state.stopped is not None:
         how = f"interrupted by {signal.Signals(state.signal).name}" if state.signal else "stopped"
         if not state.started:
             how += " while starting, nothing written"
-        print(f"{PROG}: {how}; {_resume_hint(args)}", file=sys.stderr, flush=True)
+        log.warning("%s; %s", how, _resume_hint(args))
         return SIGNAL_EXIT.get(state.signal, 128 + state.signal) if state.signal else 3
     failed = (progress.errors if progress else 0) or out.errors_before
     return 1 if failed else 0
@@ -389,17 +385,17 @@ def main(argv: list[str] | None = None) -> int:
         source, out = _check(args, defaults)
         return anyio.run(run, args, defaults, source, out)
     except UsageError as e:
-        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        log.error("%s", e, exc_info=True)
         return 2
     except KeyboardInterrupt:  # before the signal handlers are in place, or after
-        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        log.warning("interrupted")
         return 130
     except Exception as e:
-        log.debug("internal error", exc_info=True)
-        print(
-            f"{PROG}: internal error: {type(e).__name__}: {e} (--debug shows the traceback)",
-            file=sys.stderr,
-            flush=True,
+        log.error(
+            "internal error: %s: %s (--debug shows the traceback)",
+            type(e).__name__,
+            e,
+            exc_info=True,
         )
         return 1
     finally:

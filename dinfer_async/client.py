@@ -824,7 +824,9 @@ class Client:
                 return
             line = raw.decode(errors="replace").rstrip("\n")
             w.stderr.append(line)
-            log.info("worker %d: %s", w.index, line)
+            # a starting worker's error line is the WorkerError _launch raises: log it once
+            repeated = w.state == STARTING and line.startswith("dinfer-worker: error:")
+            log.log(logging.DEBUG if repeated else logging.INFO, "worker %d: %s", w.index, line)
 
     async def _drain_stderr(self, w: _Worker) -> None:
         """Let the stderr reader catch up with a process that just exited (bounded)."""

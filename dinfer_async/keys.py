@@ -55,8 +55,9 @@ def create_keys(directory: str | os.PathLike, client: str = "client") -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     from dinfer_async import __version__
+    from dinfer_async.cli import Parser
 
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="dinfer-keys",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

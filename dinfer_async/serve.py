@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import logging
 import os
 import socket
 import sys
@@ -36,6 +37,7 @@ from starlette.types import Receive, Scope, Send
 
 from dinfer_async import openai_api as api
 from dinfer_async.cli import (
+    Parser,
     add_common_flags,
     add_engine_flags,
     add_sampling_flags,
@@ -55,6 +57,8 @@ from dinfer_async.params import SamplingParams
 from dinfer_async.protocol import Chunk
 
 HEALTH_TIMEOUT = 5.0  # seconds a worker has to answer /health's ping
+
+log = logging.getLogger("dinfer_async.serve")
 
 
 def json_response(body: dict, status: int = 200) -> Response:
@@ -385,7 +389,7 @@ def create_app(
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="dinfer-serve",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -423,19 +427,16 @@ def main(argv: list[str] | None = None) -> None:
         with socket.create_server((args.host, args.port)):
             pass
     except OSError as e:
-        print(
-            f"dinfer-serve: cannot listen on {args.host}:{args.port} "
-            f"({os.strerror(e.errno) if e.errno else e}): "
-            "pick another --port or stop what is using it",
-            file=sys.stderr,
+        log.error(
+            "cannot listen on %s:%s (%s): pick another --port or stop what is using it",
+            args.host,
+            args.port,
+            os.strerror(e.errno) if e.errno else e,
         )
         sys.exit(2)
     api_key = args.api_key or os.environ.get("DINFER_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(
-            f"dinfer-serve: warning: serving on {args.host} without an API key",
-            file=sys.stderr,
-        )
+        log.warning("serving on %s without an API key", args.host)
     client_kwargs = {
         "model": args.model,
         "workers": args.workers,
@@ -468,7 +469,7 @@ async def _serve(
     try:
         client = await Client(**client_kwargs).__aenter__()
     except DinferError as e:
-        print(f"dinfer-serve: could not start the workers: {e}", file=sys.stderr, flush=True)
+        log.error("could not start the workers: %s", e, exc_info=True)
         return 2
     try:
         app = create_app(client_kwargs, defaults, api_key, args.served_model_name, client)

@@ -21,7 +21,7 @@ from typing import NamedTuple, TextIO
 
 import anyio
 
-from dinfer_async.cli import add_engine_flags, add_sampling_flags, sampling_defaults
+from dinfer_async.cli import Parser, add_engine_flags, add_sampling_flags, sampling_defaults
 from dinfer_async.client import Client
 from dinfer_async.errors import DinferError
 from dinfer_async.logs import setup_logging
@@ -182,7 +182,7 @@ async def show(
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = Parser(
         prog="python -m dinfer_async.view",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

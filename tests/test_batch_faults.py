@@ -197,7 +197,8 @@ def test_refusals_and_start_up_failures_are_one_line_exit_2_and_no_file(
     use(monkeypatch, start_error=WorkerDiedError(cause))
     assert main([str(src), str(dst)]) == 2
     assert (
-        one_line(capsys.readouterr().err) == f"dinfer-batch: could not start the workers: {cause}"
+        one_line(capsys.readouterr().err)
+        == f"dinfer-batch: error: could not start the workers: {cause}"
     )
     assert not dst.exists()
     assert main([str(src), str(dst), "--debug"]) == 2  # --debug: the traceback too
