@@ -21,7 +21,13 @@ from typing import NamedTuple, TextIO
 
 import anyio
 
-from dinfer_async.cli import Parser, add_engine_flags, add_sampling_flags, sampling_defaults
+from dinfer_async.cli import (
+    Parser,
+    add_common_flags,
+    add_engine_flags,
+    add_sampling_flags,
+    sampling_defaults,
+)
 from dinfer_async.client import Client
 from dinfer_async.errors import DinferError
 from dinfer_async.logs import setup_logging
@@ -29,6 +35,7 @@ from dinfer_async.params import SamplingParams
 from dinfer_async.protocol import MASK_TEXT, Chunk
 
 log = logging.getLogger("dinfer_async.view")
+PROG = "python -m dinfer_async.view"
 
 # xterm-256 colours for steps 1, 2, 3, ... of a block (cycling); masked and dropped cells grey.
 PALETTE = (196, 208, 226, 46, 51, 33, 129, 201, 130, 105)
@@ -183,13 +190,14 @@ async def show(
 
 def parser() -> argparse.ArgumentParser:
     ap = Parser(
-        prog="python -m dinfer_async.view",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("prompt", nargs="+", help="the user message (words are joined by spaces)")
     ap.add_argument("--raw", action="store_true", help="send as raw text, no chat template")
     ap.add_argument("--no-color", action="store_true", help="plain text (also: NO_COLOR=1)")
+    add_common_flags(ap, PROG)
     add_engine_flags(ap)
     add_sampling_flags(ap)
     return ap
@@ -197,7 +205,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    setup_logging()
+    setup_logging(prog=PROG, debug=args.debug)
     try:
         params = SamplingParams(**{**VIEW_DEFAULTS, **sampling_defaults(args)}).validate()
     except (DinferError, ValueError, TypeError) as e:

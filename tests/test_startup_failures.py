@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -76,10 +75,6 @@ def test_dinfer_serve_start_up_failure_is_one_line(tmp_path):
     assert "not in the Hugging Face cache" in line
 
 
-def test_dinfer_serve_port_in_use_and_bad_flags_are_one_line(tmp_path):
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = str(taken.getsockname()[1])
-        line = one_line(run(tmp_path, "dinfer_async.serve", "--port", port))
-    assert line.startswith("dinfer-serve: error: cannot listen on 127.0.0.1:") and "--port" in line
+def test_dinfer_serve_bad_flag_is_one_line(tmp_path):
     line = one_line(run(tmp_path, "dinfer_async.serve", "--dtype", "int8"))
-    assert "--dtype: invalid choice: 'int8'" in line
+    assert "--dtype: invalid choice: 'int8'" in line  # not argparse's 25-line usage first

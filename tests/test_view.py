@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from dinfer_async import Client, SamplingParams
 from dinfer_async.protocol import MASK_TEXT, Chunk
 from dinfer_async.view import EOS_TEXT, PALETTE, Picture, show, summary
@@ -92,3 +94,15 @@ async def test_view_draws_every_step_of_a_real_stream():
 def test_importing_the_view_does_not_import_torch():
     code = "import sys, dinfer_async.view; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_version_and_a_bad_flag_are_one_line(capsys):
+    from dinfer_async import __version__
+    from dinfer_async.view import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"python -m dinfer_async.view {__version__}"
+    with pytest.raises(SystemExit) as info:
+        main(["--bogus", "x"])
+    assert info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
