@@ -3,6 +3,7 @@ no torch: tests/fake_worker.py), a client that launches them, and an in-test pee
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 
 import zmq
 import zmq.asyncio
@@ -19,6 +21,7 @@ from dinfer_async import Client
 from dinfer_async import protocol as wire
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+M = TypeVar("M", bound=wire.Message)
 FAKE = [sys.executable, os.path.join(ROOT, "tests", "fake_worker.py")]
 
 
@@ -86,6 +89,19 @@ class Peer:
 
     async def send(self, msg: wire.Message) -> None:
         await self.sock.send_multipart([self.client, wire.encode(msg)])
+
+    async def next(self, kind: type[M]) -> M:
+        """The next message of `kind`, skipping others (heartbeat pings may come first)."""
+        while not isinstance(msg := await self.recv(), kind):
+            pass
+        return msg
+
+    async def connected(self, endpoint: str, **kwargs) -> Client:
+        """`Client.connect(endpoint, **kwargs)`, answered with a Welcome by this peer."""
+        opening = asyncio.create_task(Client.connect(endpoint, **kwargs))
+        assert isinstance(await self.recv(), wire.Hello)
+        await self.send(self.welcome())
+        return await opening
 
     def welcome(self, model: str = "fake") -> wire.Welcome:
         return wire.Welcome(wire.PROTOCOL_VERSION, model, f"fake:{model}", 1000, 256, 1, 2, 1)

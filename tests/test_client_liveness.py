@@ -181,21 +181,14 @@ async def test_an_unknown_connection_error_makes_the_client_greet_again():
     peer = Peer(endpoint)
     try:
         with anyio.fail_after(30):
-            opening = asyncio.create_task(Client.connect(endpoint, **HB))
-            assert isinstance(await peer.recv(), wire.Hello)
-            await peer.send(peer.welcome())
-            client = await opening
+            client = await peer.connected(endpoint, **HB)
             task = asyncio.create_task(consume(client))
-            submit = await peer.recv()
-            while not isinstance(submit, wire.Submit):  # heartbeat pings may come first
-                submit = await peer.recv()
+            await peer.next(wire.Submit)
             # as a worker restarted on the endpoint answers a connection it has not greeted
             await peer.send(wire.Error(None, "hello", "send Hello (with the shared secret) first"))
             with pytest.raises(WorkerDiedError, match="restarted"):
                 await task
-            msg = await peer.recv()
-            while not isinstance(msg, wire.Hello):
-                msg = await peer.recv()
+            await peer.next(wire.Hello)
             await peer.send(peer.welcome())
             await client.wait_ready(10)
             await client.close()
@@ -208,10 +201,7 @@ async def test_a_frame_level_error_fails_the_requests_it_may_be_about():
     peer = Peer(endpoint)
     try:
         with anyio.fail_after(30):
-            opening = asyncio.create_task(Client.connect(endpoint, **HB))
-            assert isinstance(await peer.recv(), wire.Hello)
-            await peer.send(peer.welcome())
-            client = await opening
+            client = await peer.connected(endpoint, **HB)
             running = asyncio.create_task(consume(client))
             rid = None
             while rid is None:
@@ -221,9 +211,7 @@ async def test_a_frame_level_error_fails_the_requests_it_may_be_about():
             await peer.send(wire.Updates([chunk]))  # this one started
             await until(lambda: client._workers[0].inflight[rid].started)
             pending = asyncio.create_task(consume(client))
-            msg = await peer.recv()
-            while not isinstance(msg, wire.Submit):
-                msg = await peer.recv()
+            await peer.next(wire.Submit)
             await peer.send(wire.Error(None, "frame", "frame too large"))
             with pytest.raises(WorkerError, match="frame too large"):
                 await pending
@@ -263,13 +251,9 @@ async def test_a_failing_background_task_reaches_the_streams_and_reconnects():
     peer = Peer(endpoint)
     try:
         with anyio.fail_after(30):
-            opening = asyncio.create_task(Client.connect(endpoint, **HB))
-            assert isinstance(await peer.recv(), wire.Hello)
-            await peer.send(peer.welcome())
-            client = await opening
+            client = await peer.connected(endpoint, **HB)
             task = asyncio.create_task(consume(client))
-            while not isinstance(await peer.recv(), wire.Submit):
-                pass
+            await peer.next(wire.Submit)
 
             def broken(w, msg):  # stands for a bug in the client's frame handling
                 raise RuntimeError("bug")
@@ -278,8 +262,7 @@ async def test_a_failing_background_task_reaches_the_streams_and_reconnects():
             await peer.send(wire.Error(None, "frame", "anything"))
             with pytest.raises(WorkerError, match="lost track"):
                 await task
-            while not isinstance(await peer.recv(), wire.Hello):  # a new connection greets
-                pass
+            await peer.next(wire.Hello)  # a new connection greets
             await peer.send(peer.welcome())
             await client.wait_ready(10)
             await client.close()
