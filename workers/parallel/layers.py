@@ -133,27 +133,22 @@ class DispatchedExperts(nn.Module):
     def __init__(self, routed: RoutedExperts, tp: TensorParallel):
         super().__init__()
         self.routed, self.tp = routed, tp
-        E = len(routed)
-        self.sizes = [hi - lo for lo, hi in (split(E, tp.size, r) for r in range(tp.size))]
-        self.lo, self.hi = split(E, tp.size, tp.rank)
+        self.shares = [split(len(routed), tp.size, r) for r in range(tp.size)]  # [lo, hi) each
+        self.lo, self.hi = self.shares[tp.rank]
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n, k = ids.shape
         T, d, group = self.tp.size, h.shape[-1], self.tp.group
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # pairs by expert, so by owner (contiguous shares)
-        counts = torch.bincount(flat, minlength=len(self.routed))
-        # got[r, e]: pairs rank r sends for this rank's expert lo + e
-        got = counts.new_empty(T * (self.hi - self.lo))
-        dist.all_to_all_single(got, counts, [self.hi - self.lo] * T, self.sizes, group=group)
+        E, width = len(self.routed), self.hi - self.lo
+        counts = torch.bincount(flat, minlength=E)  # pairs per expert
+        got = counts.new_empty(T * width)  # got[r * width + e]: rank r's pairs for expert lo + e
+        sizes = [hi - lo for lo, hi in self.shares]
+        dist.all_to_all_single(got, counts, [width] * T, sizes, group=group)
         host = torch.cat([counts, got]).tolist()  # the split sizes: one host read
-        sent, starts = [], [0]
-        for size in self.sizes:
-            starts.append(starts[-1] + size)
-            sent.append(sum(host[starts[-2] : starts[-1]]))
-        got_host = host[len(counts) :]
-        width = self.hi - self.lo
-        received = [sum(got_host[r * width : (r + 1) * width]) for r in range(T)]
+        sent = [sum(host[lo:hi]) for lo, hi in self.shares]
+        received = [sum(host[E + r * width : E + (r + 1) * width]) for r in range(T)]
         rows = h.new_empty(sum(received), d)
         dist.all_to_all_single(rows, h[order // k].contiguous(), received, sent, group=group)
         local = torch.arange(self.lo, self.hi, device=h.device).repeat(T)

@@ -159,7 +159,9 @@ def shard_moe(moe: nn.Module, tp: TensorParallel, dispatch: str = EP_DISPATCHES[
     `shared_experts`): keep this rank's contiguous share of the routed experts (the others become
     AbsentExpert) and return the block wrapped for `dispatch`. "all_reduce": the shared expert
     is sharded without its own reduce (ExpertParallel's one all-reduce sums it too);
-    "all_to_all": the shared expert stays whole, as it runs on this rank's tokens only."""
+    "all_to_all": the shared expert stays whole, as it runs on this rank's tokens only.
+    (LLaDA-MoE's shared expert hangs off the layer, outside the block: a tensor-parallel MLP
+    under both dispatches.)"""
     if dispatch not in EP_DISPATCHES:
         raise ValueError(f"expert_parallel={dispatch!r}: use one of {EP_DISPATCHES} (or True)")
     experts = moe.experts
