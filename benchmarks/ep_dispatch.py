@@ -7,7 +7,8 @@ For each group size T (its own processes) and each number of tokens per MoE forw
 tokens, a decoding block each), the modes: "tp" (tensor parallel with every rank holding every
 expert: no expert parallel), "all_reduce" and "all_to_all" (workers/parallel/layers.py); T = 1
 is the single process. Timed: one MoE block alone on replicated hidden states (what the dispatch
-changes) and the whole model forward; the median over --repeat calls of the slowest rank. The
+changes) and the whole model forward; the median over --repeat calls of the slowest rank, the
+modes' calls interleaved (so a change of load on a shared machine hits them alike). The
 a2a/ar column is all_to_all's time over all_reduce's, measured in the same processes, and max
 |d logits| compares rank 0's logits with the "tp" mode's (a check that the dispatch is right).
 
