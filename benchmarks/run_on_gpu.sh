@@ -9,6 +9,7 @@
 # spent on a typo or a compile error.
 # STEPS picks steps (default all: their limits add up to ~12 minutes, so a 10-minute command
 # limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine").
+# Opt-in (not in the default list): STEPS="ep", expert parallel on every GPU, up to 7 minutes.
 out=${1:?usage: run_on_gpu.sh OUTDIR}
 want() { [[ " ${STEPS:-kernels moe confidence forward batch engine} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
@@ -33,3 +34,13 @@ want engine && timeout 130 $py benchmarks/engine_speed.py --device cuda --prompt
     --configs threshold:dual,credit:dual,threshold:none 2>&1 | tee "$out/engine_cuda_float32.txt"
 want engine && timeout 90 $py benchmarks/engine_speed.py --device cuda --dtype bfloat16 --prompts 25 \
     --configs threshold:dual,credit:dual 2>&1 | tee "$out/engine_cuda_bfloat16.txt"
+# expert parallel (issue 16): all-reduce vs all-to-all dispatch, and tensor parallel alone, at
+# LLaDA-MoE-7B-A1B's whole shape (random bf16 weights, nccl), T = 1, 2, 4, 8 up to the GPU count
+if want ep; then
+    ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    sizes=1
+    for t in 2 4 8; do if (( t <= ngpu )); then sizes+=",$t"; fi; done
+    if (( ngpu < 2 )); then echo "ep: $ngpu GPU: expert parallel needs 2 or more; timing T = 1 only"; fi
+    timeout 420 $py benchmarks/ep_dispatch.py --device cuda --dtype bfloat16 --full --sizes "$sizes" \
+        --tokens 32,256,1024 2>&1 | tee "$out/ep_dispatch_gpu.txt"
+fi

@@ -53,7 +53,7 @@ class Engine:
         max_batch_size: int = 32,
         steps_per_check: int = 1,
         tensor_parallel_size: int = 1,
-        expert_parallel: bool = False,
+        expert_parallel: bool | str = False,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound); results do not depend on it.
@@ -63,7 +63,9 @@ class Engine:
         model, which is sharded in place over the group (workers/parallel/shard.py). Every rank
         builds its Engine the same way and calls `generate` with the same prompts and params
         (SPMD); they take the same decisions and all return the same results. expert_parallel:
-        the MoE families' routed experts are split over the same ranks (else replicated)."""
+        the MoE families' routed experts are split over the same ranks (else replicated); True
+        or "all_reduce" (no token moves, one all-reduce per MoE block) or "all_to_all" (tokens
+        dispatched to their experts' ranks and back; workers/parallel/layers.py)."""
         if (
             isinstance(tensor_parallel_size, bool)
             or not isinstance(tensor_parallel_size, int)
@@ -71,6 +73,11 @@ class Engine:
         ):
             raise InvalidRequestError(
                 "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
+            )
+        if expert_parallel not in (False, True, None, "all_reduce", "all_to_all"):
+            raise InvalidRequestError(
+                "expert_parallel",
+                f"{expert_parallel!r}: use True, False, 'all_reduce' or 'all_to_all'",
             )
         if expert_parallel and tensor_parallel_size == 1:
             raise InvalidRequestError(

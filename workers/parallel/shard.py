@@ -7,7 +7,9 @@ Every rank loads the full model, then keeps its slice (`shard_model`):
   rank's key/value heads only (`LocalConfig.n_kv_heads`).
 - dense MLPs (LLaDA's, Dream's, the MoE families' dense layers and shared experts): gate and up
   column-parallel, down row-parallel. Routers stay whole on every rank; routed experts too,
-  unless expert_parallel splits them (each MoE block's outputs then summed in one all-reduce).
+  unless expert_parallel splits them: with the "all_reduce" dispatch each MoE block's outputs
+  are summed in one all-reduce; with "all_to_all" each rank routes its slice of the tokens, the
+  pairs travel to their experts' owners and back, and an all-gather restores all the tokens.
 - the embedding and the LM head: vocabulary-parallel; the logits stay sharded.
 Norms, RoPE and routers are replicated: after each all-reduce every rank holds the same hidden
 states, so they compute the same thing.
@@ -22,11 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.models.layers import DiffusionLM
+from workers.models.layers import DiffusionLM, RoutedExperts
 from workers.parallel.group import TensorParallel, set_current
 from workers.parallel.layers import (
     AbsentExpert,
+    DispatchedExperts,
     ExpertParallel,
+    ExpertParallelAllToAll,
+    LocalExperts,
     RowParallelLinear,
     VocabParallelEmbedding,
     column_linear,
@@ -36,6 +41,9 @@ from workers.parallel.layers import (
 ATTENTION = (("q_proj", "k_proj", "v_proj", "attn_out"), ("q_proj", "k_proj", "v_proj", "o_proj"))
 FUSED_ATTENTION = ("query_key_value", "dense")  # LLaDA2: one projection, rows q | k | v
 MLP = (("gate_proj", "up_proj", "down_proj"), ("ff_proj", "up_proj", "ff_out"))
+# how expert parallel moves tokens; the first is the default (faster at small batch on CPU and
+# not yet measured on GPUs: benchmarks/ep_dispatch.py, benchmarks/RESULTS.md)
+EP_DISPATCHES = ("all_reduce", "all_to_all")
 
 
 class LocalConfig:
@@ -146,27 +154,46 @@ def _mlp_names(module: nn.Module) -> tuple[str, str, str] | None:
     )
 
 
-def _shard_experts(inner: nn.Module, tp: TensorParallel) -> set[int]:
-    """Expert parallel: each MoE block keeps its contiguous share of the routed experts (the
-    others become AbsentExpert) and is wrapped in ExpertParallel, whose one all-reduce also sums
-    a shared expert inside the block (sharded without its own reduce). Returns the ids of the
-    modules sharded here."""
+def shard_moe(moe: nn.Module, tp: TensorParallel, dispatch: str = EP_DISPATCHES[0]) -> nn.Module:
+    """Expert parallel for one MoE block (a module with a RoutedExperts `experts` and maybe
+    `shared_experts`): keep this rank's contiguous share of the routed experts (the others become
+    AbsentExpert) and return the block wrapped for `dispatch`. "all_reduce": the shared expert
+    is sharded without its own reduce (ExpertParallel's one all-reduce sums it too);
+    "all_to_all": the shared expert stays whole, as it runs on this rank's tokens only.
+    (LLaDA-MoE's shared expert hangs off the layer, outside the block: a tensor-parallel MLP
+    under both dispatches.)"""
+    if dispatch not in EP_DISPATCHES:
+        raise ValueError(f"expert_parallel={dispatch!r}: use one of {EP_DISPATCHES} (or True)")
+    experts = moe.experts
+    if not isinstance(experts, RoutedExperts):
+        raise NotImplementedError(f"expert parallel: unknown experts {type(experts).__name__}")
+    lo, hi = split(len(experts), tp.size, tp.rank)
+    for e in range(len(experts)):
+        if not lo <= e < hi:
+            experts[e] = AbsentExpert()
+    if dispatch == "all_to_all":
+        moe.experts = DispatchedExperts(experts, tp)
+        return ExpertParallelAllToAll(moe, tp)
+    moe.experts = LocalExperts(experts, tp)
+    shared = getattr(moe, "shared_experts", None)
+    names = None if shared is None else _mlp_names(shared)
+    if shared is not None and names is not None:
+        _shard_mlp(shared, names, tp, reduce=False)
+    return ExpertParallel(moe, tp)
+
+
+def _shard_experts(inner: nn.Module, tp: TensorParallel, dispatch: str) -> set[int]:
+    """shard_moe on every MoE block of `inner`; returns the ids of the shared experts it handled
+    (sharded or deliberately kept whole), which the dense-MLP pass must leave alone."""
     done: set[int] = set()
     for name, moe in list(inner.named_modules()):
-        experts = getattr(moe, "experts", None)
-        if not isinstance(experts, nn.ModuleList):
+        if not isinstance(getattr(moe, "experts", None), nn.ModuleList):
             continue
-        lo, hi = split(len(experts), tp.size, tp.rank)
-        for e in range(len(experts)):
-            if not lo <= e < hi:
-                experts[e] = AbsentExpert()
         shared = getattr(moe, "shared_experts", None)
-        names = None if shared is None else _mlp_names(shared)
-        if shared is not None and names is not None:
-            _shard_mlp(shared, names, tp, reduce=False)
+        if shared is not None:
             done.add(id(shared))
         parent_name, _, attr = name.rpartition(".")
-        setattr(inner.get_submodule(parent_name), attr, ExpertParallel(moe, tp))
+        setattr(inner.get_submodule(parent_name), attr, shard_moe(moe, tp, dispatch))
     return done
 
 
@@ -188,7 +215,7 @@ class TensorParallelModel(nn.Module):
     """This rank's shard of a DiffusionLM, following workers.interfaces.DiffusionModel; its
     logits are [B, L, vocab_stop - vocab_start], the columns of the rank's vocabulary shard."""
 
-    def __init__(self, inner: DiffusionLM, tp: TensorParallel, expert_parallel: bool = False):
+    def __init__(self, inner: DiffusionLM, tp: TensorParallel, expert_parallel: bool | str = False):
         super().__init__()
         cfg = inner.config
         V = cfg.vocab_size
@@ -208,7 +235,8 @@ class TensorParallelModel(nn.Module):
             for m in list(inner.modules())
             if all(hasattr(m, a) for a in ("n_heads", "n_kv_heads", "head_dim"))
         }
-        done = _shard_experts(inner, self.tp) if expert_parallel else set()
+        dispatch = ep_dispatch(expert_parallel)
+        done = set() if dispatch is None else _shard_experts(inner, self.tp, dispatch)
         for name, m in list(inner.named_modules()):
             names = _mlp_names(m)
             if names is not None and not _is_expert(name) and id(m) not in done:
@@ -240,12 +268,28 @@ class TensorParallelModel(nn.Module):
         return F.linear(h, self.head)
 
 
+def ep_dispatch(expert_parallel: bool | str | None) -> str | None:
+    """The dispatch an `expert_parallel` argument asks for: None (off: False or None), the
+    default for True, or the name itself ("all_reduce", "all_to_all")."""
+    if expert_parallel is None or expert_parallel is False:
+        return None
+    if expert_parallel is True:
+        return EP_DISPATCHES[0]
+    if expert_parallel not in EP_DISPATCHES:
+        raise ValueError(
+            f"expert_parallel={expert_parallel!r}: use True, False or one of {EP_DISPATCHES}"
+        )
+    return str(expert_parallel)
+
+
 def shard_model(
-    model: DiffusionLM, tp: TensorParallel, expert_parallel: bool = False
+    model: DiffusionLM, tp: TensorParallel, expert_parallel: bool | str = False
 ) -> TensorParallelModel:
     """This rank's shard of `model` (which it modifies: use the result, not `model`), and the
     process-wide handle set so the sampler merges the vocabulary shards. expert_parallel: split
-    the routed experts over the ranks too (else every rank keeps them all)."""
+    the routed experts over the ranks too (else every rank keeps them all): True or
+    "all_reduce" (every rank computes its experts for all tokens, one all-reduce), or
+    "all_to_all" (tokens dispatched to their experts' ranks and back)."""
     sharded = TensorParallelModel(model, tp, expert_parallel)
     set_current(sharded.tp)
     return sharded
