@@ -110,15 +110,19 @@ class Engine:
     ) -> Engine:
         """Load a local Hugging Face directory or a Hub id (`org/name`, from the local cache first,
         see workers.hub); None loads the bundled model. Keyword arguments go to Engine
-        (tensor_parallel_size among them: every rank loads the full model, then keeps its
-        shard)."""
+        (tensor_parallel_size among them: each rank then reads from the checkpoint only the
+        slices it keeps, workers.loader)."""
         from workers.hub import resolve_model
 
         local = resolve_model(path)  # a Hub id is named by its id, a directory by its name
         name = "dinfer-bundled" if path is None else Path(path).name
         if path is not None and not Path(path).expanduser().is_dir():
             name = str(path)
-        model = load_model(local, device=torch.device(device), dtype=resolve_dtype(dtype))
+        size = kwargs.get("tensor_parallel_size", 1)
+        tp = join(size) if type(size) is int and size > 1 else None  # else Engine says why not
+        ep = kwargs.get("expert_parallel", False) if tp else False
+        dev, dt = torch.device(device), resolve_dtype(dtype)
+        model = load_model(local, dev, dt, tensor_parallel=tp, expert_parallel=ep)
         return cls(model, load_tokenizer(local), name=name, **kwargs)
 
     def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:

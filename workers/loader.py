@@ -1,13 +1,17 @@
 """Load a local Hugging Face model directory: config.json, safetensors (single or sharded).
 
 The model is built on the `meta` device and each tensor is read straight from its shard onto the
-target device and cast once, so loading holds about one copy of the weights.
+target device and cast once, so loading holds about one copy of the weights. Under tensor
+parallel (`tensor_parallel=`) each rank reads only the part of each tensor it keeps (the rules:
+workers/parallel/shard.py), so it holds its shard and never the full weights.
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -15,6 +19,10 @@ from safetensors import safe_open
 from workers.errors import ModelConfigError, ModelLoadError
 from workers.known_fields import fill_known_fields
 from workers.models import FAMILIES, family_name
+
+if TYPE_CHECKING:
+    from workers.parallel.group import TensorParallel
+    from workers.parallel.shard import Keep
 
 DTYPES = {
     "float32": torch.float32,
@@ -69,8 +77,48 @@ def shard_files(path: Path) -> dict[str, Path]:
     )
 
 
-def load_model(path: str | Path, device="cpu", dtype="float32"):
-    """Build the model that config.json's `model_type` names and fill it from the shards."""
+class Reader:
+    """Checkpoint tensors by name from their safetensors files (kept open while loading), on
+    the target device and dtype: the whole tensor, or the part a Keep names; a part is copied
+    out of the memory-mapped file range by range, so only its bytes are read."""
+
+    def __init__(self, files: dict[str, Path], device, dtype: torch.dtype, stack: ExitStack):
+        self.files, self.device, self.dtype = files, torch.device(device), dtype
+        self.handles = {
+            file: stack.enter_context(safe_open(file, framework="pt"))
+            for file in sorted(set(files.values()))
+        }
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape (from the file's header: nothing read)."""
+        return tuple(self.handles[self.files[name]].get_slice(name).get_shape())
+
+    def __call__(self, name: str, keep: Keep) -> torch.Tensor:
+        handle = self.handles[self.files[name]]
+        if keep.ranges is None:
+            return handle.get_tensor(name).to(self.device).to(self.dtype)
+        part = handle.get_slice(name)
+        out = torch.empty(keep.shape(part.get_shape()), dtype=self.dtype, device=self.device)
+        at = 0
+        for lo, hi in keep.ranges:
+            index = (slice(None),) * keep.dim + (slice(lo, hi),)
+            out.narrow(keep.dim, at, hi - lo).copy_(part[index])
+            at += hi - lo
+        return out
+
+
+def load_model(
+    path: str | Path,
+    device="cpu",
+    dtype="float32",
+    tensor_parallel: TensorParallel | None = None,
+    expert_parallel: bool | str = False,
+):
+    """Build the model that config.json's `model_type` names and fill it from the shards.
+
+    tensor_parallel: this rank's handle (workers.parallel.group.join); the result is then the
+    rank's TensorParallelModel (workers.parallel.shard.shard_model), filled by reading only the
+    slices it keeps; with expert_parallel the routed experts of other ranks are never read."""
     path = Path(path)
     raw = read_config(path)
     model_type = family_name(raw)
@@ -79,6 +127,10 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
             f"config.json: model_type={raw.get('model_type')!r} is not supported; "
             f"supported: {sorted(FAMILIES)}"
         )
+    if tensor_parallel is not None:
+        from workers.parallel.shard import ep_dispatch
+
+        ep_dispatch(expert_parallel)  # a bad value fails before anything is read
     config_cls, model_cls = FAMILIES[model_type]
     config = config_cls.from_dict(fill_known_fields(raw, model_type))
     dtype = resolve_dtype(dtype)
@@ -97,28 +149,41 @@ def load_model(path: str | Path, device="cpu", dtype="float32"):
         raise ModelLoadError(
             f"{path}: unknown tensors for model_type {model_type!r}: {unexpected[:8]}"
         )
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            present = set(f.keys())
-            for name in names:
-                if name not in present:
-                    raise ModelLoadError(
-                        f"{file.name}: tensor {name!r} is not in this shard, "
-                        f"though {INDEX} says it is"
-                    )
-                tensor = f.get_tensor(name)
-                want = tuple(expected[name].shape)
-                if tuple(tensor.shape) != want:
-                    raise ModelLoadError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"config.json implies {want}"
-                    )
-                _set_parameter(model, name, tensor.to(dtype))
+    with ExitStack() as stack:
+        reader = Reader(files, device, dtype, stack)
+        _check_shapes(reader, expected)
+        if tensor_parallel is not None:
+            from workers.parallel.shard import shard_model
+
+            sharded = shard_model(model, tensor_parallel, expert_parallel, source=reader)
+            left = [n for n, p in sharded.named_parameters() if p.is_meta]
+            assert not left, f"shard-only loading left {left[:4]} unread"
+            return sharded.eval().requires_grad_(False)
+        from workers.parallel.shard import WHOLE
+
+        for name in expected:
+            _set_parameter(model, name, reader(name, WHOLE))
     model.eval().requires_grad_(False)
     return model
+
+
+def _check_shapes(reader: Reader, expected: dict[str, torch.nn.Parameter]) -> None:
+    """Every tensor where the index says and of the shape config.json implies (headers only)."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in reader.files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        present = set(reader.handles[file].keys())
+        for name in names:
+            if name not in present:
+                raise ModelLoadError(
+                    f"{file.name}: tensor {name!r} is not in this shard, though {INDEX} says it is"
+                )
+            got, want = reader.shape(name), tuple(expected[name].shape)
+            if got != want:
+                raise ModelLoadError(
+                    f"{file.name}: tensor {name!r} has shape {got}, config.json implies {want}"
+                )
 
 
 def _set_parameter(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:

@@ -34,33 +34,34 @@ def split(n: int, size: int, rank: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def column_linear(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
-    """The output features `rows` (indices) of `linear`, as an nn.Linear of its own."""
-    out = nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None)
-    out = out.to(device=linear.weight.device, dtype=linear.weight.dtype)
-    with torch.no_grad():
-        out.weight.copy_(linear.weight[rows])
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias[rows])
-    return out.requires_grad_(False)
+def linear_of(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    """An nn.Linear holding `weight` [out, in] and `bias` themselves (a column-parallel linear:
+    the rank's output features, sliced by workers/parallel/shard.py; no communication)."""
+    with torch.device("meta"):  # no throw-away initialisation
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        out.bias = nn.Parameter(bias, requires_grad=False)
+    return out
 
 
 class RowParallelLinear(nn.Module):
-    """The input features `columns` of a full linear; forward sums the ranks' partial products,
-    then adds the bias once. With reduce=False the partial product is returned (and the bias
-    left to rank 0) for a caller that sums it with other partial outputs in one all-reduce."""
+    """A full linear's input features this rank holds (`weight` [out, in / T]) and its whole
+    bias; forward sums the ranks' partial products, then adds the bias once. With reduce=False
+    the partial product is returned (and the bias left to rank 0) for a caller that sums it with
+    other partial outputs in one all-reduce."""
 
     def __init__(
-        self, linear: nn.Linear, columns: torch.Tensor, tp: TensorParallel, reduce: bool = True
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        tp: TensorParallel,
+        reduce: bool = True,
     ):
         super().__init__()
         self.tp, self.reduce = tp, reduce
-        self.weight = nn.Parameter(linear.weight[:, columns].clone(), requires_grad=False)
-        self.bias = (
-            None
-            if linear.bias is None
-            else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        )
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
@@ -194,13 +195,16 @@ class ExpertParallelAllToAll(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, stop) of an embedding table; ids outside them give zeros, and the sum over
-    the ranks is the full lookup, exactly (one rank contributes each row, the others add 0)."""
+    """Rows [start, stop) of an embedding table (`rows`, already sliced); ids outside them give
+    zeros, and the sum over the ranks is the full lookup, exactly (one rank contributes each
+    row, the others add 0)."""
 
-    def __init__(self, weight: torch.Tensor, start: int, stop: int, tp: TensorParallel):
+    def __init__(self, rows: torch.Tensor, start: int, stop: int, tp: TensorParallel):
         super().__init__()
+        if rows.shape[0] != stop - start:
+            raise ValueError(f"embedding rows {tuple(rows.shape)} for ids [{start}, {stop})")
         self.tp, self.start, self.stop = tp, start, stop
-        self.weight = nn.Parameter(weight[start:stop].detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(rows, requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         inside = (ids >= self.start) & (ids < self.stop)
