@@ -204,3 +204,35 @@ def test_a_rank_reads_only_its_slices(parallel, model):
                 assert read[name] == n and name in whole, (rank, name)
             else:
                 assert read[name] * SIZE == n and name not in whole, (rank, name, read[name], n)
+
+
+def test_keep_names_the_part_a_rank_holds():
+    from workers.parallel.shard import WHOLE, Keep
+
+    full = torch.arange(24.0).view(4, 6)
+    assert WHOLE.take(full) is full and WHOLE.shape((4, 6)) == (4, 6)
+    rows = Keep(0, ((0, 1), (2, 4)))  # LLaDA2's fused q | k | v rows: several ranges
+    assert rows.shape((4, 6)) == (3, 6)
+    assert torch.equal(rows.take(full), full[[0, 2, 3]])
+    columns = Keep(1, ((3, 6),))
+    assert torch.equal(columns.take(full), full[:, 3:]) and columns.take(full).is_contiguous()
+
+
+def test_a_sharded_model_is_not_sharded_again_differently(tmp_path):
+    from workers.parallel.group import TensorParallel, set_current
+    from workers.parallel.shard import shard_model
+
+    raw = MODELS["lladamoe_ep"][0]
+    save_model(full_model("lladamoe_ep"), tmp_path, raw)
+    one = TensorParallel(None, 0, 1)  # type: ignore[arg-type]  # no collective while loading
+    try:
+        sharded = load_model(tmp_path, dtype="float64", tensor_parallel=one)
+        assert shard_model(sharded, one) is sharded
+        with pytest.raises(ValueError, match="sharded for rank 0 of 1, not rank 0 of"):
+            shard_model(sharded, TensorParallel(None, 0, 2))  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="expert_parallel=None, not True"):
+            shard_model(sharded, one, expert_parallel=True)
+        with pytest.raises(ValueError, match="expert_parallel='scatter'"):
+            load_model(tmp_path, tensor_parallel=one, expert_parallel="scatter")
+    finally:
+        set_current(None)  # the sampler of later tests in this process must see no group

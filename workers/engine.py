@@ -60,7 +60,8 @@ class Engine:
 
         tensor_parallel_size T > 1: this process is one of T ranks of a torch.distributed group
         (workers.parallel.group.launch, torchrun, or init_process_group); `model` is the full
-        model, which is sharded in place over the group (workers/parallel/shard.py). Every rank
+        model, which is sharded in place over the group (workers/parallel/shard.py), or this
+        rank's shard as workers.loader read it (from_pretrained does that). Every rank
         builds its Engine the same way and calls `generate` with the same prompts and params
         (SPMD); they take the same decisions and all return the same results. expert_parallel:
         the MoE families' routed experts are split over the same ranks (else replicated); True
