@@ -90,6 +90,24 @@ def test_client_argv_per_worker(monkeypatch):
     assert cpu[cpu.index("--device") + 1] == "cpu" and "--gpus" not in cpu
 
 
+def test_batch_and_serve_refuse_too_few_gpus_on_one_line(tmp_path, monkeypatch, capsys):
+    from dinfer_async import batch, serve
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    flags = ["--device", "cuda", "--workers", "2", "--tensor-parallel-size", "2"]
+    assert batch.main([str(src), str(tmp_path / "out.jsonl"), *flags]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dinfer-batch: --workers: 2 worker(s) x tensor_parallel_size 2 need 4")
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(SystemExit) as info:
+        serve.main(["--port", str(ranks.free_port()), *flags])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dinfer-serve: --workers:") and "1 GPU(s) are visible" in line
+
+
 def test_batch_start_up_line_names_the_devices():
     class Ready:
         worker_devices = [["cuda:0", "cuda:1"], ["cuda:2", "cuda:3"]]
@@ -163,6 +181,19 @@ def test_a_rank_that_cannot_start_is_named_on_rank_zeros_line(caplog):
     assert codes == [ranks.FAILED_EXIT]
     said = [r.getMessage() for r in caplog.records if "rank 1" in r.getMessage()]
     assert said and "could not start" in said[0] and "--no-such-flag" in said[0], said
+
+
+def test_a_released_rank_is_not_a_failure():
+    """Exit code 0 is a rank that rank 0 released (stopping): the watcher lets it go."""
+    codes: list[int] = []
+    local = ranks.LocalRanks(ranks.place(2, env={}), ["--version"], on_failure=codes.append)
+    local.starting = False
+    try:
+        assert local.procs[1].wait(timeout=60) == 0
+        time.sleep(5 * ranks.POLL)  # the watcher has looked at it since
+        assert codes == []
+    finally:
+        local.stop()
 
 
 # ---- real groups (gloo, float64) ---------------------------------------------------------------
@@ -317,24 +348,39 @@ def _started(*commands: list[str]):
 
 def test_a_group_over_two_nodes_serves_one_client(moe_dir):
     """Two dinfer-worker processes, --nnodes 2 on 127.0.0.1 (one rank each): only node 0 binds;
-    the Client connects to it; a single process's tokens; node 1 killed ends node 0 too."""
-    endpoint, port = free_endpoint(), ranks.free_port()
-    common = [*WORKER, "--model", str(moe_dir), "--dtype", "float64", "--tensor-parallel-size"]
-    common += ["2", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
-    params = [SamplingParams(gen_length=16, block_length=8, early_stop=False, seed=5)]
-    (want,) = reference(moe_dir, PROMPTS[:1], params)
+    one Client connects to that group and to a single-process worker and spreads requests over
+    both; a single process's tokens from each; node 1 killed ends node 0 too."""
+    endpoint, single, port = free_endpoint(), free_endpoint(), ranks.free_port()
+    model = [*WORKER, "--model", str(moe_dir), "--dtype", "float64"]
+    common = [*model, "--tensor-parallel-size", "2", "--nnodes", "2"]
+    common += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    params = [SamplingParams(gen_length=16, block_length=8, early_stop=False, seed=5)] * 2
+    want = reference(moe_dir, PROMPTS[:2], params)
 
-    async def ask() -> list[int]:
-        client = await Client.connect(endpoint, connect_timeout=120)
+    async def ask() -> list[list[int]]:
+        client = await Client.connect([endpoint, single], connect_timeout=120)
         try:
-            assert client.worker_devices == [["cpu", "cpu"]]
-            return (await client.generate(prompt=PROMPTS[0], params=params[0])).token_ids
+            assert client.worker_devices == [["cpu", "cpu"], ["cpu"]]
+            async with client.stream(prompt=PROMPTS[0], params=params[0]) as first:
+                chunks = [await first.__anext__()]
+                async with client.stream(prompt=PROMPTS[1], params=params[1]) as second:
+                    other = [chunk async for chunk in second]
+                    assert first._worker is not second._worker  # the least-loaded one
+                chunks += [chunk async for chunk in first]
+            answers = []
+            for got in (chunks, other):
+                blocks = {c.block: c.tokens for c in got if c.final}
+                ids = [t for b in sorted(blocks) for t in blocks[b]]
+                answers.append(ids[: ids.index(257)] if 257 in ids else ids)  # 257: EOS
+            return answers
         finally:
             await client.close()
 
     with _started(
-        [*common, "--node-rank", "0", "--endpoint", endpoint], [*common, "--node-rank", "1"]
-    ) as (node0, node1):
+        [*common, "--node-rank", "0", "--endpoint", endpoint],
+        [*common, "--node-rank", "1"],
+        [*model, "--endpoint", single],
+    ) as (node0, node1, _):
         assert asyncio.run(ask()) == want
         node1.kill()
         assert node0.wait(timeout=60) == ranks.FAILED_EXIT  # its keepalive collective failed

@@ -421,6 +421,8 @@ def start(
     except ModelLoadError as e:
         raise StartupError(f"--model: {e}") from e
     except (ValueError, NotImplementedError) as e:  # the model cannot be split that way
+        if p.size == 1:
+            raise
         raise StartupError(f"--tensor-parallel-size {p.size}: {e}") from e
     if local is not None:
         local.starting = False

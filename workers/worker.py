@@ -102,6 +102,7 @@ class Worker:
         aborts are replayed on the other ranks (workers.parallel.spmd.Leader)."""
         self.engine, self.secret = engine, secret
         self.devices = devices or [str(engine.model.lm_head_weight.device)]
+        self.group_failed = False  # a collective failed: nothing left to release at close
         self.scheduler = self.new_scheduler()
         self.live: dict[str, Live] = {}
         self.pending: dict[str, Pending] = {}
@@ -189,6 +190,7 @@ class Worker:
         try:
             leader.keepalive()
         except Exception as e:
+            self.group_failed = True
             raise GroupFailed(f"the tensor-parallel group failed while idle: {e!r}") from e
 
     def stop(self) -> None:
@@ -197,7 +199,7 @@ class Worker:
         self._wake()
 
     def close(self) -> None:
-        if isinstance(self.scheduler, Leader):
+        if isinstance(self.scheduler, Leader) and not self.group_failed:
             release(self.scheduler)
         try:
             endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -280,6 +282,7 @@ class Worker:
                 updates = self.scheduler.step()
         except Exception as e:  # fail what was running, keep serving
             if isinstance(self.scheduler, Leader):  # the ranks may disagree now: all stop
+                self.group_failed = True
                 raise GroupFailed(f"the tensor-parallel group failed in a step: {e!r}") from e
             log.error("engine step failed: %r", e, exc_info=log.isEnabledFor(logging.DEBUG))
             for rid, failed in list(self.live.items()):

@@ -222,8 +222,8 @@ class LocalRanks:
         while not self.stopping:
             for rank, proc in self.procs.items():
                 code = proc.poll()
-                if code is None or self.stopping:
-                    continue
+                if code is None or code == 0 or self.stopping:
+                    continue  # 0: released by rank 0 (`follow` returned), the group is stopping
                 if self.starting:  # its start-up error is probably ours too: let us say it
                     time.sleep(2.0)
                     if self.stopping:
