@@ -305,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     debug = setup_logging("--debug" in given, int(rank) if rank.isdigit() else 0)
     with contextlib.ExitStack() as cleanup:
-        return _run(given, debug, cleanup)
+        code = _run(given, debug, cleanup)
+    if code == ranks.FAILED_EXIT:  # the group is broken: skip torch's teardown of it (slow)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run(given: list[str], debug: bool, cleanup: contextlib.ExitStack) -> int:
