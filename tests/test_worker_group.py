@@ -99,7 +99,9 @@ def test_batch_and_serve_refuse_too_few_gpus_on_one_line(tmp_path, monkeypatch, 
     flags = ["--device", "cuda", "--workers", "2", "--tensor-parallel-size", "2"]
     assert batch.main([str(src), str(tmp_path / "out.jsonl"), *flags]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("dinfer-batch: --workers: 2 worker(s) x tensor_parallel_size 2 need 4")
+    assert line.startswith(
+        "dinfer-batch: error: --workers: 2 worker(s) x tensor_parallel_size 2 need 4"
+    )
     assert not (tmp_path / "out.jsonl").exists()
     with pytest.raises(SystemExit) as info:
         serve.main(["--port", str(ranks.free_port()), *flags])
