@@ -244,6 +244,12 @@ class _Stream:
             await _bounded(worker.socket.send(frame), client.heartbeat_timeout)
         except (asyncio.TimeoutError, zmq.ZMQError) as e:
             raise WorkerDiedError(f"could not send the request to {worker.name}: {e!r}") from e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the caller cancelled us
+            # the send itself was cancelled: the supervisor closed the socket of a dying worker
+            raise WorkerDiedError(f"{worker.name} went down while the request was sent") from None
 
     def _end(self) -> None:
         """Forget the request; abort it on its worker unless it already ended there."""
