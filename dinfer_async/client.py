@@ -245,9 +245,9 @@ class _Stream:
         except (asyncio.TimeoutError, zmq.ZMQError) as e:
             raise WorkerDiedError(f"could not send the request to {worker.name}: {e!r}") from e
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # the caller cancelled us
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+            if cancelling is None or cancelling():
+                raise  # the caller cancelled us (or, on 3.10, we cannot tell)
             # the send itself was cancelled: the supervisor closed the socket of a dying worker
             raise WorkerDiedError(f"{worker.name} went down while the request was sent") from None
 
