@@ -1,6 +1,7 @@
 """dinfer-batch: JSONL prompts in, JSONL completions out, through worker processes.
 
     dinfer-batch IN OUT [--model DIR] [--workers N] [--max-concurrency K] [sampling flags]
+    dinfer-batch IN OUT --device cuda --workers 2 --tensor-parallel-size 4 [--gpus 0,1,..]
 
 Every non-blank input line gets exactly one output record, in input order: a completion, or an
 error record with the line number and the reason (the run goes on). Killed at any moment and
@@ -216,6 +217,16 @@ async def run(args: argparse.Namespace, defaults: dict, source: IO[bytes], out: 
     return 1 if failed else 0
 
 
+def started_line(client: object, seconds: float) -> str:
+    """`2 workers ready in 3.1 s: worker 0 on cuda:0,cuda:1; worker 1 on cuda:2,cuda:3`."""
+    devices: list[list[str]] = getattr(client, "worker_devices", [])
+    where = "; ".join(f"worker {i} on {','.join(d) or '?'}" for i, d in enumerate(devices))
+    n = len(devices)
+    return f"{n} worker{'s' if n != 1 else ''} ready in {seconds:.1f} s" + (
+        f": {where}" if where else ""
+    )
+
+
 def _resume_hint(args: argparse.Namespace) -> str:
     if args.output == "-":
         return "the output went to stdout, so there is nothing to resume: give an output file"
@@ -234,19 +245,26 @@ async def _serve(
     from dinfer_async import client as client_module
 
     began = time.perf_counter()
-    client = client_module.Client(
-        model=args.model,
-        workers=args.workers,
-        device=args.device,
-        dtype=args.dtype,
-        max_batch_size=-(-args.max_concurrency // args.workers),
-        threads=args.threads,
-    )
+    try:
+        client = client_module.Client(
+            model=args.model,
+            workers=args.workers,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch_size=-(-args.max_concurrency // args.workers),
+            threads=args.threads,
+            tensor_parallel_size=args.tensor_parallel_size,
+            expert_parallel=args.enable_expert_parallel,
+            gpus=args.gpus,
+        )
+    except InvalidRequestError as e:  # too few GPUs for the workers, ...
+        raise UsageError(f"--{e.field.replace('_', '-')}: {e.reason}") from None
     try:
         await client.__aenter__()  # a signal now cancels the start-up (state.scope)
     except Exception as e:  # a bad model, device or dtype: the worker said why
         log.debug("start-up failed", exc_info=True)
         raise UsageError(f"could not start the workers: {' '.join(str(e).split())}") from e
+    log.info("%s", started_line(client, time.perf_counter() - began))
     # From here a signal cancels the lines only, so the client closes normally (workers stopped,
     # sockets removed) in the scope it was opened in.
     state.scope = anyio.CancelScope()
@@ -351,7 +369,12 @@ def _check(args: argparse.Namespace, defaults: dict) -> tuple[IO[bytes], OutputF
         SamplingParams(**defaults).validate()
     except (InvalidRequestError, TypeError) as e:
         raise UsageError(str(e)) from None
-    for flag, low in (("workers", 1), ("max_concurrency", 1), ("retries", 1)):
+    for flag, low in (
+        ("workers", 1),
+        ("max_concurrency", 1),
+        ("retries", 1),
+        ("tensor_parallel_size", 1),
+    ):
         if getattr(args, flag) < low:
             raise UsageError(f"--{flag.replace('_', '-')}: must be >= {low}")
     if not args.ready_timeout > 0 or args.max_line_bytes < 1:

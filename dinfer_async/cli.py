@@ -92,6 +92,47 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=0, help="CPU threads per worker (0: torch's default)"
     )
+    add_parallel_flags(parser)
+
+
+def gpu_list(text: str) -> list[int]:
+    """--gpus 0,1,3: GPU indices (as CUDA numbers them in this process), no repeats."""
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give GPU numbers like 0,1,2,3") from None
+    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct GPU numbers >= 0, like 0,1")
+    return gpus
+
+
+def add_parallel_flags(
+    parser: argparse.ArgumentParser,
+    size_default: int | None = 1,
+    gpus_help: str = "with --device cuda: the GPUs to use; worker i gets the i-th T of them "
+    "(default: every visible GPU)",
+) -> None:
+    """A worker group of T processes (tensor parallel), its experts split, the GPUs it uses."""
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=size_default,
+        metavar="T",
+        help="processes (GPUs) per worker: the model's heads, MLPs and vocabulary split over T "
+        "ranks of one torch.distributed group (default 1)",
+    )
+    parser.add_argument(
+        "--enable-expert-parallel",
+        action="store_true",
+        help="MoE models: split the routed experts over the tensor-parallel ranks too",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=gpu_list,
+        default=None,
+        metavar="0,1,..",
+        help=gpus_help,
+    )
 
 
 class Parser(argparse.ArgumentParser):

@@ -40,6 +40,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from dinfer_async import placement
 from dinfer_async import protocol as wire
 from dinfer_async.errors import (
     ClientClosedError,
@@ -243,6 +244,12 @@ class _Stream:
             await _bounded(worker.socket.send(frame), client.heartbeat_timeout)
         except (asyncio.TimeoutError, zmq.ZMQError) as e:
             raise WorkerDiedError(f"could not send the request to {worker.name}: {e!r}") from e
+        except asyncio.CancelledError:
+            cancelling = getattr(asyncio.current_task(), "cancelling", None)  # Python 3.11+
+            if cancelling is None or cancelling():
+                raise  # the caller cancelled us (or, on 3.10, we cannot tell)
+            # the send itself was cancelled: the supervisor closed the socket of a dying worker
+            raise WorkerDiedError(f"{worker.name} went down while the request was sent") from None
 
     def _end(self) -> None:
         """Forget the request; abort it on its worker unless it already ended there."""
@@ -279,11 +286,32 @@ class Client:
         max_restarts: int = 5,
         server_key: str | None = None,
         client_key: str | None = None,
+        tensor_parallel_size: int = 1,
+        expert_parallel: bool = False,
+        gpus: list[int] | None = None,
     ):
         """server_key / client_key: CURVE key files for remote workers (see dinfer-keys and
-        README "Remote workers (CURVE)"): the worker's public key, this client's secret key."""
+        README "Remote workers (CURVE)"): the worker's public key, this client's secret key.
+
+        tensor_parallel_size T: each launched worker is a group of T processes sharing the
+        model (README "Beyond one GPU"); expert_parallel: MoE models split their experts over
+        them too. With device="cuda", worker i runs on gpus[i*T:(i+1)*T] (default: every
+        visible GPU); too few GPUs is an InvalidRequestError here, before anything starts."""
         if workers < 1:
             raise InvalidRequestError("workers", f"{workers!r} must be >= 1")
+        if (
+            isinstance(tensor_parallel_size, bool)
+            or not isinstance(tensor_parallel_size, int)
+            or tensor_parallel_size < 1
+        ):
+            raise InvalidRequestError(
+                "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
+            )
+        if expert_parallel and tensor_parallel_size == 1:
+            raise InvalidRequestError(
+                "expert_parallel",
+                "splits the experts over the tensor-parallel ranks: set tensor_parallel_size > 1",
+            )
         for name, value in (
             ("heartbeat_timeout", heartbeat_timeout),
             ("connect_timeout", connect_timeout),
@@ -306,6 +334,13 @@ class Client:
         self._external = endpoints is not None
         self._count = len(endpoints) if endpoints else workers
         self._endpoints = endpoints
+        self.tensor_parallel_size, self.expert_parallel = tensor_parallel_size, expert_parallel
+        # each launched worker's devices, one per rank (placement.place explains the choice)
+        self._placement: list[list[str]] = []
+        if not self._external:
+            visible = placement.visible_gpus() if device == "cuda" and gpus is None else None
+            self._placement = placement.place(device, workers, tensor_parallel_size, gpus, visible)
+        self._devices_of: dict[str, list[str]] = {}  # endpoint -> its worker's devices
         self._workers: list[_Worker] = []
         self._dir: str | None = None
         self._ctx: zmq.asyncio.Context | None = None
@@ -348,6 +383,8 @@ class Client:
                     if self._endpoints is not None
                     else f"ipc://{self._dir}/worker{i}.sock"
                 )
+                if self._placement:
+                    self._devices_of[endpoint] = self._placement[i]
                 worker = _Worker(i, endpoint, owned=not self._external)
                 self._workers.append(worker)
                 run = self._supervise(worker) if worker.owned else self._attach(worker)
@@ -721,14 +758,14 @@ class Client:
             w.restarts += 1
 
     def _worker_argv(self, endpoint: str) -> list[str]:
+        devices = self._devices_of.get(endpoint, [self.device])
         cmd = [
             sys.executable,
             "-m",
             "workers.main",
             "--endpoint",
             endpoint,
-            "--device",
-            self.device,
+            *placement.device_flags(devices),
             "--dtype",
             self.dtype,
             "--max-batch-size",
@@ -737,6 +774,10 @@ class Client:
             str(self.threads),
             "--exit-with-parent",
         ]
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.expert_parallel:
+            cmd.append("--enable-expert-parallel")
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         return cmd
@@ -864,6 +905,12 @@ class Client:
     def worker_states(self) -> list[str]:
         """Each worker's state: starting, healthy, reconnecting, restarting, failed or closed."""
         return [w.state for w in self._workers]
+
+    @property
+    def worker_devices(self) -> list[list[str]]:
+        """Each worker's devices, one per rank of its group, as its handshake named them ([]
+        for a worker not welcomed yet)."""
+        return [list(w.welcome.devices) if w.welcome else [] for w in self._workers]
 
     @property
     def restarts(self) -> int:

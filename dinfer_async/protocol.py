@@ -14,7 +14,8 @@ from dinfer_async.params import SamplingParams
 # 2: Welcome carries the worker's size limits and vocabulary (a version-1 client's strict decoder
 # would reject the new fields, so the handshake says so plainly instead); errors about a missing
 # Hello carry the request id; the greeting lasts as long as the connection.
-PROTOCOL_VERSION = 2
+# 3: Welcome names the devices of the worker group's ranks.
+PROTOCOL_VERSION = 3
 
 
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):
@@ -65,6 +66,7 @@ class Welcome(Message, tag="welcome"):
     vocab_size: int = 0  # token ids must be in [0, vocab_size); 0: unknown
     max_prompt_chars: int = 0  # characters of a prompt (or of all its messages), before tokens
     max_frame_bytes: int = 0  # a longer frame is dropped with its connection (MAXMSGSIZE)
+    devices: list[str] = []  # each rank's device ("cuda:0", "cpu", "host/cuda:3"); []: unknown
 
 
 class Chunk(Message, tag="chunk"):

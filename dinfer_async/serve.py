@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--{e.field.replace('_', '-')}: {e.reason}")
     if args.workers < 1:
         ap.error("--workers must be >= 1")
+    if args.tensor_parallel_size < 1:
+        ap.error("--tensor-parallel-size must be >= 1")
     configure_logging("dinfer-serve", args.debug)
     try:  # a port in use is one line now, not a traceback after the workers have loaded
         with socket.create_server((args.host, args.port)):
@@ -445,6 +447,9 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "max_batch_size": args.max_batch_size,
         "stream_buffer": args.stream_buffer,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "expert_parallel": args.enable_expert_parallel,
+        "gpus": args.gpus,
     }
     config = dict(
         host=args.host,
@@ -468,6 +473,11 @@ async def _serve(
     then serve HTTP until a signal; the workers stop with the server."""
     try:
         client = await Client(**client_kwargs).__aenter__()
+    except InvalidRequestError as e:  # too few GPUs for the workers, ...
+        print(
+            f"dinfer-serve: --{e.field.replace('_', '-')}: {e.reason}", file=sys.stderr, flush=True
+        )
+        return 2
     except DinferError as e:
         log.error("could not start the workers: %s", e, exc_info=True)
         return 2

@@ -196,6 +196,33 @@ async def test_an_unknown_connection_error_makes_the_client_greet_again():
         peer.close()
 
 
+async def test_a_send_cut_short_by_a_dying_worker_is_worker_died_not_cancelled():
+    """The supervisor closing a dying worker's socket cancels a send in progress: the caller
+    gets WorkerDiedError, not a CancelledError that looks like its own cancellation."""
+    endpoint = free_endpoint()
+    peer = Peer(endpoint)
+    try:
+        with anyio.fail_after(30):
+            client = await peer.connected(endpoint, **HB)
+            sock = client._workers[0].socket
+            send = sock.send
+
+            def cut_short(frame, *args, **kwargs):
+                if args or kwargs:  # not the Submit (the abort that follows, ...)
+                    return send(frame, *args, **kwargs)
+                future = asyncio.get_running_loop().create_future()
+                future.cancel()
+                return future
+
+            sock.send = cut_short
+            with pytest.raises(WorkerDiedError, match="went down while the request was sent"):
+                await consume(client)
+            del sock.send  # the socket's own send again
+            await client.close()
+    finally:
+        peer.close()
+
+
 async def test_a_frame_level_error_fails_the_requests_it_may_be_about():
     endpoint = free_endpoint()
     peer = Peer(endpoint)

@@ -12,6 +12,20 @@ key) plus a way to authenticate clients: their public keys (--curve-authorized-c
 shared secret (read from an environment variable, never from the command line). Without CURVE
 the secret and every prompt would cross the network in clear text, so that is refused.
 
+A worker group (tensor parallel, README "Beyond one GPU"): T processes in one torch.distributed
+group (gloo on CPU, NCCL on GPUs); rank 0 binds the endpoint, the others follow it.
+
+    dinfer-worker --model DIR --endpoint ipc:///run/dinfer/w0.sock --tensor-parallel-size 2
+    dinfer-worker ... --device cuda --gpus 4,5,6,7 --tensor-parallel-size 4 --enable-expert-parallel
+    # two machines x 8 GPUs, one group of 16 (the same line on both, --node-rank 0 and 1):
+    dinfer-worker ... --tensor-parallel-size 16 --device cuda --nnodes 2 --node-rank 0 \
+        --master-addr 10.0.0.1 --master-port 29500
+    torchrun --nproc-per-node 2 -m workers.main --model DIR --endpoint ipc:///tmp/w.sock
+
+Started by hand, this process is rank 0 (or its node's first rank) and starts the node's other
+ranks, which die with it; if one of them dies, the whole group exits (code 3), so a Client that
+launched it restarts the group as one.
+
 A start-up failure is one line on stderr naming the cause and the fix, exit code 2; --debug (or
 DINFER_LOG_LEVEL=debug) adds the traceback. DINFER_LOG_LEVEL sets the log level (default info).
 """
@@ -30,7 +44,9 @@ import sys
 from urllib.parse import urlsplit
 
 from dinfer_async import logs
+from dinfer_async.cli import add_parallel_flags
 from dinfer_async.transport import is_loopback
+from workers.parallel import ranks
 
 log = logging.getLogger("dinfer.worker")
 MIN_FRAME_BYTES = 256 << 10  # the params and a short prompt must still fit
@@ -173,10 +189,33 @@ def exit_with_parent() -> None:
         sys.exit(0)
 
 
-def setup_logging(debug: bool = False) -> bool:
-    """The worker's logs on stderr as `dinfer-worker: ...` at DINFER_LOG_LEVEL (default info);
-    True if at debug level (tracebacks shown)."""
-    return logs.setup_logging(prog="dinfer-worker", debug=debug) <= logging.DEBUG
+def setup_logging(debug: bool = False, rank: int = 0) -> bool:
+    """The worker's logs on stderr as `dinfer-worker: ...` (`dinfer-worker rank R: ...` for the
+    other ranks of a group) at DINFER_LOG_LEVEL (default info); True if at debug level."""
+    prog = "dinfer-worker" if rank == 0 else f"dinfer-worker rank {rank}"
+    return logs.setup_logging(prog=prog, debug=debug) <= logging.DEBUG
+
+
+def rank_device(device: str, gpus: list[int] | None, p: ranks.Place) -> list[str]:
+    """The device of each rank on this node, in local rank order."""
+    if not device.startswith("cuda"):
+        if gpus is not None:
+            raise StartupError(f"--gpus is for --device cuda, not --device {device}")
+        return [device] * p.local_size
+    if device != "cuda":  # cuda:K
+        if gpus is not None or p.local_size > 1:
+            raise StartupError(
+                f"--device {device} names one GPU; for {p.local_size} ranks on this node use "
+                "--device cuda --gpus a,b,... (default: the first ones)"
+            )
+        return [device]
+    chosen = list(range(p.local_size)) if gpus is None else gpus
+    if len(chosen) != p.local_size:
+        raise StartupError(
+            f"--gpus lists {len(chosen)} GPU(s) but this node runs {p.local_size} rank(s) of the "
+            "group (--tensor-parallel-size / --nnodes): list one GPU per rank"
+        )
+    return [f"cuda:{g}" for g in chosen]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -190,7 +229,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--model", default=None, help="local Hugging Face directory (default: the bundled model)"
     )
-    ap.add_argument("--endpoint", required=True, help="ipc://PATH or tcp://HOST:PORT to bind")
+    ap.add_argument(
+        "--endpoint",
+        default=None,
+        help="ipc://PATH or tcp://HOST:PORT to bind (required; only rank 0 of a group binds)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument(
         "--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"]
@@ -234,6 +277,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--exit-with-parent", action="store_true", help="exit when the launching process is gone"
     )
+    add_parallel_flags(
+        ap,
+        size_default=None,
+        gpus_help="with --device cuda: this node's GPUs, one per rank of the group on it "
+        "(default: 0,1,..)",
+    )
+    group = ap.add_argument_group("several machines (torchrun-compatible; or run under torchrun)")
+    group.add_argument("--nnodes", type=int, default=1, help="machines the group spans")
+    group.add_argument("--node-rank", type=int, default=0, help="this machine's number, from 0")
+    group.add_argument(
+        "--master-addr", default=None, help="node 0's address (default 127.0.0.1 on one machine)"
+    )
+    group.add_argument(
+        "--master-port", type=int, default=None, help="a free port on node 0 (default: any)"
+    )
     ap.add_argument("--debug", action="store_true", help="tracebacks for start-up failures")
     ap.add_argument("--version", action="version", version=f"dinfer-worker {__version__}")
     return ap
@@ -241,39 +299,193 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
-    if "--exit-with-parent" in given:  # first: the launcher may die while we start
-        exit_with_parent()
-    debug = setup_logging("--debug" in given)
+    ranks.die_with_starter()  # first: a rank another dinfer-worker started dies with it
+    if "--exit-with-parent" in given and ranks.SPAWNED not in os.environ:
+        exit_with_parent()  # first: the launcher may die while we start
+    rank = os.environ.get("RANK", "0")
+    debug = setup_logging("--debug" in given, int(rank) if rank.isdigit() else 0)
+    with contextlib.ExitStack() as cleanup:
+        code = _run(given, debug, cleanup)
+    if code == ranks.FAILED_EXIT:  # the group is broken: skip torch's teardown of it (slow)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(given: list[str], debug: bool, cleanup: contextlib.ExitStack) -> int:
     try:
-        args = parser().parse_args(argv)
-        worker = start(args)
+        args = parser().parse_args(given)
+        worker = start(args, given, cleanup)
     except StartupError as e:
-        log.error("%s", e, exc_info=debug)
+        _startup_error(str(e), debug)
         return 2
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # any other start-up failure: still one line, the cause named
-        log.error(
-            "could not start: %s: %s; rerun with --debug for the traceback",
-            type(e).__name__,
-            e,
-            exc_info=debug,
-        )
+        text = f"could not start: {type(e).__name__}: {e}; rerun with --debug for the traceback"
+        _startup_error(text, debug)
         return 2
-    log.info("serving %s on %s", worker.engine.name, worker.endpoint)
+    from workers.worker import GroupFailed
+
+    devices = ", ".join(worker.devices)
+    if worker.endpoint:
+        log.info("serving %s on %s (%s)", worker.engine.name, worker.endpoint, devices)
     try:
         worker.serve(os.getppid() if args.exit_with_parent else None)
     except KeyboardInterrupt:
         return 130
+    except GroupFailed as e:  # a rank of the group is gone: every rank stops
+        log.error("%s", e, exc_info=debug)
+        return ranks.FAILED_EXIT
     finally:
         worker.close()
     return 0
 
 
-def start(args: argparse.Namespace):
-    """Check everything that can be checked cheaply, then load the model and bind."""
+def _startup_error(message: str, debug: bool) -> None:
+    """One line on stderr; a rank started by rank 0 hands it over instead (rank 0 says it once,
+    for the whole group), unless at debug level."""
+    if ranks.report_startup_error(message) and not debug:
+        return
+    log.error("%s", message, exc_info=debug)
+
+
+def start(
+    args: argparse.Namespace,
+    argv: list[str] | None = None,
+    cleanup: contextlib.ExitStack | None = None,
+):
+    """Check everything that can be checked cheaply, start the group's other ranks on this node
+    (stopped by `cleanup`), then load the model and bind (rank 0) or follow (the others)."""
+    try:
+        p = ranks.place(
+            args.tensor_parallel_size,
+            args.nnodes,
+            args.node_rank,
+            args.master_addr,
+            args.master_port,
+        )
+    except ValueError as e:
+        raise StartupError(str(e)) from None
+    if p.rank:
+        setup_logging(args.debug, p.rank)
+    if args.enable_expert_parallel and p.size == 1:
+        raise StartupError(
+            "--enable-expert-parallel splits the experts over the tensor-parallel ranks: "
+            "add --tensor-parallel-size 2 (or more)"
+        )
+    if p.rank == 0:
+        check_serving(args)
+    for name in ("max_batch_size", "max_prompt_chars"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise StartupError(f"--{name.replace('_', '-')} {value} must be >= 1")
+    devices = rank_device(args.device, args.gpus, p)
+    for device in devices if p.local_rank == 0 else devices[p.local_rank : p.local_rank + 1]:
+        check_device(device, args.dtype)
+    device = devices[p.local_rank]
+    if p.size > 1 and p.rank == 0:  # refuse a split the model cannot take before starting ranks
+        check_split(args.model, p.size)
+    local: ranks.LocalRanks | None = None
+    if p.starts_others:
+        local = ranks.LocalRanks(p, sys.argv[1:] if argv is None else argv)
+        if cleanup is not None:
+            cleanup.callback(local.stop)
+    import torch
+    import zmq
+
+    from workers.engine import Engine
+    from workers.errors import ModelLoadError
+    from workers.worker import Follower, Worker
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif p.size > 1 and device == "cpu":  # the node's cores shared between its ranks
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // p.local_size))
+    names = [device]
+    if p.size > 1:
+        from workers.parallel.group import gather_names, init_group
+
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        init_group(p.rank, p.size, p.master_addr, p.master_port, backend)
+        names = gather_names(f"{socket.gethostname()}/{device}")
+        if len({n.split("/")[0] for n in names}) == 1:  # one machine: the devices say enough
+            names = [n.split("/", 1)[1] for n in names]
+    try:
+        engine = Engine.from_pretrained(
+            args.model,
+            device=device,
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+            tensor_parallel_size=p.size,
+            expert_parallel=args.enable_expert_parallel,
+        )
+    except ModelLoadError as e:
+        raise StartupError(f"--model: {e}") from e
+    except (ValueError, NotImplementedError) as e:  # the model cannot be split that way
+        if p.size == 1:
+            raise
+        raise StartupError(f"--tensor-parallel-size {p.size}: {e}") from e
+    if local is not None:
+        local.starting = False
+    if p.rank:
+        return Follower(engine, names)
+    from dinfer_async.transport import KeyFileError
+
+    try:
+        return Worker(
+            engine,
+            args.endpoint,
+            os.environ.get(args.secret_env, ""),
+            max_prompt_chars=args.max_prompt_chars,
+            max_frame_bytes=args.max_frame_bytes,
+            curve_secret_key=args.curve_secret_key,
+            authorized_clients=args.curve_authorized_clients,
+            devices=names,
+        )
+    except KeyFileError as e:
+        raise StartupError(str(e)) from e
+    except zmq.ZMQError as e:
+        raise StartupError(bind_problem(args.endpoint, e)) from e
+
+
+def check_split(model: str | None, size: int) -> None:
+    """The model's heads split over `size` ranks (from its config.json alone)."""
+    from workers.errors import ModelLoadError
+    from workers.hub import resolve_model
+    from workers.known_fields import fill_known_fields
+    from workers.loader import read_config
+    from workers.models import FAMILIES, family_name
+    from workers.parallel.group import TensorParallel
+    from workers.parallel.shard import head_split
+
+    try:
+        raw = read_config(resolve_model(model))
+        family = family_name(raw)
+        if family is None:
+            return  # the load reports it
+        config = FAMILIES[family][0].from_dict(fill_known_fields(raw, family))
+        heads, kv_heads = int(config.n_heads), int(config.n_kv_heads)
+    except (ModelLoadError, AttributeError, TypeError, ValueError, KeyError):
+        return  # the load reports what is wrong with the model
+    try:
+        head_split(heads, kv_heads, TensorParallel(None, 0, size))  # type: ignore[arg-type]
+    except ValueError as e:
+        raise StartupError(f"--tensor-parallel-size {size}: {e}") from None
+
+
+def check_serving(args: argparse.Namespace) -> None:
+    """Rank 0's checks of what it binds and the keys it serves with."""
     from dinfer_async.transport import KeyFileError, load_key_pair
 
+    if args.endpoint is None:
+        raise StartupError(
+            "--endpoint is required (on rank 0 of a group: the node with --node-rank 0): "
+            "give ipc://PATH or tcp://127.0.0.1:PORT"
+        )
     secret = os.environ.get(args.secret_env, "")
     problem = check_endpoint(
         args.endpoint,
@@ -284,10 +496,6 @@ def start(args: argparse.Namespace):
     ) or check_free(args.endpoint)
     if problem:
         raise StartupError(problem)
-    for name in ("max_batch_size", "max_prompt_chars"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise StartupError(f"--{name.replace('_', '-')} {value} must be >= 1")
     if args.max_frame_bytes is not None and args.max_frame_bytes < MIN_FRAME_BYTES:
         raise StartupError(f"--max-frame-bytes {args.max_frame_bytes} must be >= {MIN_FRAME_BYTES}")
     try:
@@ -295,36 +503,6 @@ def start(args: argparse.Namespace):
             load_key_pair(args.curve_secret_key)
     except KeyFileError as e:
         raise StartupError(f"--curve-secret-key: {e}") from e
-    check_device(args.device, args.dtype)
-    import torch
-    import zmq
-
-    from workers.engine import Engine
-    from workers.errors import ModelLoadError
-    from workers.worker import Worker
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        engine = Engine.from_pretrained(
-            args.model, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size
-        )
-    except ModelLoadError as e:
-        raise StartupError(f"--model: {e}") from e
-    try:
-        return Worker(
-            engine,
-            args.endpoint,
-            secret,
-            max_prompt_chars=args.max_prompt_chars,
-            max_frame_bytes=args.max_frame_bytes,
-            curve_secret_key=args.curve_secret_key,
-            authorized_clients=args.curve_authorized_clients,
-        )
-    except KeyFileError as e:
-        raise StartupError(str(e)) from e
-    except zmq.ZMQError as e:
-        raise StartupError(bind_problem(args.endpoint, e)) from e
 
 
 if __name__ == "__main__":

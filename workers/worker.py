@@ -23,9 +23,11 @@ import itertools
 import logging
 import os
 import random
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 import torch
@@ -39,6 +41,7 @@ from dinfer_async.transport import secure_router
 from dinfer_async.validation import Limits, check_request
 from workers.engine import Engine
 from workers.iteration import Sequence, StepUpdate
+from workers.parallel.spmd import Leader, follow
 from workers.scheduler import Finished, Scheduler
 from workers.stops import streamable
 
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dinfer.worker")
 MAX_FRAMES_PER_DRAIN = 1000  # then step: a flood of frames cannot starve running streams
+KEEPALIVE = 2.0  # seconds an idle rank 0 of a group waits before a keepalive collective
 MONITORED = (
     zmq.EVENT_ACCEPTED
     | zmq.EVENT_DISCONNECTED
@@ -54,6 +58,11 @@ MONITORED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+
+
+class GroupFailed(Exception):
+    """A collective of the tensor-parallel group failed (a rank is gone): every rank stops, so
+    the group is restarted as one."""
 
 
 @dataclass
@@ -84,10 +93,16 @@ class Worker:
         max_frame_bytes: int | None = None,
         curve_secret_key: str | None = None,
         authorized_clients: str | None = None,
+        devices: list[str] | None = None,
     ):
         """curve_secret_key: a `.key_secret` file; the socket then speaks CURVE only, and with
-        authorized_clients (a directory of client `.key` files) admits only those clients."""
+        authorized_clients (a directory of client `.key` files) admits only those clients.
+        devices: each rank's device (named in the Welcome); default the engine's one.
+        A tensor-parallel engine (rank 0 of its group) gets a scheduler whose arrivals and
+        aborts are replayed on the other ranks (workers.parallel.spmd.Leader)."""
         self.engine, self.secret = engine, secret
+        self.devices = devices or [str(engine.model.lm_head_weight.device)]
+        self.group_failed = False  # a collective failed: nothing left to release at close
         self.scheduler = self.new_scheduler()
         self.live: dict[str, Live] = {}
         self.pending: dict[str, Pending] = {}
@@ -134,7 +149,10 @@ class Worker:
         return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def new_scheduler(self) -> Scheduler:
-        return Scheduler(self.engine.model, self.engine.max_batch_size, decode=self.engine.decode)
+        scheduler = new_scheduler(self.engine)
+        tp = self.engine.tensor_parallel
+        # a Leader is a Scheduler to the loop (its __getattr__ forwards the rest)
+        return scheduler if tp is None else cast("Scheduler", Leader(scheduler, tp))
 
     def welcome(self) -> wire.Welcome:
         tok = self.engine.tokenizer
@@ -150,6 +168,7 @@ class Worker:
             vocab_size=self.engine.config.vocab_size,
             max_prompt_chars=self.max_prompt_chars,
             max_frame_bytes=self.max_frame_bytes,
+            devices=self.devices,
         )
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -162,6 +181,17 @@ class Worker:
             self.collect()
             if self.scheduler.has_work():
                 self.step()
+            elif isinstance(self.scheduler, Leader):
+                self.keepalive(self.scheduler)
+
+    def keepalive(self, leader: Leader) -> None:
+        if time.monotonic() - leader.last < KEEPALIVE:
+            return
+        try:
+            leader.keepalive()
+        except Exception as e:
+            self.group_failed = True
+            raise GroupFailed(f"the tensor-parallel group failed while idle: {e!r}") from e
 
     def stop(self) -> None:
         """Make serve() return after its current step (safe from any thread)."""
@@ -169,6 +199,8 @@ class Worker:
         self._wake()
 
     def close(self) -> None:
+        if isinstance(self.scheduler, Leader) and not self.group_failed:
+            release(self.scheduler)
         try:
             endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError:
@@ -249,6 +281,9 @@ class Worker:
             with torch.no_grad():
                 updates = self.scheduler.step()
         except Exception as e:  # fail what was running, keep serving
+            if isinstance(self.scheduler, Leader):  # the ranks may disagree now: all stop
+                self.group_failed = True
+                raise GroupFailed(f"the tensor-parallel group failed in a step: {e!r}") from e
             log.error("engine step failed: %r", e, exc_info=log.isEnabledFor(logging.DEBUG))
             for rid, failed in list(self.live.items()):
                 self.send(failed.client, wire.Error(rid, "engine", f"engine step failed: {e!r}"))
@@ -466,3 +501,45 @@ class Worker:
                 else self.engine.tokenizer.decode(run, skip_special_tokens=True)
             )
         return "".join(parts)
+
+
+def new_scheduler(engine: Engine) -> Scheduler:
+    """The scheduler a worker runs, the same on every rank of a group."""
+    return Scheduler(engine.model, engine.max_batch_size, decode=engine.decode)
+
+
+def release(leader: Leader, wait: float = 2.0) -> None:
+    """Let the followers return from `follow` (they exit 0); bounded, since a rank that is gone
+    would keep the collective waiting."""
+    thread = threading.Thread(target=_quietly_stop, args=(leader,), daemon=True)
+    thread.start()
+    thread.join(wait)
+
+
+def _quietly_stop(leader: Leader) -> None:
+    with contextlib.suppress(Exception):
+        leader.stop()
+
+
+class Follower:
+    """A rank other than 0 of a group: no socket; it replays rank 0's arrivals and steps."""
+
+    endpoint = ""
+
+    def __init__(self, engine: Engine, devices: list[str]):
+        assert engine.tensor_parallel is not None, "a follower is one rank of a group"
+        self.engine, self.devices, self.tp = engine, devices, engine.tensor_parallel
+        self.scheduler = new_scheduler(engine)
+
+    def serve(self, parent: int | None = None) -> None:
+        log.debug("rank %d follows rank 0", self.tp.rank)
+        try:
+            with torch.no_grad():
+                follow(self.scheduler, self.tp)
+        except Exception as e:
+            raise GroupFailed(
+                f"the group's collective failed (rank 0 or another rank is gone): {e!r}"
+            ) from e
+
+    def close(self) -> None:
+        pass

@@ -11,6 +11,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -76,6 +77,38 @@ def join(size: int) -> TensorParallel:
     group = dist.group.WORLD
     assert group is not None
     return TensorParallel(group, dist.get_rank(), size)
+
+
+# A serving group's followers wait for rank 0 inside a collective between requests (an idle
+# rank 0 sends a keepalive every few seconds, see workers.parallel.spmd), and the first forward
+# of a large model can be slow: the timeout only has to catch a rank that hangs for good.
+SERVING_TIMEOUT = timedelta(hours=24)
+
+
+def init_group(
+    rank: int,
+    size: int,
+    master_addr: str,
+    master_port: int,
+    backend: str,
+    timeout: timedelta = SERVING_TIMEOUT,
+) -> None:
+    """Join (rank 0: host) the default process group of `size` ranks at master_addr:port."""
+    host = f"[{master_addr}]" if ":" in master_addr else master_addr
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{host}:{master_port}",
+        rank=rank,
+        world_size=size,
+        timeout=timeout,
+    )
+
+
+def gather_names(name: str) -> list[str]:
+    """Every rank's `name` (its device, say), in rank order, on every rank."""
+    names: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name)
+    return [str(n) for n in names]
 
 
 def free_port() -> int:

@@ -5,10 +5,15 @@ arrivals and aborts and broadcasts them to the other ranks just before each step
 rank's scheduler sees the same requests at the same step boundaries. The other ranks run
 `follow`. Nothing else crosses: the merged confidences are the same on every rank, so their
 schedulers make the same decisions, and only rank 0 reports updates.
+
+An idle rank 0 calls `keepalive` now and then: the followers, waiting inside a collective, then
+never meet the process group's timeout, and a rank that died is noticed (the collective fails)
+before a request needs it.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from dinfer_async.params import SamplingParams
@@ -18,6 +23,8 @@ from workers.scheduler import Finished, Scheduler, StepUpdate
 
 # an event: ("add", id, prompt, params, seed) or ("abort", id)
 Event = tuple[Any, ...]
+# what rank 0 broadcasts: ("step", events), ("idle", events), or None (stop)
+STEP, IDLE = "step", "idle"
 
 
 class Leader:
@@ -26,6 +33,7 @@ class Leader:
     def __init__(self, scheduler: Scheduler, tp: TensorParallel):
         self.scheduler, self.tp = scheduler, tp
         self.events: list[Event] = []
+        self.last = time.monotonic()  # of the last collective
 
     def add(self, id: Any, prompt: list[int], params: SamplingParams, seed: int) -> Sequence:
         self.events.append(("add", id, prompt, params, seed))
@@ -36,9 +44,14 @@ class Leader:
         self.scheduler.abort(seq)
 
     def step(self) -> list[StepUpdate | Finished]:
-        self.tp.broadcast([self.events])
-        self.events = []
+        self.tp.broadcast([(STEP, self.events)])
+        self.events, self.last = [], time.monotonic()
         return self.scheduler.step()
+
+    def keepalive(self) -> None:
+        """A collective without a step (rank 0 has nothing to run): see the module docstring."""
+        self.tp.broadcast([(IDLE, self.events)])
+        self.events, self.last = [], time.monotonic()
 
     def stop(self) -> None:
         """Release the followers (they return from `follow`)."""
@@ -56,9 +69,9 @@ def follow(scheduler: Scheduler, tp: TensorParallel) -> None:
     seqs: dict[Any, Sequence] = {}
     while True:
         received: list[Any] = tp.broadcast([None])
-        events: list[Event] | None = received[0]
-        if events is None:
+        if received[0] is None:
             return
+        kind, events = received[0]
         for event in events:
             if event[0] == "add":
                 _, id, prompt, params, seed = event
@@ -67,6 +80,8 @@ def follow(scheduler: Scheduler, tp: TensorParallel) -> None:
                 seq = seqs.pop(event[1], None)
                 if seq is not None:
                     scheduler.abort(seq)
+        if kind != STEP:
+            continue
         scheduler.step()
         for id in [i for i, s in seqs.items() if s.finish_reason is not None]:
             del seqs[id]
