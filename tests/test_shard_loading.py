@@ -236,3 +236,30 @@ def test_a_sharded_model_is_not_sharded_again_differently(tmp_path):
             load_model(tmp_path, tensor_parallel=one, expert_parallel="scatter")
     finally:
         set_current(None)  # the sampler of later tests in this process must see no group
+
+
+@pytest.mark.parametrize("model", ["llada2_moe_ep", "llada_kv1_tied"])
+def test_shard_loading_casts_like_loading_whole(tmp_path, model):
+    """A bf16 checkpoint read into float64 slice by slice equals the whole model read into
+    float64 and then sharded, for both ranks of 2 (built in this process: building a shard
+    needs no collective) and the all-to-all dispatch (its shared expert whole on every rank)."""
+    from workers.parallel.group import TensorParallel, set_current
+    from workers.parallel.shard import shard_model
+
+    raw, _, ep, _ = MODELS[model]
+    save_model(full_model(model), tmp_path, raw, dtype=torch.bfloat16)
+    dispatch = "all_to_all" if ep else False
+    try:
+        for rank in range(SIZE):
+            tp = TensorParallel(None, rank, SIZE)  # type: ignore[arg-type]
+            whole = load_model(tmp_path, dtype="float64")
+            reference = dict(shard_model(whole, tp, dispatch).named_parameters())
+            loaded = load_model(
+                tmp_path, dtype="float64", tensor_parallel=tp, expert_parallel=dispatch
+            )
+            params = dict(loaded.named_parameters())
+            assert sorted(params) == sorted(reference)
+            for name, p in params.items():
+                assert p.dtype == torch.float64 and torch.equal(p, reference[name]), (rank, name)
+    finally:
+        set_current(None)
