@@ -51,12 +51,13 @@ class Engine:
         tokenizer: Tokenizer,
         name: str = "model",
         max_batch_size: int = 32,
-        steps_per_check: int = 1,
+        steps_per_check: int | None = None,
         tensor_parallel_size: int = 1,
         expert_parallel: bool = False,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
-        are done (see workers.iteration.BlockRound); results do not depend on it.
+        are done (see workers.iteration.BlockRound; None: $DINFER_STEPS_PER_CHECK, else 1);
+        results do not depend on it.
 
         tensor_parallel_size T > 1: this process is one of T ranks of a torch.distributed group
         (workers.parallel.group.launch, torchrun, or init_process_group); `model` is the full

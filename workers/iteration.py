@@ -15,6 +15,7 @@ import torch
 
 from dinfer_async.params import SamplingParams
 from workers.decoders import DecoderSet
+from workers.nosync import step_region
 from workers.sampling import expected_embedding
 from workers.shared import block_causal_mask, block_seed, forbid_tokens, step_seeds, until_eos
 
@@ -165,17 +166,20 @@ class Batch:
         self.length = C + K + max(map(len, rights))
         B = len(seqs)
         self.row_start = [C - len(left) for left in lefts]  # each row's first real column
-        self.ids = torch.full((B, self.length), pad_id, dtype=torch.long, device=device)
-        self.real = torch.zeros(B, self.length, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(B, self.length, dtype=torch.long, device=device)
-        self.in_prompt = torch.zeros(B, self.length, dtype=torch.bool, device=device)
-        for i, (s, left, right) in enumerate(zip(seqs, lefts, rights)):
-            lo, hi = C - len(left), C + K + len(right)
-            row = left + s.window[s.block * K : (s.block + 1) * K] + right
-            self.ids[i, lo:hi] = torch.tensor(row, device=device)
-            self.real[i, lo:hi] = True
-            self.positions[i, lo:] = torch.arange(self.length - lo, device=device)
-            self.in_prompt[i, lo : lo + len(s.prompt) + s.skip] = True
+        # one upload for the whole layout: ids, then each row's [first real, end, prompt end)
+        grid = [[pad_id] * self.length for _ in seqs]
+        for row, s, left, right, lo in zip(grid, seqs, lefts, rights, self.row_start):
+            row[lo : C + K + len(right)] = left + s.window[s.block * K : (s.block + 1) * K] + right
+        bounds = [
+            [lo, C + K + len(right), lo + len(s.prompt) + s.skip]
+            for s, right, lo in zip(seqs, rights, self.row_start)
+        ]
+        self.ids = torch.tensor(grid, dtype=torch.long, device=device).reshape(B, self.length)
+        lo, hi, prompt_end = torch.tensor(bounds, dtype=torch.long, device=device).T[..., None]
+        column = torch.arange(self.length, device=device)[None]
+        self.real = (column >= lo) & (column < hi)
+        self.positions = (column - lo).clamp(min=0)
+        self.in_prompt = (column >= lo) & (column < prompt_end)
         self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
         self._row_options(seqs)
 
@@ -268,9 +272,12 @@ class StepUpdate:
 class BlockRound:
     """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`.
 
-    report: build per-step updates (streaming); without it updates come only for rows done with
-    the block, and the host looks at the rows only every `steps_per_check` steps: the steps in
-    between are queued without waiting (a row done early computes but commits nothing)."""
+    The host looks at the rows only every `steps_per_check` steps (dInfer's loop unrolling):
+    the steps in between are queued without a host sync (workers/nosync.py checks it; a row
+    done early computes but commits nothing). report: at each check, an update for every row
+    that had work since the last one (streaming; with steps_per_check > 1 it carries the latest
+    block and every position committed or revised since the last check); without it, updates
+    come only for rows done with the block."""
 
     def __init__(
         self,
@@ -280,8 +287,13 @@ class BlockRound:
         report: bool = True,
         steps_per_check: int = 1,
     ):
+        if isinstance(steps_per_check, bool) or not isinstance(steps_per_check, int):
+            raise TypeError(f"steps_per_check must be an integer >= 1, not {steps_per_check!r}")
+        if steps_per_check < 1:
+            raise ValueError(f"steps_per_check must be >= 1, not {steps_per_check}")
         cfg = model.config
         device = model.lm_head_weight.device
+        self.device = device
         self.seqs = seqs
         self.policy = policy
         self.mask_id: int = cfg.mask_token_id
@@ -294,67 +306,80 @@ class BlockRound:
         self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
         self.any_soft = any(s.params.soft_diffusion for s in seqs)
-        self.row_done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+        B, K = len(seqs), self.batch.block_length
+        self.row_done = torch.zeros(B, dtype=torch.bool, device=device)
         # per-row counters stay on the device; copied to the requests when the block ends
-        self.forwards = torch.zeros(len(seqs), dtype=torch.long, device=device)
-        self.committed = torch.zeros(len(seqs), dtype=torch.long, device=device)
-        self.edits = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        self.forwards = torch.zeros(B, dtype=torch.long, device=device)
+        self.committed = torch.zeros(B, dtype=torch.long, device=device)
+        self.edits = torch.zeros(B, dtype=torch.long, device=device)
         # streamed confidence of each block position's token (only kept when reporting)
-        self.confidence = torch.zeros(
-            len(seqs), self.batch.block_length, dtype=torch.float64, device=device
-        )
+        self.confidence = torch.zeros(B, K, dtype=torch.float64, device=device)
+        # what changed since the last check (reported there)
+        self.pending_work = torch.zeros(B, dtype=torch.bool, device=device)
+        self.pending_commit = torch.zeros(B, K, dtype=torch.bool, device=device)
+        self.pending_revised = torch.zeros(B, K, dtype=torch.bool, device=device)
         self.report = report
-        self.steps_per_check = 1 if report else steps_per_check
+        self.steps_per_check = steps_per_check
         self.step_index = 0
         self.finished = False
 
-    def drop(self, leaving: set[int]) -> None:
-        """Remove the rows at `leaving` before the next step; their cache rows are released."""
+    _ROW_STATE = (
+        "suppress_eos",
+        "row_done",
+        "block_seeds",
+        "forwards",
+        "committed",
+        "edits",
+        "confidence",
+        "pending_work",
+        "pending_commit",
+        "pending_revised",
+    )
+
+    def drop(self, leaving: set[int]) -> list[StepUpdate]:
+        """Remove the rows at `leaving` before the next step; their cache rows are released. If
+        every row left is then done with the block, the round finishes: returned are the
+        updates the others had pending since the last check (none with steps_per_check 1)."""
         rows = torch.tensor(
             [i for i in range(len(self.seqs)) if i not in leaving],
             dtype=torch.long,
-            device=self.row_done.device,
+            device=self.device,
         )
         self.seqs = [self.seqs[i] for i in rows.tolist()]
         self.policy.keep_rows(self.batch.keep(rows, self.seqs))
         self.decoders.keep(rows)
-        self.suppress_eos = self.suppress_eos[rows]
-        self.row_done = self.row_done[rows]
-        self.block_seeds = self.block_seeds[rows]
-        self.forwards = self.forwards[rows]
-        self.committed = self.committed[rows]
-        self.edits = self.edits[rows]
-        self.confidence = self.confidence[rows]
+        for name in self._ROW_STATE:
+            setattr(self, name, getattr(self, name)[rows])
         if self.seqs and bool(self.row_done.all()):
+            self.finished = True
+            updates = self._updates()
             self._finish()
+            return updates
+        return []
 
     def step(self) -> list[StepUpdate]:
         """One forward and its commits. Every `steps_per_check` steps the host looks at which
         rows are done: all of them end the round; some leave the forwards now instead of idling
         until the slowest row is done (they start their next block with the next round)."""
-        working, commit, revised, still_masked, logits = self._decode()
+        with step_region(self.device):
+            self._decode()
         if self.step_index % self.steps_per_check:  # no host check: nothing to report either
-            self._prepare_soft(logits, still_masked)
             return []
-        done = torch.nonzero(self.row_done)[:, 0].tolist()  # the host sync
+        done = [i for i, d in enumerate(self.row_done.tolist()) if d]  # the host sync
         if len(done) == len(self.seqs):
             self.finished = True
-            updates = self._updates(working, commit, revised)
+            updates = self._updates()
             self._finish()
             return updates
-        self._prepare_soft(logits, still_masked)
-        updates = self._updates(working, commit, revised, None if self.report else done)
+        updates = self._updates(None if self.report else done)
         if done:
             self._write_back(done)
             self.drop(set(done))
         return updates
 
-    def _decode(
-        self,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward, the decoders' picks committed into the batch, counters updated (tensor
-        ops only). Returns which rows had work, the commits of masked positions, the revisions
-        of committed ones (editing decoders), what is still masked, the logits."""
+    def _decode(self) -> None:
+        """One forward, the decoders' picks committed into the batch, counters and the pending
+        updates updated, the next soft inputs prepared: tensor ops only, no host sync."""
         batch, t = self.batch, self.step_index
         logits = self.policy.block_logits(batch, t)
         suppress = self.suppress_eos if self.any_suppress else None
@@ -372,60 +397,70 @@ class BlockRound:
         self.forwards += working  # a forward counts for a request only while it still had work
         self.committed += commit.sum(-1)
         self.edits += revised.sum(-1)
+        self.pending_work |= working
+        self.pending_commit |= commit
+        self.pending_revised |= revised
         still_masked = masked & ~commit
         self.row_done |= self.decoders.done(t + 1, still_masked)
         self.step_index += 1
-        return working, commit, revised, still_masked, logits
-
-    def _prepare_soft(self, logits: torch.Tensor, still_masked: torch.Tensor) -> None:
         if self.any_soft:
-            self.batch.set_soft(logits, still_masked, self.step_index - 1)
+            batch.set_soft(logits, still_masked, t)
 
-    def _updates(
-        self,
-        working: torch.Tensor,
-        commit: torch.Tensor,
-        revised: torch.Tensor,
-        only: list[int] | None = None,
-    ) -> list[StepUpdate]:
-        """What changed for each request this step (`only` those rows), limited to the block's
-        answer positions; rows done with the block say so (block_final)."""
+    def _updates(self, only: list[int] | None = None) -> list[StepUpdate]:
+        """What changed for each request since the last check (`only` those rows; without
+        reporting, those rows' final state), limited to the block's answer positions; rows done
+        with the block say so (block_final). One copy to the host."""
         K = self.batch.block_length
-        block = self.batch.block().tolist()
-        commits = commit.tolist()
-        revisions = revised.tolist()
+        state = torch.cat(
+            [
+                self.batch.block(),
+                self.pending_commit.long(),
+                self.pending_revised.long(),
+                self.pending_work.long()[:, None],
+                self.row_done.long()[:, None],
+            ],
+            dim=1,
+        ).tolist()
         confidence = self.confidence.tolist() if self.report else None
-        work = working.tolist()
-        done = self.row_done.tolist()
         rows = range(len(self.seqs)) if only is None else only
         updates = []
         for i in rows:
-            if not (work[i] or self.finished):
+            block, commits, revisions = state[i][:K], state[i][K : 2 * K], state[i][2 * K : 3 * K]
+            work, done = state[i][3 * K], state[i][3 * K + 1]
+            if not (work or self.finished or not self.report):
                 continue
             s = self.seqs[i]
             lo, hi = s.span(s.block)
             a, b = lo - s.block * K, hi - s.block * K  # the answer part, as block offsets
-            offsets = [j - a for j in range(a, b) if commits[i][j]]
-            edited = [j - a for j in range(a, b) if revisions[i][j]]
+            offsets = [j - a for j in range(a, b) if commits[j]]
+            edited = [j - a for j in range(a, b) if revisions[j]]
             conf = None if confidence is None else confidence[i][a:b]
-            updates.append(StepUpdate(s, s.block, block[i][a:b], offsets, done[i], edited, conf))
+            updates.append(StepUpdate(s, s.block, block[a:b], offsets, bool(done), edited, conf))
+        self.pending_work.zero_()
+        self.pending_commit.zero_()
+        self.pending_revised.zero_()
         return updates
 
     def _write_back(self, rows: list[int]) -> None:
         """Copy the block and counters of `rows` into their requests; the policy keeps what it
         keeps of them."""
         K = self.batch.block_length
-        index = torch.tensor(rows, dtype=torch.long, device=self.row_done.device)
-        blocks = self.batch.block()[index].tolist()
-        forwards = self.forwards[index].tolist()
-        committed = self.committed[index].tolist()
-        edits = self.edits[index].tolist()
-        for r, row, n, c, e in zip(rows, blocks, forwards, committed, edits):
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        state = torch.cat(
+            [
+                self.batch.block()[index],
+                self.forwards[index, None],
+                self.committed[index, None],
+                self.edits[index, None],
+            ],
+            dim=1,
+        ).tolist()
+        for r, row in zip(rows, state):
             s = self.seqs[r]
-            s.window[s.block * K : (s.block + 1) * K] = row
-            s.forwards += n
-            s.committed += c
-            s.edits += e
+            s.window[s.block * K : (s.block + 1) * K] = row[:K]
+            s.forwards += row[K]
+            s.committed += row[K + 1]
+            s.edits += row[K + 2]
         self.policy.end_block(self.batch, rows)
 
     def _finish(self) -> None:

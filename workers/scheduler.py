@@ -10,6 +10,7 @@ policy object for as long as it has requests; the scheduler tells it when a requ
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Hashable
@@ -36,6 +37,22 @@ class Finished:
     seq: Sequence
 
 
+def default_steps_per_check(value: int | None = None) -> int:
+    """`value`, or $DINFER_STEPS_PER_CHECK when None (1 when unset)."""
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"steps_per_check must be an integer >= 1, not {value!r}")
+        return value
+    text = os.environ.get("DINFER_STEPS_PER_CHECK", "1")
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise ValueError(f"DINFER_STEPS_PER_CHECK={text!r}: set an integer >= 1 or unset it")
+    return steps
+
+
 def group_key(params: SamplingParams, block_causal: bool) -> GroupKey:
     """Requests that can share a forward: same block length and cache policy class, and the
     same parameters of that policy (its own `group_key`)."""
@@ -49,17 +66,18 @@ class Scheduler:
         model: DiffusionModel,
         max_batch_size: int = 32,
         report: bool = True,
-        steps_per_check: int = 1,
+        steps_per_check: int | None = None,
         decode: Decode | None = None,
     ):
-        """report: produce a StepUpdate per request per step (streaming); without it, updates
-        come only at block ends and a step syncs the host once. steps_per_check: see
-        BlockRound (1 suits CPUs, more hides GPU latency). decode: token ids -> text, for
-        requests with stop strings."""
+        """report: produce a StepUpdate per request at each host check (streaming); without
+        it, updates come only at block ends. steps_per_check: steps between host checks, see
+        BlockRound (None: $DINFER_STEPS_PER_CHECK, else 1; 1 suits CPUs, where a check costs
+        nothing and a step after a block is done costs a forward; more hides GPU latency).
+        decode: token ids -> text, for requests with stop strings."""
         self.model = model
         self.max_batch_size = max_batch_size
         self.report = report
-        self.steps_per_check = steps_per_check
+        self.steps_per_check = default_steps_per_check(steps_per_check)
         self.decode = decode
         cfg = model.config
         self.mask_id: int = cfg.mask_token_id
@@ -94,9 +112,9 @@ class Scheduler:
         """One forward for the current round (starting one if needed)."""
         if self.round is not None and any(s.aborted for s in self.round.seqs):
             # aborted requests leave before the next step, not at the block's end
-            self._drop_aborted(self.round)
+            pending = self._drop_aborted(self.round)
             if self.round is not None and self.round.finished:
-                return list(self._end_round())
+                return [*pending, *self._end_round()]
         if self.round is None and not self._start_round():
             return []
         assert self.round is not None
@@ -105,10 +123,14 @@ class Scheduler:
             updates += self._end_round()
         return updates
 
-    def _drop_aborted(self, round: BlockRound) -> None:
-        round.drop({i for i, s in enumerate(round.seqs) if s.aborted})
+    def _drop_aborted(self, round: BlockRound) -> list[StepUpdate | Finished]:
+        """Aborted rows leave the round; returned: the others' updates if that ends it."""
+        pending: list[StepUpdate | Finished] = list(
+            round.drop({i for i, s in enumerate(round.seqs) if s.aborted})
+        )
         if not self._remove_aborted(self.round_key):
             self.round = None
+        return pending
 
     def _remove_aborted(self, key: GroupKey) -> bool:
         """Aborted requests leave group `key`; False if that leaves it empty (it is gone)."""
@@ -198,7 +220,7 @@ def denoise(
     params: SamplingParams | list[SamplingParams],
     seeds: list[int],
     max_batch_size: int = 64,
-    steps_per_check: int = 1,
+    steps_per_check: int | None = None,
     decode: Decode | None = None,
 ) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order."""
