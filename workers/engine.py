@@ -54,6 +54,8 @@ class Engine:
         steps_per_check: int | None = None,
         tensor_parallel_size: int = 1,
         expert_parallel: bool = False,
+        split_overhead: float | None = None,
+        chunk_slots: int | None = None,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound; None: $DINFER_STEPS_PER_CHECK, else 1);
@@ -64,7 +66,10 @@ class Engine:
         model, which is sharded in place over the group (workers/parallel/shard.py). Every rank
         builds its Engine the same way and calls `generate` with the same prompts and params
         (SPMD); they take the same decisions and all return the same results. expert_parallel:
-        the MoE families' routed experts are split over the same ranks (else replicated)."""
+        the MoE families' routed experts are split over the same ranks (else replicated).
+        split_overhead, chunk_slots: see workers.scheduler.Scheduler (None: the device's
+        defaults; both 0: each group's rows in one round per block, one forward per step).
+        After `generate`, `last_run` holds that call's padding waste and rounds."""
         if (
             isinstance(tensor_parallel_size, bool)
             or not isinstance(tensor_parallel_size, int)
@@ -93,6 +98,9 @@ class Engine:
         self.config = model.config
         self.max_batch_size = max_batch_size
         self.steps_per_check = steps_per_check
+        self.split_overhead = split_overhead
+        self.chunk_slots = chunk_slots
+        self.last_run: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(
@@ -145,18 +153,20 @@ class Engine:
         seeds = [q.seed if q.seed is not None else draw.randrange(2**63) for q in per_prompt]
         if self.tensor_parallel is not None:  # every rank draws with rank 0's seeds
             seeds = self.tensor_parallel.broadcast([seeds])[0]
-        return [
-            self._result(seq)
-            for seq in denoise(
-                self.model,
-                ids,
-                per_prompt,
-                seeds,
-                self.max_batch_size,
-                self.steps_per_check,
-                decode=self.decode,
-            )
-        ]
+        self.last_run = {}
+        seqs = denoise(
+            self.model,
+            ids,
+            per_prompt,
+            seeds,
+            self.max_batch_size,
+            self.steps_per_check,
+            decode=self.decode,
+            split_overhead=self.split_overhead,
+            stats=self.last_run,
+            chunk_slots=self.chunk_slots,
+        )
+        return [self._result(seq) for seq in seqs]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
         check_token_ids(ids, self.config.vocab_size, field)

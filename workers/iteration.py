@@ -22,7 +22,7 @@ from workers.shared import block_causal_mask, block_seed, forbid_tokens, step_se
 if TYPE_CHECKING:
     from workers.cache import CachePolicy
     from workers.interfaces import DiffusionModel
-    from workers.kv_cache import KVCache, Overlay
+    from workers.kv_cache import KVCache, Overlay, RowWindow
 
 
 @dataclass(eq=False)  # identity equality: a request is hashable and equal only to itself
@@ -109,9 +109,8 @@ class Guidance:
     rows); `combine` folds the copies' logits back into their rows."""
 
     def __init__(self, scales: list[float], device: torch.device):
-        self.rows = torch.tensor(
-            [i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device
-        )
+        self.host_rows = [i for i, c in enumerate(scales) if c > 0]
+        self.rows = torch.tensor(self.host_rows, dtype=torch.long, device=device)
         self.scales = torch.tensor([c for c in scales if c > 0], device=device)[:, None, None]
 
     def __len__(self) -> int:
@@ -180,6 +179,11 @@ class Batch:
         self.real = (column >= lo) & (column < hi)
         self.positions = (column - lo).clamp(min=0)
         self.in_prompt = (column >= lo) & (column < prompt_end)
+        self.row_end = [b[1] for b in bounds]  # each row's end of real columns
+        # per-step padding waste: token slots fed through the model, and how many were real
+        self.fed = 0
+        self.fed_real = 0
+        self.chunk_slots = 0  # run_full's chunk size in token slots (0: one forward)
         self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
         self._row_options(seqs)
 
@@ -192,7 +196,9 @@ class Batch:
         """Only `rows` stay (mid-block, e.g. after an abort). Returns the KV-cache rows to keep."""
         cache_rows = self.guidance.cache_rows(rows, self.rows)
         self.seqs = seqs
-        self.row_start = [self.row_start[i] for i in rows.tolist()]
+        kept = rows.tolist()
+        self.row_start = [self.row_start[i] for i in kept]
+        self.row_end = [self.row_end[i] for i in kept]
         self.ids = self.ids[rows]
         self.real = self.real[rows]
         self.positions = self.positions[rows]
@@ -220,6 +226,7 @@ class Batch:
         a logit shift, [lo, hi) must hold the column before the block). Guided rows also run
         their unconditional copies; soft inputs replace masked block inputs."""
         g = self.guidance
+        self._count_fed(lo, hi)
         ids = g.extend_ids(self.ids[:, lo:hi], self.in_prompt[:, lo:hi], self.mask_id)
         positions = g.extend(self.positions[:, lo:hi])
         real = g.extend(self.real)
@@ -230,6 +237,65 @@ class Batch:
         )
         first = self.block_start - self.shift - lo  # the column whose logits predict the block
         return g.combine(logits[:, first : first + self.block_length])
+
+    def run_full(self, kv: KVCache | None = None) -> torch.Tensor:
+        """run(0, length, kv), in row chunks of at most `chunk_slots` token slots when that is
+        set (and no row is guided): each chunk feeds only the columns its rows' real tokens
+        span, so rows of different lengths do not pay for the longest row's layout, and a
+        forward stays the size this device computes fastest. Cache columns a chunk does not
+        feed are its rows' padding: zeroed (hidden from attention, but 0 x NaN is NaN)."""
+        chunks = self.chunks()
+        if len(chunks) == 1 or len(self.guidance):
+            return self.run(0, self.length, kv)
+        return torch.cat([self._run_rows(*chunk, kv) for chunk in chunks])
+
+    def chunks(self) -> list[tuple[int, int, int, int]]:
+        """(first row, end row, first column, end column) of each chunk of run_full: rows in
+        order, a chunk grown while rows x columns stays within chunk_slots."""
+        if self.chunk_slots <= 0:
+            return [(0, self.rows, 0, self.length)]
+        out = []
+        r0 = 0
+        while r0 < self.rows:
+            r1, c0, c1 = r0 + 1, self.row_start[r0], self.row_end[r0]
+            while r1 < self.rows:
+                n0, n1 = min(c0, self.row_start[r1]), max(c1, self.row_end[r1])
+                if (r1 + 1 - r0) * (n1 - n0) > self.chunk_slots:
+                    break
+                r1, c0, c1 = r1 + 1, n0, n1
+            out.append((r0, r1, c0, c1))
+            r0 = r1
+        return out
+
+    def _run_rows(self, r0: int, r1: int, c0: int, c1: int, kv: KVCache | None) -> torch.Tensor:
+        """The block's logits of rows [r0, r1) from feeding their columns [c0, c1)."""
+        self._count_fed(c0, c1, r0, r1)
+        ids = self.ids[r0:r1, c0:c1]
+        positions = self.positions[r0:r1, c0:c1]
+        window: RowWindow | None = None
+        if kv is None:
+            real, key_positions = self.real[r0:r1, c0:c1], positions
+        else:
+            real, key_positions = self.real[r0:r1], self.positions[r0:r1]
+            window = kv.row_window(r0, r1)
+            window.clear_outside(c0, c1)
+        if self.model.block_causal:
+            real = block_causal_mask(positions, key_positions, self.block_length, real)
+        embeds = self._inputs(ids, c0, slice(r0, r1))
+        logits = self.model(ids, positions, real, cache=window, start=c0, inputs_embeds=embeds)
+        first = self.block_start - self.shift - c0
+        return logits[:, first : first + self.block_length]
+
+    def _count_fed(self, lo: int, hi: int, r0: int = 0, r1: int | None = None) -> None:
+        """Count the token slots of feeding [lo, hi) to rows [r0, r1) and the real ones among
+        them, from the rows' spans on the host (no sync); a guided row's copy counts as its row
+        again."""
+        spans = list(zip(self.row_start, self.row_end))[r0:r1]
+        real = [max(0, min(hi, b) - max(lo, a)) for a, b in spans]
+        if r0 == 0 and r1 is None:
+            real += [real[i] for i in self.guidance.host_rows]
+        self.fed += (hi - lo) * len(real)
+        self.fed_real += sum(real)
 
     def set_soft(self, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
         """Soft diffusion: a still-masked block position's next input is
@@ -242,10 +308,12 @@ class Batch:
         use = still_masked & self.soft_rows[:, None]
         self.soft = torch.where(use[..., None], soft, plain)
 
-    def _inputs(self, ids: torch.Tensor, start: int) -> torch.Tensor | None:
+    def _inputs(
+        self, ids: torch.Tensor, start: int, rows: slice | None = None
+    ) -> torch.Tensor | None:
         if self.soft is None:
             return None
-        soft = self.guidance.extend(self.soft)
+        soft = self.guidance.extend(self.soft) if rows is None else self.soft[rows]
         embeds = self.model.embed(ids)
         lo, hi = max(self.block_start, start), min(self.block_end, start + ids.shape[1])
         if lo < hi:
@@ -286,7 +354,10 @@ class BlockRound:
         policy: CachePolicy,
         report: bool = True,
         steps_per_check: int = 1,
+        chunk_slots: int = 0,
     ):
+        """chunk_slots: full forwards run in row chunks of at most this many token slots
+        (Batch.run_full; 0: one forward); the rows are then ordered by their layout."""
         if isinstance(steps_per_check, bool) or not isinstance(steps_per_check, int):
             raise TypeError(f"steps_per_check must be an integer >= 1, not {steps_per_check!r}")
         if steps_per_check < 1:
@@ -294,11 +365,14 @@ class BlockRound:
         cfg = model.config
         device = model.lm_head_weight.device
         self.device = device
+        if chunk_slots > 0:  # rows whose real tokens start at similar columns share chunks
+            seqs = sorted(seqs, key=lambda s: -(len(s.prompt) + s.block * s.params.block_length))
         self.seqs = seqs
         self.policy = policy
         self.mask_id: int = cfg.mask_token_id
         self.eos_id: int = cfg.eos_token_id
         self.batch = Batch(model, seqs, self.mask_id, self.eos_id)
+        self.batch.chunk_slots = chunk_slots
         self.decoders = DecoderSet([s.params for s in seqs], device)
         self.block_seeds = torch.tensor(
             [block_seed(s.seed, s.block) for s in seqs], dtype=torch.long, device=device
@@ -322,6 +396,7 @@ class BlockRound:
         self.steps_per_check = steps_per_check
         self.step_index = 0
         self.finished = False
+        self.left: list[Sequence] = []  # rows done with the block that left at the last step
 
     _ROW_STATE = (
         "suppress_eos",
@@ -359,8 +434,9 @@ class BlockRound:
 
     def step(self) -> list[StepUpdate]:
         """One forward and its commits. Every `steps_per_check` steps the host looks at which
-        rows are done: all of them end the round; some leave the forwards now instead of idling
-        until the slowest row is done (they start their next block with the next round)."""
+        rows are done: all of them end the round; some leave it now (`left`: their blocks are in
+        their requests) instead of idling until the slowest row is done."""
+        self.left = []
         with step_region(self.device):
             self._decode()
         if self.step_index % self.steps_per_check:  # no host check: nothing to report either
@@ -374,6 +450,7 @@ class BlockRound:
         updates = self._updates(None if self.report else done)
         if done:
             self._write_back(done)
+            self.left = [self.seqs[i] for i in done]
             self.drop(set(done))
         return updates
 
