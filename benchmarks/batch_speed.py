@@ -1,9 +1,14 @@
 """dinfer-batch (default concurrency, one worker) vs one-at-a-time in-process generation, same run.
 
     python benchmarks/batch_speed.py --prompts 256
+    python benchmarks/batch_speed.py --prompts 64 --engine-only --repeats 3   # issue 15 item 5a
 
 Both use the default decoder and cache at --gen-length; tokens count answer tokens before EOS.
-dinfer-batch's time includes starting its worker process.
+dinfer-batch's time includes starting its worker process. The engine table runs the same
+prompts through `Engine.generate` one at a time and --per-call at a time, with one lockstep
+round per block (split_overhead=0, the layout before issue 15) and with cohorts (the default),
+interleaved --repeats times (best time of each kept: the machine is shared), answers checked
+identical; padding waste is the fraction of token slots fed through the model that were padding.
 """
 
 from __future__ import annotations
@@ -30,12 +35,18 @@ def main():
     ap.add_argument("--prompts", type=int, default=256)
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--per-call", type=int, default=16, help="prompts per Engine.generate call")
+    ap.add_argument("--repeats", type=int, default=3, help="engine table: interleaved repeats")
+    ap.add_argument("--engine-only", action="store_true", help="skip dinfer-batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     examples = tasks.held_out(-(-args.prompts // len(tasks.TASKS)))[: args.prompts]
     params = SamplingParams(gen_length=args.gen_length)
 
     engine = Engine.from_pretrained(None)
+    engine_table(engine, examples, params, args)
+    if args.engine_only:
+        return
     begin = time.perf_counter()
     results = [engine.generate([engine.encode(messages=ex.messages)], params)[0] for ex in examples]
     alone_s = time.perf_counter() - begin
@@ -88,6 +99,61 @@ def main():
     )
     print(f"\nratio: {batch_tokens / batch_s / (alone_tokens / alone_s):.2f}x")
     print(proc.stderr.strip().splitlines()[-1])
+
+
+def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None:
+    prompts = [engine.encode(messages=ex.messages) for ex in examples]
+    n = args.per_call
+    engine.generate(prompts[:n], params)  # warm up
+
+    def calls(size: int, split: float | None, chunk: int | None):
+        engine.split_overhead, engine.chunk_slots = split, chunk
+        results, fed, real = [], 0, 0
+        for i in range(0, len(prompts), size):
+            results += engine.generate(prompts[i : i + size], params)
+            fed += engine.last_run["tokens_fed"]
+            real += engine.last_run["tokens_real"]
+        return results, 1 - real / max(fed, 1)
+
+    modes = {
+        "one at a time": (1, None, None),
+        f"{n} per call, one round per block, one forward a step (before)": (n, 0, 0),
+        f"{n} per call, cohorts only": (n, None, 0),
+        f"{n} per call, row-chunked full forwards only": (n, 0, None),
+        f"{n} per call, cohorts + chunks (default)": (n, None, None),
+    }
+    best: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    waste: dict[str, float] = {}
+    answers: dict[str, list[list[int]]] = {}
+    tokens = 0
+    for _ in range(args.repeats):
+        for name, (size, split, chunk) in modes.items():
+            begin, begin_cpu = time.perf_counter(), time.process_time()
+            results, waste[name] = calls(size, split, chunk)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - begin)
+            cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - begin_cpu)
+            answers[name] = [r.token_ids for r in results]
+            tokens = sum(r.stats.tokens for r in results)
+    first = next(iter(modes))
+    same = all(a == answers[first] for a in answers.values())
+    print(
+        f"\nEngine.generate: {len(prompts)} held-out prompts, gen_length {args.gen_length}, "
+        f"default decoder/cache, {args.threads} CPU threads, best of {args.repeats}; "
+        f"answers identical in every mode: {same}\n"
+    )
+    print(
+        "| mode | seconds | tokens/s | vs one at a time | CPU seconds | vs one at a time, CPU "
+        "| padding waste |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name in modes:
+        print(
+            f"| {name} | {best[name]:.2f} | {tokens / best[name]:.1f} | "
+            f"{best[first] / best[name]:.2f}x | {cpu[name]:.2f} | {cpu[first] / cpu[name]:.2f}x "
+            f"| {100 * waste[name]:.1f}% |"
+        )
+    assert same, "answers differ between modes"
 
 
 if __name__ == "__main__":

@@ -102,11 +102,21 @@ def main():
         help=f"'all' or comma list like threshold:dual,credit:vicinity (decoders: "
         f"{', '.join(DECODERS)}; caches: {', '.join(CACHES)})",
     )
+    ap.add_argument(
+        "--steps-per-check",
+        type=int,
+        default=None,
+        help="decoding steps between host checks (default: $DINFER_STEPS_PER_CHECK or 1); with "
+        "DINFER_SYNC_CHECK=1 every step region runs under workers.nosync's guard (on CUDA: "
+        "torch.cuda.set_sync_debug_mode('error'))",
+    )
     ap.add_argument("--json", default=None, help="also write the rows here (benchmarks/plot.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    engine = Engine.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, steps_per_check=args.steps_per_check
+    )
     cfg, tok = engine.config, engine.tokenizer
     per_task = -(-args.prompts // len(tasks.TASKS))
     examples = tasks.held_out(per_task)

@@ -7,11 +7,11 @@
 # on the CPU (small sizes, Triton interpreted), and `env -u TRITON_INTERPRET python
 # benchmarks/compile_check.py` compiles the new kernels for sm_90 without a GPU, so no lease is
 # spent on a typo or a compile error.
-# STEPS picks steps (default all: their limits add up to ~12 minutes, so a 10-minute command
-# limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine").
+# STEPS picks steps (default all: their limits add up to ~13.5 minutes, so a 10-minute command
+# limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine nosync").
 # Opt-in (not in the default list): STEPS="ep", expert parallel on every GPU, up to 7 minutes.
 out=${1:?usage: run_on_gpu.sh OUTDIR}
-want() { [[ " ${STEPS:-kernels moe confidence forward batch engine} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-kernels moe confidence forward batch engine nosync} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # kernels/ is imported as dinfer_kernels (see pyproject.toml): install the tree in place first
@@ -44,3 +44,9 @@ if want ep; then
     timeout 420 $py benchmarks/ep_dispatch.py --device cuda --dtype bfloat16 --full --sizes "$sizes" \
         --tokens 32,256,1024 2>&1 | tee "$out/ep_dispatch_gpu.txt"
 fi
+# issue 15 item 2: the engine's block steps with no host sync between checks (4 steps a check),
+# every step region under torch.cuda.set_sync_debug_mode("error") (DINFER_SYNC_CHECK=1): a sync
+# there fails the run with torch's message; guarded, so a failure costs only this table
+want nosync && ( set -o pipefail; DINFER_SYNC_CHECK=1 timeout 90 $py benchmarks/engine_speed.py --device cuda \
+    --prompts 10 --steps-per-check 4 --configs threshold:dual,fixed:dual,credit:vicinity,joint:none \
+    2>&1 | tee "$out/engine_cuda_nosync.txt" || echo "nosync step failed (see $out/engine_cuda_nosync.txt)" )

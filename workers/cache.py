@@ -58,6 +58,10 @@ class CachePolicy(Protocol):
         """Rows left mid-block: only the KV-cache rows `rows` stay, in that order."""
         return None
 
+    def step_width(self, block_start: int, length: int, block_length: int) -> int:
+        """Token slots per row a step after the first feeds (the scheduler's cost model)."""
+        return block_length
+
     def end_block(self, batch: Batch, rows: list[int]) -> None:
         """Batch rows `rows` finished their block (their tokens are in their requests)."""
         return None
@@ -74,7 +78,10 @@ class NoCache(CachePolicy):
         pass
 
     def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
-        return batch.run(0, batch.length)
+        return batch.run_full()
+
+    def step_width(self, block_start: int, length: int, block_length: int) -> int:
+        return length
 
 
 class PrefixCache(CachePolicy):
@@ -90,16 +97,22 @@ class PrefixCache(CachePolicy):
     def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
         if step == 0:
             self.kv.reserve(batch.cache_rows, batch.length)
-            return batch.run(0, batch.length, self.kv)
+            return batch.run_full(self.kv)
         return batch.run(batch.block_start - batch.shift, self._feed_end(batch), self.kv)
 
     def _feed_end(self, batch: Batch) -> int:
         return batch.length  # the block and everything after it
 
+    def step_width(self, block_start: int, length: int, block_length: int) -> int:
+        return length - block_start
+
 
 class DualCache(PrefixCache):
     def _feed_end(self, batch: Batch) -> int:
         return batch.block_end  # the block only
+
+    def step_width(self, block_start: int, length: int, block_length: int) -> int:
+        return block_length
 
 
 class VicinityCache(PrefixCache):
@@ -111,6 +124,9 @@ class VicinityCache(PrefixCache):
     @classmethod
     def group_key(cls, params: SamplingParams) -> tuple[Hashable, ...]:
         return (params.prefix_look, params.after_look)
+
+    def step_width(self, block_start: int, length: int, block_length: int) -> int:
+        return min(length, block_length + self.before + self.after)
 
     def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
         if step == 0:

@@ -22,7 +22,7 @@ import torch
 
 import dinfer_kernels as kernels
 from dinfer_async.params import SamplingParams
-from dinfer_kernels.reference import descending_rank, random_scores
+from dinfer_kernels.reference import RANDOM_SCORE_TOKEN, descending_rank, uniform
 from workers.sampling import local_ids, predict
 from workers.shared import transfer_counts
 
@@ -32,6 +32,12 @@ Device = torch.device | str
 def _column(values: Sequence[float], device: Device) -> torch.Tensor:
     """Per-row parameters as a [rows, 1] float64 column."""
     return torch.tensor(values, device=device, dtype=torch.float64)[:, None]
+
+
+def _random_scores(seeds: torch.Tensor, positions: int) -> torch.Tensor:
+    """kernels.reference.random_scores without uploading its counter (a fill on the device)."""
+    token = torch.full((1,), RANDOM_SCORE_TOKEN, dtype=torch.long, device=seeds.device)
+    return uniform(seeds, positions, token)[..., 0]
 
 
 def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -110,7 +116,7 @@ class FixedDecoder(Decoder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         token, score = self.predict(logits, seeds)
         if self.any_random:
-            score = torch.where(self.random[:, None], random_scores(seeds, masked.shape[1]), score)
+            score = torch.where(self.random[:, None], _random_scores(seeds, masked.shape[1]), score)
         score = torch.where(masked, score, -torch.inf)
         count = (
             self.counts[:, step : step + 1]

@@ -51,12 +51,15 @@ class Engine:
         tokenizer: Tokenizer,
         name: str = "model",
         max_batch_size: int = 32,
-        steps_per_check: int = 1,
+        steps_per_check: int | None = None,
         tensor_parallel_size: int = 1,
         expert_parallel: bool | str = False,
+        split_overhead: float | None = None,
+        chunk_slots: int | None = None,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
-        are done (see workers.iteration.BlockRound); results do not depend on it.
+        are done (see workers.iteration.BlockRound; None: $DINFER_STEPS_PER_CHECK, else 1);
+        results do not depend on it.
 
         tensor_parallel_size T > 1: this process is one of T ranks of a torch.distributed group
         (workers.parallel.group.launch, torchrun, or init_process_group); `model` is the full
@@ -66,7 +69,10 @@ class Engine:
         (SPMD); they take the same decisions and all return the same results. expert_parallel:
         the MoE families' routed experts are split over the same ranks (else replicated); True
         or "all_reduce" (no token moves, one all-reduce per MoE block) or "all_to_all" (tokens
-        dispatched to their experts' ranks and back; workers/parallel/layers.py)."""
+        dispatched to their experts' ranks and back; workers/parallel/layers.py).
+        split_overhead, chunk_slots: see workers.scheduler.Scheduler (None: the device's
+        defaults; both 0: each group's rows in one round per block, one forward per step).
+        After `generate`, `last_run` holds that call's padding waste and rounds."""
         if (
             isinstance(tensor_parallel_size, bool)
             or not isinstance(tensor_parallel_size, int)
@@ -100,6 +106,9 @@ class Engine:
         self.config = model.config
         self.max_batch_size = max_batch_size
         self.steps_per_check = steps_per_check
+        self.split_overhead = split_overhead
+        self.chunk_slots = chunk_slots
+        self.last_run: dict[str, float] = {}
 
     @classmethod
     def from_pretrained(
@@ -156,18 +165,20 @@ class Engine:
         seeds = [q.seed if q.seed is not None else draw.randrange(2**63) for q in per_prompt]
         if self.tensor_parallel is not None:  # every rank draws with rank 0's seeds
             seeds = self.tensor_parallel.broadcast([seeds])[0]
-        return [
-            self._result(seq)
-            for seq in denoise(
-                self.model,
-                ids,
-                per_prompt,
-                seeds,
-                self.max_batch_size,
-                self.steps_per_check,
-                decode=self.decode,
-            )
-        ]
+        self.last_run = {}
+        seqs = denoise(
+            self.model,
+            ids,
+            per_prompt,
+            seeds,
+            self.max_batch_size,
+            self.steps_per_check,
+            decode=self.decode,
+            split_overhead=self.split_overhead,
+            stats=self.last_run,
+            chunk_slots=self.chunk_slots,
+        )
+        return [self._result(seq) for seq in seqs]
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
         check_token_ids(ids, self.config.vocab_size, field)

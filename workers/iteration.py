@@ -15,13 +15,14 @@ import torch
 
 from dinfer_async.params import SamplingParams
 from workers.decoders import DecoderSet
+from workers.nosync import step_region
 from workers.sampling import expected_embedding
 from workers.shared import block_causal_mask, block_seed, forbid_tokens, step_seeds, until_eos
 
 if TYPE_CHECKING:
     from workers.cache import CachePolicy
     from workers.interfaces import DiffusionModel
-    from workers.kv_cache import KVCache, Overlay
+    from workers.kv_cache import KVCache, Overlay, RowWindow
 
 
 @dataclass(eq=False)  # identity equality: a request is hashable and equal only to itself
@@ -108,9 +109,8 @@ class Guidance:
     rows); `combine` folds the copies' logits back into their rows."""
 
     def __init__(self, scales: list[float], device: torch.device):
-        self.rows = torch.tensor(
-            [i for i, c in enumerate(scales) if c > 0], dtype=torch.long, device=device
-        )
+        self.host_rows = [i for i, c in enumerate(scales) if c > 0]
+        self.rows = torch.tensor(self.host_rows, dtype=torch.long, device=device)
         self.scales = torch.tensor([c for c in scales if c > 0], device=device)[:, None, None]
 
     def __len__(self) -> int:
@@ -165,17 +165,25 @@ class Batch:
         self.length = C + K + max(map(len, rights))
         B = len(seqs)
         self.row_start = [C - len(left) for left in lefts]  # each row's first real column
-        self.ids = torch.full((B, self.length), pad_id, dtype=torch.long, device=device)
-        self.real = torch.zeros(B, self.length, dtype=torch.bool, device=device)
-        self.positions = torch.zeros(B, self.length, dtype=torch.long, device=device)
-        self.in_prompt = torch.zeros(B, self.length, dtype=torch.bool, device=device)
-        for i, (s, left, right) in enumerate(zip(seqs, lefts, rights)):
-            lo, hi = C - len(left), C + K + len(right)
-            row = left + s.window[s.block * K : (s.block + 1) * K] + right
-            self.ids[i, lo:hi] = torch.tensor(row, device=device)
-            self.real[i, lo:hi] = True
-            self.positions[i, lo:] = torch.arange(self.length - lo, device=device)
-            self.in_prompt[i, lo : lo + len(s.prompt) + s.skip] = True
+        # one upload for the whole layout: ids, then each row's [first real, end, prompt end)
+        grid = [[pad_id] * self.length for _ in seqs]
+        for row, s, left, right, lo in zip(grid, seqs, lefts, rights, self.row_start):
+            row[lo : C + K + len(right)] = left + s.window[s.block * K : (s.block + 1) * K] + right
+        bounds = [
+            [lo, C + K + len(right), lo + len(s.prompt) + s.skip]
+            for s, right, lo in zip(seqs, rights, self.row_start)
+        ]
+        self.ids = torch.tensor(grid, dtype=torch.long, device=device).reshape(B, self.length)
+        lo, hi, prompt_end = torch.tensor(bounds, dtype=torch.long, device=device).T[..., None]
+        column = torch.arange(self.length, device=device)[None]
+        self.real = (column >= lo) & (column < hi)
+        self.positions = (column - lo).clamp(min=0)
+        self.in_prompt = (column >= lo) & (column < prompt_end)
+        self.row_end = [b[1] for b in bounds]  # each row's end of real columns
+        # per-step padding waste: token slots fed through the model, and how many were real
+        self.fed = 0
+        self.fed_real = 0
+        self.chunk_slots = 0  # run_full's chunk size in token slots (0: one forward)
         self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
         self._row_options(seqs)
 
@@ -188,7 +196,9 @@ class Batch:
         """Only `rows` stay (mid-block, e.g. after an abort). Returns the KV-cache rows to keep."""
         cache_rows = self.guidance.cache_rows(rows, self.rows)
         self.seqs = seqs
-        self.row_start = [self.row_start[i] for i in rows.tolist()]
+        kept = rows.tolist()
+        self.row_start = [self.row_start[i] for i in kept]
+        self.row_end = [self.row_end[i] for i in kept]
         self.ids = self.ids[rows]
         self.real = self.real[rows]
         self.positions = self.positions[rows]
@@ -216,6 +226,7 @@ class Batch:
         a logit shift, [lo, hi) must hold the column before the block). Guided rows also run
         their unconditional copies; soft inputs replace masked block inputs."""
         g = self.guidance
+        self._count_fed(lo, hi)
         ids = g.extend_ids(self.ids[:, lo:hi], self.in_prompt[:, lo:hi], self.mask_id)
         positions = g.extend(self.positions[:, lo:hi])
         real = g.extend(self.real)
@@ -226,6 +237,65 @@ class Batch:
         )
         first = self.block_start - self.shift - lo  # the column whose logits predict the block
         return g.combine(logits[:, first : first + self.block_length])
+
+    def run_full(self, kv: KVCache | None = None) -> torch.Tensor:
+        """run(0, length, kv), in row chunks of at most `chunk_slots` token slots when that is
+        set (and no row is guided): each chunk feeds only the columns its rows' real tokens
+        span, so rows of different lengths do not pay for the longest row's layout, and a
+        forward stays the size this device computes fastest. Cache columns a chunk does not
+        feed are its rows' padding: zeroed (hidden from attention, but 0 x NaN is NaN)."""
+        chunks = self.chunks()
+        if len(chunks) == 1 or len(self.guidance):
+            return self.run(0, self.length, kv)
+        return torch.cat([self._run_rows(*chunk, kv) for chunk in chunks])
+
+    def chunks(self) -> list[tuple[int, int, int, int]]:
+        """(first row, end row, first column, end column) of each chunk of run_full: rows in
+        order, a chunk grown while rows x columns stays within chunk_slots."""
+        if self.chunk_slots <= 0:
+            return [(0, self.rows, 0, self.length)]
+        out = []
+        r0 = 0
+        while r0 < self.rows:
+            r1, c0, c1 = r0 + 1, self.row_start[r0], self.row_end[r0]
+            while r1 < self.rows:
+                n0, n1 = min(c0, self.row_start[r1]), max(c1, self.row_end[r1])
+                if (r1 + 1 - r0) * (n1 - n0) > self.chunk_slots:
+                    break
+                r1, c0, c1 = r1 + 1, n0, n1
+            out.append((r0, r1, c0, c1))
+            r0 = r1
+        return out
+
+    def _run_rows(self, r0: int, r1: int, c0: int, c1: int, kv: KVCache | None) -> torch.Tensor:
+        """The block's logits of rows [r0, r1) from feeding their columns [c0, c1)."""
+        self._count_fed(c0, c1, r0, r1)
+        ids = self.ids[r0:r1, c0:c1]
+        positions = self.positions[r0:r1, c0:c1]
+        window: RowWindow | None = None
+        if kv is None:
+            real, key_positions = self.real[r0:r1, c0:c1], positions
+        else:
+            real, key_positions = self.real[r0:r1], self.positions[r0:r1]
+            window = kv.row_window(r0, r1)
+            window.clear_outside(c0, c1)
+        if self.model.block_causal:
+            real = block_causal_mask(positions, key_positions, self.block_length, real)
+        embeds = self._inputs(ids, c0, slice(r0, r1))
+        logits = self.model(ids, positions, real, cache=window, start=c0, inputs_embeds=embeds)
+        first = self.block_start - self.shift - c0
+        return logits[:, first : first + self.block_length]
+
+    def _count_fed(self, lo: int, hi: int, r0: int = 0, r1: int | None = None) -> None:
+        """Count the token slots of feeding [lo, hi) to rows [r0, r1) and the real ones among
+        them, from the rows' spans on the host (no sync); a guided row's copy counts as its row
+        again."""
+        spans = list(zip(self.row_start, self.row_end))[r0:r1]
+        real = [max(0, min(hi, b) - max(lo, a)) for a, b in spans]
+        if r0 == 0 and r1 is None:
+            real += [real[i] for i in self.guidance.host_rows]
+        self.fed += (hi - lo) * len(real)
+        self.fed_real += sum(real)
 
     def set_soft(self, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
         """Soft diffusion: a still-masked block position's next input is
@@ -238,10 +308,12 @@ class Batch:
         use = still_masked & self.soft_rows[:, None]
         self.soft = torch.where(use[..., None], soft, plain)
 
-    def _inputs(self, ids: torch.Tensor, start: int) -> torch.Tensor | None:
+    def _inputs(
+        self, ids: torch.Tensor, start: int, rows: slice | None = None
+    ) -> torch.Tensor | None:
         if self.soft is None:
             return None
-        soft = self.guidance.extend(self.soft)
+        soft = self.guidance.extend(self.soft) if rows is None else self.soft[rows]
         embeds = self.model.embed(ids)
         lo, hi = max(self.block_start, start), min(self.block_end, start + ids.shape[1])
         if lo < hi:
@@ -268,9 +340,12 @@ class StepUpdate:
 class BlockRound:
     """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`.
 
-    report: build per-step updates (streaming); without it updates come only for rows done with
-    the block, and the host looks at the rows only every `steps_per_check` steps: the steps in
-    between are queued without waiting (a row done early computes but commits nothing)."""
+    The host looks at the rows only every `steps_per_check` steps (dInfer's loop unrolling):
+    the steps in between are queued without a host sync (workers/nosync.py checks it; a row
+    done early computes but commits nothing). report: at each check, an update for every row
+    that had work since the last one (streaming; with steps_per_check > 1 it carries the latest
+    block and every position committed or revised since the last check); without it, updates
+    come only for rows done with the block."""
 
     def __init__(
         self,
@@ -279,14 +354,25 @@ class BlockRound:
         policy: CachePolicy,
         report: bool = True,
         steps_per_check: int = 1,
+        chunk_slots: int = 0,
     ):
+        """chunk_slots: full forwards run in row chunks of at most this many token slots
+        (Batch.run_full; 0: one forward); the rows are then ordered by their layout."""
+        if isinstance(steps_per_check, bool) or not isinstance(steps_per_check, int):
+            raise TypeError(f"steps_per_check must be an integer >= 1, not {steps_per_check!r}")
+        if steps_per_check < 1:
+            raise ValueError(f"steps_per_check must be >= 1, not {steps_per_check}")
         cfg = model.config
         device = model.lm_head_weight.device
+        self.device = device
+        if chunk_slots > 0:  # rows whose real tokens start at similar columns share chunks
+            seqs = sorted(seqs, key=lambda s: -(len(s.prompt) + s.block * s.params.block_length))
         self.seqs = seqs
         self.policy = policy
         self.mask_id: int = cfg.mask_token_id
         self.eos_id: int = cfg.eos_token_id
         self.batch = Batch(model, seqs, self.mask_id, self.eos_id)
+        self.batch.chunk_slots = chunk_slots
         self.decoders = DecoderSet([s.params for s in seqs], device)
         self.block_seeds = torch.tensor(
             [block_seed(s.seed, s.block) for s in seqs], dtype=torch.long, device=device
@@ -294,67 +380,83 @@ class BlockRound:
         self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
         self.any_soft = any(s.params.soft_diffusion for s in seqs)
-        self.row_done = torch.zeros(len(seqs), dtype=torch.bool, device=device)
+        B, K = len(seqs), self.batch.block_length
+        self.row_done = torch.zeros(B, dtype=torch.bool, device=device)
         # per-row counters stay on the device; copied to the requests when the block ends
-        self.forwards = torch.zeros(len(seqs), dtype=torch.long, device=device)
-        self.committed = torch.zeros(len(seqs), dtype=torch.long, device=device)
-        self.edits = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        self.forwards = torch.zeros(B, dtype=torch.long, device=device)
+        self.committed = torch.zeros(B, dtype=torch.long, device=device)
+        self.edits = torch.zeros(B, dtype=torch.long, device=device)
         # streamed confidence of each block position's token (only kept when reporting)
-        self.confidence = torch.zeros(
-            len(seqs), self.batch.block_length, dtype=torch.float64, device=device
-        )
+        self.confidence = torch.zeros(B, K, dtype=torch.float64, device=device)
+        # what changed since the last check (reported there)
+        self.pending_work = torch.zeros(B, dtype=torch.bool, device=device)
+        self.pending_commit = torch.zeros(B, K, dtype=torch.bool, device=device)
+        self.pending_revised = torch.zeros(B, K, dtype=torch.bool, device=device)
         self.report = report
-        self.steps_per_check = 1 if report else steps_per_check
+        self.steps_per_check = steps_per_check
         self.step_index = 0
         self.finished = False
+        self.left: list[Sequence] = []  # rows done with the block that left at the last step
 
-    def drop(self, leaving: set[int]) -> None:
-        """Remove the rows at `leaving` before the next step; their cache rows are released."""
+    _ROW_STATE = (
+        "suppress_eos",
+        "row_done",
+        "block_seeds",
+        "forwards",
+        "committed",
+        "edits",
+        "confidence",
+        "pending_work",
+        "pending_commit",
+        "pending_revised",
+    )
+
+    def drop(self, leaving: set[int]) -> list[StepUpdate]:
+        """Remove the rows at `leaving` before the next step; their cache rows are released. If
+        every row left is then done with the block, the round finishes: returned are the
+        updates the others had pending since the last check (none with steps_per_check 1)."""
         rows = torch.tensor(
             [i for i in range(len(self.seqs)) if i not in leaving],
             dtype=torch.long,
-            device=self.row_done.device,
+            device=self.device,
         )
         self.seqs = [self.seqs[i] for i in rows.tolist()]
         self.policy.keep_rows(self.batch.keep(rows, self.seqs))
         self.decoders.keep(rows)
-        self.suppress_eos = self.suppress_eos[rows]
-        self.row_done = self.row_done[rows]
-        self.block_seeds = self.block_seeds[rows]
-        self.forwards = self.forwards[rows]
-        self.committed = self.committed[rows]
-        self.edits = self.edits[rows]
-        self.confidence = self.confidence[rows]
+        for name in self._ROW_STATE:
+            setattr(self, name, getattr(self, name)[rows])
         if self.seqs and bool(self.row_done.all()):
+            self.finished = True
+            updates = self._updates()
             self._finish()
+            return updates
+        return []
 
     def step(self) -> list[StepUpdate]:
         """One forward and its commits. Every `steps_per_check` steps the host looks at which
-        rows are done: all of them end the round; some leave the forwards now instead of idling
-        until the slowest row is done (they start their next block with the next round)."""
-        working, commit, revised, still_masked, logits = self._decode()
+        rows are done: all of them end the round; some leave it now (`left`: their blocks are in
+        their requests) instead of idling until the slowest row is done."""
+        self.left = []
+        with step_region(self.device):
+            self._decode()
         if self.step_index % self.steps_per_check:  # no host check: nothing to report either
-            self._prepare_soft(logits, still_masked)
             return []
-        done = torch.nonzero(self.row_done)[:, 0].tolist()  # the host sync
+        done = [i for i, d in enumerate(self.row_done.tolist()) if d]  # the host sync
         if len(done) == len(self.seqs):
             self.finished = True
-            updates = self._updates(working, commit, revised)
+            updates = self._updates()
             self._finish()
             return updates
-        self._prepare_soft(logits, still_masked)
-        updates = self._updates(working, commit, revised, None if self.report else done)
+        updates = self._updates(None if self.report else done)
         if done:
             self._write_back(done)
+            self.left = [self.seqs[i] for i in done]
             self.drop(set(done))
         return updates
 
-    def _decode(
-        self,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One forward, the decoders' picks committed into the batch, counters updated (tensor
-        ops only). Returns which rows had work, the commits of masked positions, the revisions
-        of committed ones (editing decoders), what is still masked, the logits."""
+    def _decode(self) -> None:
+        """One forward, the decoders' picks committed into the batch, counters and the pending
+        updates updated, the next soft inputs prepared: tensor ops only, no host sync."""
         batch, t = self.batch, self.step_index
         logits = self.policy.block_logits(batch, t)
         suppress = self.suppress_eos if self.any_suppress else None
@@ -372,60 +474,70 @@ class BlockRound:
         self.forwards += working  # a forward counts for a request only while it still had work
         self.committed += commit.sum(-1)
         self.edits += revised.sum(-1)
+        self.pending_work |= working
+        self.pending_commit |= commit
+        self.pending_revised |= revised
         still_masked = masked & ~commit
         self.row_done |= self.decoders.done(t + 1, still_masked)
         self.step_index += 1
-        return working, commit, revised, still_masked, logits
-
-    def _prepare_soft(self, logits: torch.Tensor, still_masked: torch.Tensor) -> None:
         if self.any_soft:
-            self.batch.set_soft(logits, still_masked, self.step_index - 1)
+            batch.set_soft(logits, still_masked, t)
 
-    def _updates(
-        self,
-        working: torch.Tensor,
-        commit: torch.Tensor,
-        revised: torch.Tensor,
-        only: list[int] | None = None,
-    ) -> list[StepUpdate]:
-        """What changed for each request this step (`only` those rows), limited to the block's
-        answer positions; rows done with the block say so (block_final)."""
+    def _updates(self, only: list[int] | None = None) -> list[StepUpdate]:
+        """What changed for each request since the last check (`only` those rows; without
+        reporting, those rows' final state), limited to the block's answer positions; rows done
+        with the block say so (block_final). One copy to the host."""
         K = self.batch.block_length
-        block = self.batch.block().tolist()
-        commits = commit.tolist()
-        revisions = revised.tolist()
+        state = torch.cat(
+            [
+                self.batch.block(),
+                self.pending_commit.long(),
+                self.pending_revised.long(),
+                self.pending_work.long()[:, None],
+                self.row_done.long()[:, None],
+            ],
+            dim=1,
+        ).tolist()
         confidence = self.confidence.tolist() if self.report else None
-        work = working.tolist()
-        done = self.row_done.tolist()
         rows = range(len(self.seqs)) if only is None else only
         updates = []
         for i in rows:
-            if not (work[i] or self.finished):
+            block, commits, revisions = state[i][:K], state[i][K : 2 * K], state[i][2 * K : 3 * K]
+            work, done = state[i][3 * K], state[i][3 * K + 1]
+            if not (work or self.finished or not self.report):
                 continue
             s = self.seqs[i]
             lo, hi = s.span(s.block)
             a, b = lo - s.block * K, hi - s.block * K  # the answer part, as block offsets
-            offsets = [j - a for j in range(a, b) if commits[i][j]]
-            edited = [j - a for j in range(a, b) if revisions[i][j]]
+            offsets = [j - a for j in range(a, b) if commits[j]]
+            edited = [j - a for j in range(a, b) if revisions[j]]
             conf = None if confidence is None else confidence[i][a:b]
-            updates.append(StepUpdate(s, s.block, block[i][a:b], offsets, done[i], edited, conf))
+            updates.append(StepUpdate(s, s.block, block[a:b], offsets, bool(done), edited, conf))
+        self.pending_work.zero_()
+        self.pending_commit.zero_()
+        self.pending_revised.zero_()
         return updates
 
     def _write_back(self, rows: list[int]) -> None:
         """Copy the block and counters of `rows` into their requests; the policy keeps what it
         keeps of them."""
         K = self.batch.block_length
-        index = torch.tensor(rows, dtype=torch.long, device=self.row_done.device)
-        blocks = self.batch.block()[index].tolist()
-        forwards = self.forwards[index].tolist()
-        committed = self.committed[index].tolist()
-        edits = self.edits[index].tolist()
-        for r, row, n, c, e in zip(rows, blocks, forwards, committed, edits):
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        state = torch.cat(
+            [
+                self.batch.block()[index],
+                self.forwards[index, None],
+                self.committed[index, None],
+                self.edits[index, None],
+            ],
+            dim=1,
+        ).tolist()
+        for r, row in zip(rows, state):
             s = self.seqs[r]
-            s.window[s.block * K : (s.block + 1) * K] = row
-            s.forwards += n
-            s.committed += c
-            s.edits += e
+            s.window[s.block * K : (s.block + 1) * K] = row[:K]
+            s.forwards += row[K]
+            s.committed += row[K + 1]
+            s.edits += row[K + 2]
         self.policy.end_block(self.batch, rows)
 
     def _finish(self) -> None:

@@ -70,6 +70,45 @@ class KVCache:
             write,
         )
 
+    def row_window(self, lo: int, hi: int) -> RowWindow:
+        """Rows [lo, hi) of the cache, as a cache of their own (a forward over some rows)."""
+        return RowWindow(self, lo, hi)
+
+
+class RowWindow:
+    """Rows [lo, hi) of a KVCache: what a forward over those rows alone attends over."""
+
+    def __init__(self, kv: KVCache, lo: int, hi: int):
+        self.kv, self.lo, self.hi = kv, lo, hi
+
+    def clear_outside(self, start: int, end: int) -> None:
+        """Zero these rows' keys and values outside columns [start, end)."""
+        kv = self.kv
+        for store in (kv.k, kv.v):
+            store[:, self.lo : self.hi, :, :start] = 0
+            store[:, self.lo : self.hi, :, end : kv.length] = 0
+
+    def attention(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int,
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        kv = self.kv
+        return kernels.cached_attention(
+            q,
+            k,
+            v,
+            kv.k[layer, self.lo : self.hi, :, : kv.length],
+            kv.v[layer, self.lo : self.hi, :, : kv.length],
+            start,
+            key_mask,
+            True,
+        )
+
 
 class Overlay:
     """The cache as seen with a window of fresh keys/values in place, leaving it untouched."""

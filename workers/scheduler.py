@@ -1,15 +1,22 @@
 """Continuous batching at block granularity.
 
-Requests wait until a block boundary, then join a round with every running request of the same
+Requests wait until a block boundary, then join a round with running requests of the same
 block length and cache policy (their prompts, windows, decoders and temperatures may differ).
-A round decodes one block for all its rows, one forward per `step()`; at its end, requests whose
-block held EOS (with early_stop) or whose window is complete leave at once. Groups with
-different block lengths or cache policies take turns, one round each. Each group has one cache
-policy object for as long as it has requests; the scheduler tells it when a request leaves.
+A round decodes one block for its rows, one forward per `step()`. A row done with its block
+leaves the round at the next host check and its block ends at once: a request whose block held
+EOS (with early_stop), or whose window is complete, finishes then, not when the round's slowest
+row is done; the others start their next block with a later round. Where rows of a group differ
+so much in layout (prompt lengths, blocks) that their padding costs more than a forward's fixed
+cost, the group is split into cohorts that take turns (workers/cohorts.py), and a round's full
+forwards run in row chunks over their own columns (Batch.run_full); `padding()` reports the
+padding waste of every step. Groups with different block lengths or cache policies take turns,
+one round each. Each group has one cache policy object for as long as it has requests; the
+scheduler tells it when a request leaves.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Hashable
@@ -20,6 +27,8 @@ import torch
 
 from dinfer_async.params import SamplingParams
 from workers.cache import CachePolicy, policy_class
+from workers.cohorts import CPU_CHUNK_SLOTS, CPU_FORWARD_OVERHEAD
+from workers.cohorts import split as cohorts_split
 from workers.iteration import BlockRound, Sequence, StepUpdate
 from workers.kv_cache import KVCache
 from workers.shared import until_eos
@@ -36,6 +45,22 @@ class Finished:
     seq: Sequence
 
 
+def default_steps_per_check(value: int | None = None) -> int:
+    """`value`, or $DINFER_STEPS_PER_CHECK when None (1 when unset)."""
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"steps_per_check must be an integer >= 1, not {value!r}")
+        return value
+    text = os.environ.get("DINFER_STEPS_PER_CHECK", "1")
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise ValueError(f"DINFER_STEPS_PER_CHECK={text!r}: set an integer >= 1 or unset it")
+    return steps
+
+
 def group_key(params: SamplingParams, block_causal: bool) -> GroupKey:
     """Requests that can share a forward: same block length and cache policy class, and the
     same parameters of that policy (its own `group_key`)."""
@@ -49,17 +74,27 @@ class Scheduler:
         model: DiffusionModel,
         max_batch_size: int = 32,
         report: bool = True,
-        steps_per_check: int = 1,
+        steps_per_check: int | None = None,
         decode: Decode | None = None,
+        split_overhead: float | None = None,
+        chunk_slots: int | None = None,
     ):
-        """report: produce a StepUpdate per request per step (streaming); without it, updates
-        come only at block ends and a step syncs the host once. steps_per_check: see
-        BlockRound (1 suits CPUs, more hides GPU latency). decode: token ids -> text, for
-        requests with stop strings."""
+        """report: produce a StepUpdate per request at each host check (streaming); without
+        it, updates come only at block ends. steps_per_check: steps between host checks, see
+        BlockRound (None: $DINFER_STEPS_PER_CHECK, else 1; 1 suits CPUs, where a check costs
+        nothing and a step after a block is done costs a forward; more hides GPU latency).
+        decode: token ids -> text, for requests with stop strings. split_overhead: a forward's
+        fixed cost in token slots, for splitting a group into cohorts that take turns where
+        their padding costs more (workers/cohorts.py); None: CPU_FORWARD_OVERHEAD on a CPU, 0
+        (never split) elsewhere, where a forward is launch-bound and the split is unmeasured,
+        and for block-causal models (a round's first step feeds only what is not stored).
+        chunk_slots: a round's full forwards run in row chunks of at most this many token
+        slots, each over its rows' own columns (Batch.run_full); None: CPU_CHUNK_SLOTS on a
+        CPU, 0 (one forward) elsewhere."""
         self.model = model
         self.max_batch_size = max_batch_size
         self.report = report
-        self.steps_per_check = steps_per_check
+        self.steps_per_check = default_steps_per_check(steps_per_check)
         self.decode = decode
         cfg = model.config
         self.mask_id: int = cfg.mask_token_id
@@ -72,6 +107,19 @@ class Scheduler:
         self.policies: dict[GroupKey, CachePolicy] = {}  # one per group in `running`
         self.round: BlockRound | None = None
         self.round_key: GroupKey = ()
+        if split_overhead is None:
+            cpu = self.device.type == "cpu" and not model.block_causal
+            split_overhead = CPU_FORWARD_OVERHEAD if cpu else 0
+        self.split_overhead = split_overhead
+        if chunk_slots is None:
+            chunk_slots = CPU_CHUNK_SLOTS if self.device.type == "cpu" else 0
+        self.chunk_slots = chunk_slots
+        self.rounds = 0  # rounds started
+        self.last_ran: dict[Sequence, int] = {}  # the round each request last ran in (or joined)
+        self.steps_per_block: dict[GroupKey, float] = {}  # a running mean of rounds' steps
+        # padding waste over every forward so far: token slots fed, and the real ones among them
+        self.fed = 0
+        self.fed_real = 0
 
     def add(self, id: Any, prompt: list[int], params: SamplingParams, seed: int) -> Sequence:
         seq = Sequence.create(id, prompt, params, seed, self.mask_id, self.model.block_causal)
@@ -94,21 +142,35 @@ class Scheduler:
         """One forward for the current round (starting one if needed)."""
         if self.round is not None and any(s.aborted for s in self.round.seqs):
             # aborted requests leave before the next step, not at the block's end
-            self._drop_aborted(self.round)
+            pending = self._drop_aborted(self.round)
             if self.round is not None and self.round.finished:
-                return list(self._end_round())
+                return [*pending, *self._end_round()]
         if self.round is None and not self._start_round():
             return []
         assert self.round is not None
         updates: list[StepUpdate | Finished] = [u for u in self.round.step() if not u.seq.aborted]
+        policy = self.policies[self.round_key]
+        for seq in self.round.left:  # done with the block before the slowest row: ends now
+            finished = self._end_block(seq, policy)
+            if finished is not None:
+                updates.append(finished)
+        if any(s.finish_reason for s in self.round.left):
+            self.running[self.round_key] = [
+                s for s in self.running[self.round_key] if not s.finish_reason
+            ]
         if self.round.finished:
             updates += self._end_round()
         return updates
 
-    def _drop_aborted(self, round: BlockRound) -> None:
-        round.drop({i for i, s in enumerate(round.seqs) if s.aborted})
-        if not self._remove_aborted(self.round_key):
+    def _drop_aborted(self, round: BlockRound) -> list[StepUpdate | Finished]:
+        """Aborted rows leave the round; returned: the others' updates if that ends it."""
+        pending: list[StepUpdate | Finished] = list(
+            round.drop({i for i, s in enumerate(round.seqs) if s.aborted})
+        )
+        if not self._remove_aborted(self.round_key) or not round.seqs:
+            self._count(round)
             self.round = None
+        return pending
 
     def _remove_aborted(self, key: GroupKey) -> bool:
         """Aborted requests leave group `key`; False if that leaves it empty (it is gone)."""
@@ -116,6 +178,7 @@ class Scheduler:
         for seq in self.running[key]:
             if seq.aborted:
                 policy.leave(seq)
+                self.last_ran.pop(seq, None)
         self.running[key] = [s for s in self.running[key] if not s.aborted]
         return self._keep_group(key)
 
@@ -136,6 +199,7 @@ class Scheduler:
                 cls = policy_class(seq.params.cache, self.model.block_causal)
                 self.policies[key] = cls(seq.params, self.kv)
             self.running.setdefault(key, []).append(seq)
+            self.last_ran[seq] = self.rounds
 
     def _start_round(self) -> bool:
         self._admit()
@@ -148,34 +212,79 @@ class Scheduler:
         self.running[key] = seqs
         self.round_key = key
         self.round = BlockRound(
-            self.model, seqs, self.policies[key], self.report, self.steps_per_check
+            self.model,
+            self._cohort(key, seqs),
+            self.policies[key],
+            self.report,
+            self.steps_per_check,
+            self.chunk_slots,
         )
+        self.rounds += 1
+        for seq in self.round.seqs:
+            self.last_ran[seq] = self.rounds
         return True
 
+    def _cohort(self, key: GroupKey, seqs: list[Sequence]) -> list[Sequence]:
+        """The rows of group `key` that run this round: its cohort (workers/cohorts.py) holding
+        the request that has waited longest since it last ran."""
+        if self.split_overhead <= 0 or len(seqs) < 2:
+            return seqs
+        policy = self.policies[key]
+        K = seqs[0].params.block_length
+        cohorts = cohorts_split(
+            seqs,
+            self.model.block_causal,
+            self.split_overhead,
+            self.steps_per_block.get(key, 2.0),
+            lambda start, length: policy.step_width(start, length, K),
+        )
+        return min(cohorts, key=lambda c: min(self.last_ran.get(s, 0) for s in c))
+
+    def _count(self, round: BlockRound) -> None:
+        self.fed += round.batch.fed
+        self.fed_real += round.batch.fed_real
+
+    def padding(self) -> dict[str, float]:
+        """Per-step padding waste so far: token slots fed through the model, the real ones
+        among them, and the wasted fraction."""
+        return {
+            "tokens_fed": self.fed,
+            "tokens_real": self.fed_real,
+            "padding_waste": 1 - self.fed_real / max(self.fed, 1),
+        }
+
     def _end_round(self) -> list[Finished]:
-        done: list[Finished] = []
-        policy = self.policies[self.round_key]
-        seqs = self.running[self.round_key]
-        for seq in seqs:
-            lo, hi = seq.span(seq.block)
-            seq.block += 1
-            if seq.params.stop and self._finish_at_stop(seq, hi):
-                pass  # the answer is cut before the stop string
-            elif seq.params.early_stop and self.eos_id in seq.window[lo:hi]:
-                cut = seq.window.index(self.eos_id, seq.skip)
-                seq.window[cut:] = [self.eos_id] * (len(seq.window) - cut)
-                seq.finish_reason = "eos"
-            elif seq.block == seq.num_blocks:
-                seq.finish_reason = "eos" if self.eos_id in seq.generated() else "length"
-            if seq.finish_reason:
-                policy.leave(seq)
-                seq.seconds = time.perf_counter() - seq.admitted_at
-                if not seq.aborted:
-                    done.append(Finished(seq))
-        self.running[self.round_key] = [s for s in seqs if not s.finish_reason]
-        self._keep_group(self.round_key)
+        assert self.round is not None
+        key, round = self.round_key, self.round
+        policy = self.policies[key]
+        done = [f for seq in round.seqs if (f := self._end_block(seq, policy)) is not None]
+        self._count(round)
+        mean = self.steps_per_block.get(key, float(round.step_index))
+        self.steps_per_block[key] = 0.75 * mean + 0.25 * round.step_index
+        self.running[key] = [s for s in self.running[key] if not s.finish_reason]
+        self._keep_group(key)
         self.round = None
         return done
+
+    def _end_block(self, seq: Sequence, policy: CachePolicy) -> Finished | None:
+        """`seq`'s block is in its window: move it to the next block, or finish it (EOS with
+        early_stop, a stop string, the window's end). Finished ones leave the group's policy."""
+        lo, hi = seq.span(seq.block)
+        seq.block += 1
+        if seq.params.stop and self._finish_at_stop(seq, hi):
+            pass  # the answer is cut before the stop string
+        elif seq.params.early_stop and self.eos_id in seq.window[lo:hi]:
+            cut = seq.window.index(self.eos_id, seq.skip)
+            seq.window[cut:] = [self.eos_id] * (len(seq.window) - cut)
+            seq.finish_reason = "eos"
+        elif seq.block == seq.num_blocks:
+            seq.finish_reason = "eos" if self.eos_id in seq.generated() else "length"
+        if not seq.finish_reason:
+            return None
+        policy.leave(seq)
+        self.last_ran.pop(seq, None)
+        seq.seconds = time.perf_counter() - seq.admitted_at
+        return None if seq.aborted else Finished(seq)
 
     def _finish_at_stop(self, seq: Sequence, decoded: int) -> bool:
         """Finish `seq` with "stop" if its answer so far (window up to `decoded`) holds a stop
@@ -198,13 +307,23 @@ def denoise(
     params: SamplingParams | list[SamplingParams],
     seeds: list[int],
     max_batch_size: int = 64,
-    steps_per_check: int = 1,
+    steps_per_check: int | None = None,
     decode: Decode | None = None,
+    split_overhead: float | None = None,
+    stats: dict[str, float] | None = None,
+    chunk_slots: int | None = None,
 ) -> list[Sequence]:
-    """Run `prompts` to completion (params: one for all, or one per prompt); results in order."""
+    """Run `prompts` to completion (params: one for all, or one per prompt); results in order.
+    `stats`, if given, receives the run's padding waste and rounds (Scheduler.padding)."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     scheduler = Scheduler(
-        model, max_batch_size, report=False, steps_per_check=steps_per_check, decode=decode
+        model,
+        max_batch_size,
+        report=False,
+        steps_per_check=steps_per_check,
+        decode=decode,
+        split_overhead=split_overhead,
+        chunk_slots=chunk_slots,
     )
     seqs = [
         scheduler.add(i, p, q, s)
@@ -213,4 +332,6 @@ def denoise(
     with torch.no_grad():
         while scheduler.has_work():
             scheduler.step()
+    if stats is not None:
+        stats.update(scheduler.padding(), rounds=scheduler.rounds)
     return seqs

@@ -49,9 +49,18 @@ def block_seed(seed: int, block: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
+def _mix32_int(x: int) -> int:
+    """kernels.reference.mix32 on one Python int in [0, 2**32)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
 def step_seeds(block_seeds: torch.Tensor, step: int) -> torch.Tensor:
     """[B] int64 block keys -> [B] int64 keys of `step` (in [0, 2**63)), with tensor ops only."""
-    s = int(mix32(torch.tensor(step + 0x632BE5AB)))
+    s = _mix32_int(step + 0x632BE5AB)  # on the host in Python: no tensor, no sync
     lo = mix32((block_seeds & 0xFFFFFFFF) ^ s)
     hi = mix32((block_seeds >> 32) ^ lo ^ 0x9E3779B9) & 0x7FFFFFFF
     return (hi << 32) | lo
@@ -68,5 +77,6 @@ def forbid_tokens(
     if 0 <= mask_id - first < logits.shape[-1]:
         logits[..., mask_id - first] = -torch.inf
     if suppress_eos is not None and 0 <= eos_id - first < logits.shape[-1]:
-        logits[suppress_eos, :, eos_id - first] = -torch.inf
+        column = logits[..., eos_id - first]  # a view; a masked write, not a boolean index
+        column.copy_(torch.where(suppress_eos[:, None], -torch.inf, column))
     return logits
