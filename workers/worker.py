@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dinfer.worker")
 MAX_FRAMES_PER_DRAIN = 1000  # then step: a flood of frames cannot starve running streams
 KEEPALIVE = 2.0  # seconds an idle rank 0 of a group waits before a keepalive collective
+# how long a round's start waits for tokenizations in flight (collect): about a tokenization or
+# two of a chat prompt, small against a forward
+ADMIT_WINDOW_S = 0.005
 MONITORED = (
     zmq.EVENT_ACCEPTED
     | zmq.EVENT_DISCONNECTED
@@ -83,6 +86,8 @@ class Pending:
 
 
 class Worker:
+    admit_window: float = ADMIT_WINDOW_S  # seconds; see collect
+
     def __init__(
         self,
         engine: Engine,
@@ -390,7 +395,23 @@ class Worker:
         return self.engine.encode(prompt=prompt, messages=messages)
 
     def collect(self) -> None:
-        """Admit the requests whose tokenization finished (on the loop thread)."""
+        """Admit the requests whose tokenization finished (on the loop thread). When the next
+        step starts a round and there is room in it, first wait (up to `admit_window`) for the
+        tokenizations in flight, draining the frames that arrive meanwhile: a burst of requests
+        then starts in one round, as it would in one `Engine.generate` call, instead of the
+        first arrival running a round alone while the rest wait for the next block boundary."""
+        self._admit_tokenized()
+        if self.scheduler.round is not None or not self.pending:
+            return  # mid-round, requests join at the next round's start anyway
+        deadline = time.perf_counter() + self.admit_window
+        while self.pending and self.scheduler.active < self.scheduler.max_batch_size:
+            left = deadline - time.perf_counter()
+            if left <= 0 or self.stopping:
+                break
+            self.drain(timeout_ms=max(1, round(left * 1000)))  # a finished tokenization wakes it
+            self._admit_tokenized()
+
+    def _admit_tokenized(self) -> None:
         for rid in [r for r, p in self.pending.items() if p.future.done()]:
             p = self.pending.pop(rid)
             try:
