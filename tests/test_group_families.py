@@ -89,6 +89,8 @@ def batch_run(model: Path, tmp: Path, expert_parallel: bool) -> list[list[int]]:
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 worker ready in" in proc.stderr and "worker 0 on cpu,cpu" in proc.stderr
+    split = "(cpu, cpu; experts split over the ranks)" in proc.stderr  # the worker's line
+    assert split == expert_parallel, proc.stderr
     records = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
     assert sorted(records) == [str(i) for i in range(len(LINES))], records
     return [records[str(i)]["token_ids"] for i in range(len(LINES))]

@@ -340,6 +340,8 @@ def _run(given: list[str], debug: bool, cleanup: contextlib.ExitStack) -> int:
     from workers.worker import GroupFailed
 
     devices = ", ".join(worker.devices)
+    if args.enable_expert_parallel:
+        devices += "; experts split over the ranks"
     if worker.endpoint:
         log.info("serving %s on %s (%s)", worker.engine.name, worker.endpoint, devices)
     tp = worker.engine.tensor_parallel
