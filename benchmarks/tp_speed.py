@@ -3,11 +3,14 @@ LLaDA-shaped one, through Engine, each size in its own processes (gloo).
 
     python benchmarks/tp_speed.py                       # both models, TP 1 and 2
     python benchmarks/tp_speed.py --models random --d-model 2048 --layers 8 --sizes 1,2,4
+    python benchmarks/tp_speed.py --sizes 1,1:1,2          # T:N = TP T with N threads per rank
 
-Every size gets the same CPU threads in all (TP T: cpu_count / T threads per rank), so the table
-shows what splitting buys or costs here: on a couple of shared cores the per-layer all-reduces
-usually cost more than the smaller matmuls save. Tokens of TP T are compared with TP 1's (float32:
-a rounding difference may flip a near tie, so a count of matching answers is printed).
+By default every size gets the same CPU threads in all (TP T: cpu_count / T threads per rank),
+so the table shows what splitting buys or costs here: on a couple of shared cores the per-layer
+all-reduces usually cost more than the smaller matmuls save. The load average is printed before
+each row: on a shared machine it says how far to trust the row. Tokens of TP T are compared
+with the first row's (float32: a rounding difference may flip a near tie, so a count of matching
+answers is printed).
 """
 
 from __future__ import annotations
@@ -68,7 +71,9 @@ def build(kind: str, args: argparse.Namespace, size: int) -> tuple[Engine, list[
     return engine, prompts * args.batch
 
 
-def measure(rank: int, size: int, kind: str, args: argparse.Namespace, out: str) -> None:
+def measure(
+    rank: int, size: int, kind: str, args: argparse.Namespace, out: str, threads: int
+) -> None:
     engine, prompts = build(kind, args, size)
     params = SamplingParams(
         gen_length=args.gen_length,
@@ -78,8 +83,7 @@ def measure(rank: int, size: int, kind: str, args: argparse.Namespace, out: str)
         early_stop=False,
         seed=0,
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     engine.generate(prompts[:1], params)  # warm up
     seconds = float("inf")
     for _ in range(args.repeat):  # the best of a few: the machine may be shared
@@ -96,8 +100,20 @@ def measure(rank: int, size: int, kind: str, args: argparse.Namespace, out: str)
         Path(out).write_text(json.dumps(row))
 
 
-def _single(rank: int, size: int, kind: str, args: argparse.Namespace, out: str) -> None:
-    measure(rank, 1, kind, args, out)
+def _single(
+    rank: int, size: int, kind: str, args: argparse.Namespace, out: str, threads: int
+) -> None:
+    measure(rank, 1, kind, args, out, threads)
+
+
+def sizes(text: str, default_threads: int, cpus: int) -> list[tuple[int, int]]:
+    """ "1,2" or "1,1:1,2" -> [(TP, threads per rank)]."""
+    out = []
+    for item in text.split(","):
+        size, _, threads = item.partition(":")
+        t = int(size)
+        out.append((t, int(threads) if threads else default_threads or max(1, cpus // t)))
+    return out
 
 
 def main() -> None:
@@ -128,21 +144,23 @@ def main() -> None:
         )
     print(
         f"{'model':8} {'TP':>3} {'threads':>7} {'forwards':>8} {'seconds':>8} {'tokens/s':>9} "
-        f"{'speed-up':>8} {'same':>6}"
+        f"{'speed-up':>8} {'same':>6} {'load':>5}"
     )
     for kind in args.models.split(","):
         base: dict | None = None
-        for size in map(int, args.sizes.split(",")):
+        for size, threads in sizes(args.sizes, args.threads, cpus):
+            load = os.getloadavg()[0]
             with tempfile.TemporaryDirectory() as tmp:
                 out = str(Path(tmp, "row.json"))
-                launch(measure if size > 1 else _single, size, kind, args, out)
+                launch(measure if size > 1 else _single, size, kind, args, out, threads)
                 row = json.loads(Path(out).read_text())
             base = base or row
             same = sum(a == b for a, b in zip(row["answers"], base["answers"]))
             print(
-                f"{kind:8} {size:>3} {args.threads or cpus // size:>7} {row['forwards']:>8} "
+                f"{kind:8} {size:>3} {threads:>7} {row['forwards']:>8} "
                 f"{row['seconds']:>8.2f} {row['tokens'] / row['seconds']:>9.1f}"
                 f" {base['seconds'] / row['seconds']:>7.2f}x {same:>3}/{len(row['answers'])}"
+                f" {load:>5.1f}"
             )
 
 

@@ -73,12 +73,14 @@ PARAMS = {
         decoder="hierarchical", cache="prefix", block_length=8, soft_diffusion=True
     ),
 }
-LIGHT = ("fixed-none-greedy", "threshold-vicinity-sampled")  # enough for the variant models
-THREE = ("threshold-dual-greedy", "threshold-vicinity-sampled", "fixed-vicinity-cfg")
+LIGHT = ("fixed-none-greedy", "threshold-vicinity-sampled")  # enough for the variant model
+# fixed and threshold decoders x dual (LLaDA2: its block-causal cache) and vicinity caches
+FOUR = ("fixed-dual-sampled", "threshold-dual-greedy", "threshold-vicinity-sampled")
+FOUR += ("fixed-vicinity-cfg",)
 CASES = [
     (model, case)
     for model in MODELS
-    for case in (PARAMS if model == "llada" else THREE if model == "llada2_moe" else LIGHT)
+    for case in (PARAMS if model == "llada" else LIGHT if model == "llada_kv1_tied" else FOUR)
 ]
 
 

@@ -1,14 +1,15 @@
-"""Worker groups (issue 16): tensor and expert parallel 2 served by real dinfer-worker processes
-(gloo, float64) give a single process's tokens through the Client and dinfer-batch; a killed rank
-fails its group (streams end with WorkerDiedError) and the Client restarts it as one; a group
-spans two "nodes" (two dinfer-worker processes on 127.0.0.1); GPU placement as pure functions.
+"""Worker groups (issue 16): tensor parallel 2 served by real dinfer-worker processes (gloo,
+float64) gives a single process's tokens through the Client (generate and stream); a killed rank
+fails its group (streams end with WorkerDiedError within 2 s) and the Client restarts it as one;
+a group spans two "nodes" (two dinfer-worker processes on 127.0.0.1); GPU placement as pure
+functions. test_group_families.py runs dinfer-batch with a group on every family.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import os
 import shutil
 import signal
@@ -163,6 +164,7 @@ def test_worker_refuses_bad_group_flags(capsys):
         (["--tensor-parallel-size", "2", "--device", "cuda:1"], "names one GPU"),
         (["--tensor-parallel-size", "2", "--gpus", "0,1"], "--gpus is for --device cuda"),
         (["--nnodes", "2", "--tensor-parallel-size", "2"], "--master-addr"),
+        (["--rank-timeout", "-1"], "--rank-timeout -1.0 must be a number of seconds >= 0"),
     ):
         assert main(["--endpoint", "ipc:///tmp/x.sock", *argv]) == 2
         lines = capsys.readouterr().err.splitlines()
@@ -196,6 +198,29 @@ def test_a_released_rank_is_not_a_failure():
         assert codes == []
     finally:
         local.stop()
+
+
+def test_a_step_that_does_not_end_is_a_stall():
+    """watch_steps fires once a Leader's step has run past the bound, never while it is idle
+    or its steps end in time."""
+    from workers.parallel.spmd import watch_steps
+
+    class Steps:
+        busy_since: float | None = None
+
+    leader, stalls = Steps(), []
+    watch_steps(lambda: leader, 0.3, 2, on_stall=lambda lead, t, n: stalls.append((t, n)))
+    for _ in range(8):  # steps of 0.1 s, idle between them
+        leader.busy_since = time.monotonic()
+        time.sleep(0.1)
+        leader.busy_since = None
+        time.sleep(0.05)
+    assert stalls == []
+    leader.busy_since = time.monotonic()
+    deadline = time.monotonic() + 30
+    while not stalls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalls == [(0.3, 2)]
 
 
 # ---- real groups (gloo, float64) ---------------------------------------------------------------
@@ -258,6 +283,13 @@ PARAMS = [
 ]
 
 
+def _answer(chunks: list, eos: int = 257) -> list[int]:
+    """A stream's token ids: each block's final chunk in block order, cut at EOS."""
+    blocks = {c.block: c.tokens for c in chunks if c.final}
+    ids = [t for b in sorted(blocks) for t in blocks[b]]
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
 async def _until(check, within: float = 60.0) -> None:
     deadline = time.monotonic() + within
     while not check():
@@ -281,12 +313,19 @@ def test_tensor_parallel_group_through_the_client_and_a_killed_rank():
             )
             assert [c.token_ids for c in got] == want
             assert client.worker_devices == [["cpu", "cpu"]]
+            streamed = [chunk async for chunk in client.stream(messages=CHATS[1], params=PARAMS[1])]
+            assert _answer(streamed) == want[1]
             rank0 = client.welcome.pid
             (follower,) = _children(rank0)
+            killed = None
             with pytest.raises(WorkerDiedError):
                 async for chunk in client.stream(messages=CHATS[0], params=long):
-                    if chunk.block == 0:
+                    if chunk.block == 0 and killed is None:
                         os.kill(follower, signal.SIGKILL)
+                        killed = time.monotonic()
+            assert killed is not None
+            # issue 16's bound, from the kill to the stream's error
+            assert time.monotonic() - killed < 2.0, time.monotonic() - killed
             await _until(lambda: client.restarts == 1)
             await client.wait_ready(120)
             await _until(lambda: _gone(rank0))
@@ -307,28 +346,42 @@ def test_tensor_parallel_group_through_the_client_and_a_killed_rank():
     asyncio.run(run())
 
 
-def test_dinfer_batch_expert_parallel_equals_one_process(moe_dir, tmp_path):
-    """dinfer-batch --tensor-parallel-size 2 --enable-expert-parallel on LLaDA-MoE, float64."""
-    params = [SamplingParams(gen_length=16, block_length=8, early_stop=False, seed=1)]
-    params.append(SamplingParams(gen_length=16, block_length=8, early_stop=False, seed=2))
-    want = reference(moe_dir, PROMPTS[:2], params)
-    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    lines = [{"id": str(i), "prompt": p, "seed": i + 1} for i, p in enumerate(PROMPTS[:2])]
-    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    flags = ["--model", str(moe_dir), "--dtype", "float64", "--gen-length", "16"]
-    flags += ["--block-length", "8", "--early-stop", "false"]
-    flags += ["--tensor-parallel-size", "2", "--enable-expert-parallel"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dinfer_async.batch", str(src), str(dst), *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    records = [json.loads(line) for line in dst.read_text().splitlines()]
-    assert [r["token_ids"] for r in sorted(records, key=lambda r: r["id"])] == want
-    assert "1 worker ready in" in proc.stderr and "worker 0 on cpu,cpu" in proc.stderr
+def test_a_hung_rank_fails_its_group_after_the_rank_timeout(monkeypatch, caplog):
+    """A follower stopped mid-stream (SIGSTOP: alive, so no collective fails and rank 0 still
+    answers heartbeats) stalls rank 0's step; after --rank-timeout (3 s here, the Client's
+    workers take it from $DINFER_RANK_TIMEOUT) rank 0 exits, the stream ends with
+    WorkerDiedError, the stopped rank dies with rank 0 and the group comes back."""
+    monkeypatch.setenv("DINFER_RANK_TIMEOUT", "3")
+    caplog.set_level(logging.INFO, logger="dinfer_async.worker")  # the workers' stderr lines
+    want = reference(None, CHATS[:1], PARAMS[:1])
+    long = SamplingParams(gen_length=256, block_length=8, decoder="fixed", steps=256, seed=4)
+    long.early_stop = False
+
+    async def run() -> None:
+        async with Client(tensor_parallel_size=2, dtype="float64", max_restarts=2) as client:
+            (follower,) = _children(client.welcome.pid)
+            stopped = None
+            try:
+                with pytest.raises(WorkerDiedError):
+                    async for chunk in client.stream(messages=CHATS[0], params=long):
+                        if chunk.block == 0 and stopped is None:
+                            os.kill(follower, signal.SIGSTOP)
+                            stopped = time.monotonic()
+                assert stopped is not None
+                # the bound plus a generous margin (a step began before the stop)
+                assert time.monotonic() - stopped < 3.0 + 5.0, time.monotonic() - stopped
+                await _until(lambda: _gone(follower))
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(follower, signal.SIGKILL)
+            await _until(lambda: client.restarts == 1)
+            await client.wait_ready(120)
+            again = await client.generate(messages=CHATS[0], params=PARAMS[0])
+            assert again.token_ids == want[0]
+
+    asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records if "a rank is hung" in r.getMessage()]
+    assert len(said) == 1 and "has not completed in 3 s (--rank-timeout)" in said[0], said
 
 
 @contextlib.contextmanager
@@ -369,12 +422,7 @@ def test_a_group_over_two_nodes_serves_one_client(moe_dir):
                     other = [chunk async for chunk in second]
                     assert first._worker is not second._worker  # the least-loaded one
                 chunks += [chunk async for chunk in first]
-            answers = []
-            for got in (chunks, other):
-                blocks = {c.block: c.tokens for c in got if c.final}
-                ids = [t for b in sorted(blocks) for t in blocks[b]]
-                answers.append(ids[: ids.index(257)] if 257 in ids else ids)  # 257: EOS
-            return answers
+            return [_answer(chunks), _answer(other)]
         finally:
             await client.close()
 

@@ -48,6 +48,8 @@ from dinfer_async.cli import add_parallel_flags
 from dinfer_async.transport import is_loopback
 from workers.parallel import ranks
 
+RANK_TIMEOUT = 300.0  # seconds: the default --rank-timeout
+
 log = logging.getLogger("dinfer.worker")
 MIN_FRAME_BYTES = 256 << 10  # the params and a short prompt must still fit
 
@@ -292,6 +294,15 @@ def parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--master-port", type=int, default=None, help="a free port on node 0 (default: any)"
     )
+    ap.add_argument(
+        "--rank-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a group's step still running after this long means a rank is hung: rank 0 exits "
+        f"(code {ranks.FAILED_EXIT}) so the group is restarted; 0 turns it off (default "
+        f"$DINFER_RANK_TIMEOUT or {RANK_TIMEOUT:.0f}; keep it above the slowest step)",
+    )
     ap.add_argument("--debug", action="store_true", help="tracebacks for start-up failures")
     ap.add_argument("--version", action="version", version=f"dinfer-worker {__version__}")
     return ap
@@ -329,8 +340,15 @@ def _run(given: list[str], debug: bool, cleanup: contextlib.ExitStack) -> int:
     from workers.worker import GroupFailed
 
     devices = ", ".join(worker.devices)
+    if args.enable_expert_parallel:
+        devices += "; experts split over the ranks"
     if worker.endpoint:
         log.info("serving %s on %s (%s)", worker.engine.name, worker.endpoint, devices)
+    tp = worker.engine.tensor_parallel
+    if tp is not None and tp.rank == 0 and args.rank_timeout > 0:
+        from workers.parallel.spmd import watch_steps
+
+        watch_steps(lambda: worker.scheduler, args.rank_timeout, tp.size)
     try:
         worker.serve(os.getppid() if args.exit_with_parent else None)
     except KeyboardInterrupt:
@@ -377,6 +395,7 @@ def start(
         )
     if p.rank == 0:
         check_serving(args)
+    args.rank_timeout = rank_timeout(args.rank_timeout)
     for name in ("max_batch_size", "max_prompt_chars"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -450,6 +469,25 @@ def start(
         raise StartupError(str(e)) from e
     except zmq.ZMQError as e:
         raise StartupError(bind_problem(args.endpoint, e)) from e
+
+
+def rank_timeout(given: float | None, env: dict[str, str] | None = None) -> float:
+    """--rank-timeout, else $DINFER_RANK_TIMEOUT (how a Client's workers get it), else the
+    default; StartupError naming the one that is wrong."""
+    env = dict(os.environ) if env is None else env
+    name, value = "--rank-timeout", given
+    if value is None and "DINFER_RANK_TIMEOUT" in env:
+        name = "DINFER_RANK_TIMEOUT"
+        try:
+            value = float(env[name])
+        except ValueError:
+            value = float("nan")
+    if value is None:
+        return RANK_TIMEOUT
+    if not value >= 0:  # NaN too
+        shown = env.get(name, value)
+        raise StartupError(f"{name} {shown} must be a number of seconds >= 0 (0: no bound)")
+    return value
 
 
 def check_split(model: str | None, size: int) -> None:

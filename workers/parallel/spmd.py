@@ -9,16 +9,28 @@ schedulers make the same decisions, and only rank 0 reports updates.
 An idle rank 0 calls `keepalive` now and then: the followers, waiting inside a collective, then
 never meet the process group's timeout, and a rank that died is noticed (the collective fails)
 before a request needs it.
+
+A rank that hangs without dying (stopped, deadlocked, a wedged device) fails no collective: rank 0
+waits in the next one until the process group's 24 h timeout, and its ZeroMQ thread still
+answers the client's heartbeats. `watch_steps` bounds that wait: rank 0's Leader notes when each
+step (or keepalive) began, and a step still running after `timeout` seconds ends the process with
+the group-failure code, so whoever started the group (the Client) restarts it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dinfer_async.params import SamplingParams
 from workers.iteration import Sequence
 from workers.parallel.group import TensorParallel
+from workers.parallel.ranks import FAILED_EXIT
 from workers.scheduler import Finished, Scheduler, StepUpdate
 
 # an event: ("add", id, prompt, params, seed) or ("abort", id)
@@ -34,6 +46,7 @@ class Leader:
         self.scheduler, self.tp = scheduler, tp
         self.events: list[Event] = []
         self.last = time.monotonic()  # of the last collective
+        self.busy_since: float | None = None  # when the step (or keepalive) now running began
 
     def add(self, id: Any, prompt: list[int], params: SamplingParams, seed: int) -> Sequence:
         self.events.append(("add", id, prompt, params, seed))
@@ -44,14 +57,22 @@ class Leader:
         self.scheduler.abort(seq)
 
     def step(self) -> list[StepUpdate | Finished]:
-        self.tp.broadcast([(STEP, self.events)])
-        self.events, self.last = [], time.monotonic()
-        return self.scheduler.step()
+        self.busy_since = time.monotonic()
+        try:
+            self.tp.broadcast([(STEP, self.events)])
+            self.events, self.last = [], time.monotonic()
+            return self.scheduler.step()
+        finally:
+            self.busy_since = None
 
     def keepalive(self) -> None:
         """A collective without a step (rank 0 has nothing to run): see the module docstring."""
-        self.tp.broadcast([(IDLE, self.events)])
-        self.events, self.last = [], time.monotonic()
+        self.busy_since = time.monotonic()
+        try:
+            self.tp.broadcast([(IDLE, self.events)])
+            self.events, self.last = [], time.monotonic()
+        finally:
+            self.busy_since = None
 
     def stop(self) -> None:
         """Release the followers (they return from `follow`)."""
@@ -85,3 +106,45 @@ def follow(scheduler: Scheduler, tp: TensorParallel) -> None:
         scheduler.step()
         for id in [i for i, s in seqs.items() if s.finish_reason is not None]:
             del seqs[id]
+
+
+log = logging.getLogger("dinfer.worker")
+
+
+def _stalled(leader: Leader, timeout: float, size: int) -> None:
+    """The default end of a stalled group: one line, then exit at once (the main thread is
+    inside a collective that will not return; the ranks this process started die with it)."""
+    log.error(
+        "a step of the group of %d ranks has not completed in %.0f s (--rank-timeout): a rank "
+        "is hung; the group stops",
+        size,
+        timeout,
+    )
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(FAILED_EXIT)
+
+
+def watch_steps(
+    current: Callable[[], Any],
+    timeout: float,
+    size: int,
+    on_stall: Callable[[Leader, float, int], None] = _stalled,
+) -> threading.Thread:
+    """Rank 0: a daemon thread that calls on_stall once a step of the Leader `current()` returns
+    has run `timeout` seconds (see the module docstring). `current` is read at each look, so a
+    worker that replaces its scheduler is still watched."""
+
+    def watch() -> None:
+        poll = min(1.0, timeout / 10)
+        while True:
+            time.sleep(poll)
+            leader = current()
+            since = getattr(leader, "busy_since", None)
+            if since is not None and time.monotonic() - since > timeout:
+                on_stall(leader, timeout, size)
+                return
+
+    thread = threading.Thread(target=watch, name="dinfer-steps", daemon=True)
+    thread.start()
+    return thread
