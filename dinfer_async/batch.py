@@ -35,6 +35,7 @@ from dinfer_async.cli import (
     add_engine_flags,
     add_sampling_flags,
     configure_logging,
+    expert_parallel,
     sampling_defaults,
 )
 from dinfer_async.errors import (
@@ -254,7 +255,7 @@ async def _serve(
             max_batch_size=-(-args.max_concurrency // args.workers),
             threads=args.threads,
             tensor_parallel_size=args.tensor_parallel_size,
-            expert_parallel=args.enable_expert_parallel,
+            expert_parallel=expert_parallel(args),
             gpus=args.gpus,
         )
     except InvalidRequestError as e:  # too few GPUs for the workers, ...

@@ -18,6 +18,7 @@ from dinfer_async.logs import setup_logging
 from dinfer_async.params import SamplingParams
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+EP_DISPATCHES = ("all_reduce", "all_to_all")  # workers.parallel.shard's, without torch
 CHOICES = {"decoder": sp.DECODERS, "cache": sp.CACHES, "remasking": sp.REMASKING}
 
 
@@ -127,12 +128,26 @@ def add_parallel_flags(
         help="MoE models: split the routed experts over the tensor-parallel ranks too",
     )
     parser.add_argument(
+        "--expert-parallel-dispatch",
+        choices=EP_DISPATCHES,
+        default=EP_DISPATCHES[0],
+        help="with --enable-expert-parallel: all_reduce (every rank runs its experts on every "
+        "token, one all-reduce; the small-batch choice) or all_to_all (tokens sent to their "
+        "experts' ranks and back)",
+    )
+    parser.add_argument(
         "--gpus",
         type=gpu_list,
         default=None,
         metavar="0,1,..",
         help=gpus_help,
     )
+
+
+def expert_parallel(args: argparse.Namespace) -> bool | str:
+    """The Client's and Engine's `expert_parallel` from --enable-expert-parallel and
+    --expert-parallel-dispatch: False, or the dispatch's name."""
+    return args.expert_parallel_dispatch if args.enable_expert_parallel else False
 
 
 class Parser(argparse.ArgumentParser):

@@ -40,7 +40,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from dinfer_async import placement
+from dinfer_async import placement, validation
 from dinfer_async import protocol as wire
 from dinfer_async.errors import (
     ClientClosedError,
@@ -287,30 +287,30 @@ class Client:
         server_key: str | None = None,
         client_key: str | None = None,
         tensor_parallel_size: int = 1,
-        expert_parallel: bool = False,
+        expert_parallel: bool | str = False,
         gpus: list[int] | None = None,
+        steps_per_check: int | None = None,
+        rank_timeout: float | None = None,
     ):
         """server_key / client_key: CURVE key files for remote workers (see dinfer-keys and
         README "Remote workers (CURVE)"): the worker's public key, this client's secret key.
 
         tensor_parallel_size T: each launched worker is a group of T processes sharing the
         model (README "Beyond one GPU"); expert_parallel: MoE models split their experts over
-        them too. With device="cuda", worker i runs on gpus[i*T:(i+1)*T] (default: every
-        visible GPU); too few GPUs is an InvalidRequestError here, before anything starts."""
+        them too (True or "all_reduce", or "all_to_all": see dinfer-worker
+        --expert-parallel-dispatch). With device="cuda", worker i runs on gpus[i*T:(i+1)*T]
+        (default: every visible GPU); too few GPUs is an InvalidRequestError here, before
+        anything starts. rank_timeout: seconds a group's step may run before rank 0 declares a
+        rank hung and the group is restarted (dinfer-worker --rank-timeout; None: its default).
+        steps_per_check: the workers' decoding steps between host checks (None: their default;
+        answers do not depend on it)."""
         if workers < 1:
             raise InvalidRequestError("workers", f"{workers!r} must be >= 1")
-        if (
-            isinstance(tensor_parallel_size, bool)
-            or not isinstance(tensor_parallel_size, int)
-            or tensor_parallel_size < 1
-        ):
+        validation.check_parallel(tensor_parallel_size, expert_parallel)
+        validation.check_steps_per_check(steps_per_check)
+        if rank_timeout is not None and not rank_timeout >= 0:
             raise InvalidRequestError(
-                "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
-            )
-        if expert_parallel and tensor_parallel_size == 1:
-            raise InvalidRequestError(
-                "expert_parallel",
-                "splits the experts over the tensor-parallel ranks: set tensor_parallel_size > 1",
+                "rank_timeout", f"{rank_timeout!r} must be a number of seconds >= 0 (0: off)"
             )
         for name, value in (
             ("heartbeat_timeout", heartbeat_timeout),
@@ -335,6 +335,7 @@ class Client:
         self._count = len(endpoints) if endpoints else workers
         self._endpoints = endpoints
         self.tensor_parallel_size, self.expert_parallel = tensor_parallel_size, expert_parallel
+        self.steps_per_check, self.rank_timeout = steps_per_check, rank_timeout
         # each launched worker's devices, one per rank (placement.place explains the choice)
         self._placement: list[list[str]] = []
         if not self._external:
@@ -778,6 +779,12 @@ class Client:
             cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.expert_parallel:
             cmd.append("--enable-expert-parallel")
+            if self.expert_parallel == "all_to_all":
+                cmd += ["--expert-parallel-dispatch", "all_to_all"]
+        if self.steps_per_check is not None:
+            cmd += ["--steps-per-check", str(self.steps_per_check)]
+        if self.rank_timeout is not None:
+            cmd += ["--rank-timeout", f"{self.rank_timeout:g}"]
         if self.model is not None:
             cmd += ["--model", str(self.model)]
         return cmd

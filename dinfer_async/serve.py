@@ -42,6 +42,7 @@ from dinfer_async.cli import (
     add_engine_flags,
     add_sampling_flags,
     configure_logging,
+    expert_parallel,
     sampling_defaults,
 )
 from dinfer_async.client import Client
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_batch_size": args.max_batch_size,
         "stream_buffer": args.stream_buffer,
         "tensor_parallel_size": args.tensor_parallel_size,
-        "expert_parallel": args.enable_expert_parallel,
+        "expert_parallel": expert_parallel(args),
         "gpus": args.gpus,
     }
     config = dict(

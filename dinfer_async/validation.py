@@ -77,6 +77,33 @@ class Limits:
 NO_LIMITS = Limits()
 
 
+def check_parallel(tensor_parallel_size: object, expert_parallel: object) -> None:
+    """The one check of a worker group's shape, for the Client and the Engine alike."""
+    if (
+        isinstance(tensor_parallel_size, bool)
+        or not isinstance(tensor_parallel_size, int)
+        or tensor_parallel_size < 1
+    ):
+        raise InvalidRequestError(
+            "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
+        )
+    if expert_parallel not in (False, True, None, "all_reduce", "all_to_all"):
+        raise InvalidRequestError(
+            "expert_parallel",
+            f"{expert_parallel!r}: use True, False, 'all_reduce' or 'all_to_all'",
+        )
+    if expert_parallel and tensor_parallel_size == 1:
+        raise InvalidRequestError(
+            "expert_parallel",
+            "splits the experts over the tensor-parallel ranks: set tensor_parallel_size > 1",
+        )
+
+
+def check_steps_per_check(value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidRequestError("steps_per_check", f"{value!r} must be an integer >= 1")
+
+
 def prompt_chars_limit(max_prompt_length: int) -> int:
     """Characters a prompt may have before it is tokenized."""
     return max_prompt_length * CHARS_PER_TOKEN

@@ -70,7 +70,7 @@ def one_process(model: Path) -> list[list[int]]:
     return [r.token_ids for r in engine.generate(list(PROMPTS), params)]
 
 
-def batch_run(model: Path, tmp: Path, expert_parallel: bool) -> list[list[int]]:
+def batch_run(model: Path, tmp: Path, expert_parallel: bool | str) -> list[list[int]]:
     """dinfer-batch with a group of 2 ranks; the token ids of each line, in input order."""
     src, dst = tmp / "in.jsonl", tmp / "out.jsonl"
     lines = [
@@ -79,7 +79,8 @@ def batch_run(model: Path, tmp: Path, expert_parallel: bool) -> list[list[int]]:
     ]
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
     flags = ["--model", str(model), "--dtype", "float64", "--tensor-parallel-size", "2"]
-    flags += ["--enable-expert-parallel"] if expert_parallel else []
+    if expert_parallel:
+        flags += ["--enable-expert-parallel", "--expert-parallel-dispatch", expert_parallel]
     proc = subprocess.run(
         [sys.executable, "-m", "dinfer_async.batch", str(src), str(dst), *flags],
         cwd=ROOT,
@@ -89,18 +90,20 @@ def batch_run(model: Path, tmp: Path, expert_parallel: bool) -> list[list[int]]:
     )
     assert proc.returncode == 0, proc.stderr
     assert "1 worker ready in" in proc.stderr and "worker 0 on cpu,cpu" in proc.stderr
-    split = "(cpu, cpu; experts split over the ranks)" in proc.stderr  # the worker's line
-    assert split == expert_parallel, proc.stderr
+    split = f"(cpu, cpu; experts split over the ranks, {expert_parallel})"  # the worker's line
+    assert (split in proc.stderr) == bool(expert_parallel), proc.stderr
     records = {r["id"]: r for r in map(json.loads, dst.read_text().splitlines())}
     assert sorted(records) == [str(i) for i in range(len(LINES))], records
     return [records[str(i)]["token_ids"] for i in range(len(LINES))]
 
 
-RUNS = [(family, family in MOE) for family in RAW] + [("lladamoe", False)]
+# the MoE families with each expert dispatch, and LLaDA-MoE with its experts replicated
+DISPATCH = {"lladamoe": "all_reduce", "llada2": "all_to_all"}
+RUNS = [(family, DISPATCH.get(family, False)) for family in RAW] + [("lladamoe", False)]
 
 
 @pytest.mark.parametrize(
-    ("family", "expert_parallel"), RUNS, ids=[f"{f}-{'ep' if e else 'tp'}" for f, e in RUNS]
+    ("family", "expert_parallel"), RUNS, ids=[f"{f}-{e or 'tp'}" for f, e in RUNS]
 )
 def test_dinfer_batch_group_equals_one_process(model_dirs, tmp_path, family, expert_parallel):
     want = one_process(model_dirs[family])

@@ -25,6 +25,7 @@ from dinfer_async.batch import started_line
 from dinfer_async.errors import InvalidRequestError, WorkerDiedError
 from dinfer_async.placement import device_flags, place, visible_gpus
 from tests.client_helpers import free_endpoint
+from workers.main import parser as worker_parser
 from workers.parallel import ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,6 +90,16 @@ def test_client_argv_per_worker(monkeypatch):
         Client(expert_parallel=True)
     cpu = Client(workers=1, tensor_parallel_size=2)._worker_argv("e")
     assert cpu[cpu.index("--device") + 1] == "cpu" and "--gpus" not in cpu
+    assert "--expert-parallel-dispatch" not in argv and "--steps-per-check" not in cpu
+    more = Client(
+        tensor_parallel_size=2, expert_parallel="all_to_all", steps_per_check=4, rank_timeout=30
+    )._worker_argv("e")
+    args = worker_parser().parse_args(more[3:])  # what the worker makes of it
+    assert (args.enable_expert_parallel, args.expert_parallel_dispatch) == (True, "all_to_all")
+    assert (args.steps_per_check, args.rank_timeout) == (4, 30.0)
+    for bad in (dict(expert_parallel="some"), dict(steps_per_check=0), dict(rank_timeout=-1)):
+        with pytest.raises(InvalidRequestError, match=next(iter(bad))):
+            Client(tensor_parallel_size=2, **bad)
 
 
 def test_batch_and_serve_refuse_too_few_gpus_on_one_line(tmp_path, monkeypatch, capsys):

@@ -11,7 +11,7 @@ import torch
 
 from dinfer_async.errors import InvalidRequestError
 from dinfer_async.params import SamplingParams
-from dinfer_async.validation import check_input, check_token_ids
+from dinfer_async.validation import check_input, check_parallel, check_token_ids
 from workers.loader import load_model, resolve_dtype
 from workers.parallel.group import TensorParallel, join
 from workers.scheduler import denoise
@@ -73,24 +73,7 @@ class Engine:
         split_overhead, chunk_slots: see workers.scheduler.Scheduler (None: the device's
         defaults; both 0: each group's rows in one round per block, one forward per step).
         After `generate`, `last_run` holds that call's padding waste and rounds."""
-        if (
-            isinstance(tensor_parallel_size, bool)
-            or not isinstance(tensor_parallel_size, int)
-            or tensor_parallel_size < 1
-        ):
-            raise InvalidRequestError(
-                "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
-            )
-        if expert_parallel not in (False, True, None, "all_reduce", "all_to_all"):
-            raise InvalidRequestError(
-                "expert_parallel",
-                f"{expert_parallel!r}: use True, False, 'all_reduce' or 'all_to_all'",
-            )
-        if expert_parallel and tensor_parallel_size == 1:
-            raise InvalidRequestError(
-                "expert_parallel",
-                "splits experts over the tensor-parallel ranks: set tensor_parallel_size > 1 too",
-            )
+        check_parallel(tensor_parallel_size, expert_parallel)
         self.tensor_parallel: TensorParallel | None = None
         if tensor_parallel_size > 1:
             from workers.parallel.shard import shard_model

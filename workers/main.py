@@ -44,7 +44,7 @@ import sys
 from urllib.parse import urlsplit
 
 from dinfer_async import logs
-from dinfer_async.cli import add_parallel_flags
+from dinfer_async.cli import add_parallel_flags, expert_parallel
 from dinfer_async.transport import is_loopback
 from workers.parallel import ranks
 
@@ -277,6 +277,15 @@ def parser() -> argparse.ArgumentParser:
         "for the longest allowed prompt, 4 bytes a character + 9 a token + 1 MiB)",
     )
     ap.add_argument(
+        "--steps-per-check",
+        type=int,
+        default=None,
+        metavar="K",
+        help="decoding steps between host checks of which requests are done (default "
+        "$DINFER_STEPS_PER_CHECK or 1; on a GPU a few hide the host round trip; answers are the "
+        "same)",
+    )
+    ap.add_argument(
         "--exit-with-parent", action="store_true", help="exit when the launching process is gone"
     )
     add_parallel_flags(
@@ -341,7 +350,7 @@ def _run(given: list[str], debug: bool, cleanup: contextlib.ExitStack) -> int:
 
     devices = ", ".join(worker.devices)
     if args.enable_expert_parallel:
-        devices += "; experts split over the ranks"
+        devices += f"; experts split over the ranks, {args.expert_parallel_dispatch}"
     if worker.endpoint:
         log.info("serving %s on %s (%s)", worker.engine.name, worker.endpoint, devices)
     tp = worker.engine.tensor_parallel
@@ -440,7 +449,8 @@ def start(
             dtype=args.dtype,
             max_batch_size=args.max_batch_size,
             tensor_parallel_size=p.size,
-            expert_parallel=args.enable_expert_parallel,
+            expert_parallel=expert_parallel(args),
+            steps_per_check=args.steps_per_check,
         )
     except ModelLoadError as e:
         raise StartupError(f"--model: {e}") from e
