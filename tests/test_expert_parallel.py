@@ -19,20 +19,12 @@ import torch
 from dinfer_async import SamplingParams
 from dinfer_async.errors import InvalidRequestError
 from dinfer_kernels.options import configured
-from tests.tiny_models import random_prompts, tiny_family_model
+from tests.tiny_models import IdTokenizer, random_prompts, tiny_family_model
 from workers.engine import Engine
 from workers.parallel.group import launch
 from workers.parallel.shard import EP_DISPATCHES, ep_dispatch
 
 SIZE = 2
-
-
-class Tokens:
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        return " ".join(map(str, token_ids))
-
-    def __len__(self) -> int:
-        return 1 << 16
 
 
 MODELS = {
@@ -127,7 +119,7 @@ def _rank(rank: int, size: int, out: str) -> None:
                 results[layer_key(family, shape, towards, dispatch, path)] = y.tolist()
     for model, case, dispatch, path in CASES:
         engine = Engine(
-            MODELS[model](), Tokens(), tensor_parallel_size=size, expert_parallel=dispatch
+            MODELS[model](), IdTokenizer(), tensor_parallel_size=size, expert_parallel=dispatch
         )
         with configured(moe=path):
             results[case_key(model, case, dispatch, path)] = run_case(engine, case)
@@ -169,7 +161,7 @@ def test_moe_block_under_both_dispatches_equals_the_whole_block(parallel, family
     ("model", "case", "dispatch", "path"), CASES, ids=["/".join(c) for c in CASES]
 )
 def test_expert_parallel_tokens_equal_one_process(parallel, model, case, dispatch, path):
-    single = run_case(Engine(MODELS[model](), Tokens()), case)
+    single = run_case(Engine(MODELS[model](), IdTokenizer()), case)
     assert any(single), "the case must generate something to compare"
     for rank in range(SIZE):
         assert parallel[rank][case_key(model, case, dispatch, path)] == single, f"rank {rank}"
@@ -188,4 +180,6 @@ def test_dispatch_names():
     with pytest.raises(ValueError, match="expert_parallel='scatter'"):
         ep_dispatch("scatter")
     with pytest.raises(InvalidRequestError, match="expert_parallel"):
-        Engine(MODELS["lladamoe"](), Tokens(), tensor_parallel_size=2, expert_parallel="scatter")
+        Engine(
+            MODELS["lladamoe"](), IdTokenizer(), tensor_parallel_size=2, expert_parallel="scatter"
+        )

@@ -20,6 +20,7 @@ import torch
 
 from dinfer_async import SamplingParams
 from tests.tiny_models import (
+    IdTokenizer,
     random_model,
     random_prompts,
     tiny_family_raw,
@@ -60,16 +61,6 @@ PARAMS = {
         decoder="fixed", cache="none", block_length=8, steps=8, temperature=0.8
     ),
 }
-
-
-class Tokens:
-    """A stand-in tokenizer: these tests compare token ids."""
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        return " ".join(map(str, token_ids))
-
-    def __len__(self) -> int:
-        return 1 << 16
 
 
 def run_case(engine: Engine, case: str) -> list[list[int]]:
@@ -130,7 +121,7 @@ def _rank(rank: int, size: int, root: str) -> None:
     from workers.parallel.group import join
     from workers.parallel.shard import shard_model
 
-    workers.engine.load_tokenizer = lambda path: Tokens()  # type: ignore[assignment]
+    workers.engine.load_tokenizer = lambda path: IdTokenizer()  # type: ignore[assignment]
     results: dict[str, object] = {}
     for name, (_, _, ep, _) in MODELS.items():
         log: list = []
@@ -164,7 +155,7 @@ CASES = [(m, c) for m in MODELS for c in PARAMS]
 @pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}/{c}" for m, c in CASES])
 def test_shard_loaded_tokens_equal_one_process(parallel, model, case):
     root, ranks = parallel
-    single = run_case(Engine(load_model(root / model, dtype="float64"), Tokens()), case)
+    single = run_case(Engine(load_model(root / model, dtype="float64"), IdTokenizer()), case)
     assert any(single), "the case must generate something to compare"
     for rank in range(SIZE):
         assert ranks[rank][f"{model}/{case}"] == single, f"rank {rank}"

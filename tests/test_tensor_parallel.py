@@ -15,7 +15,7 @@ import torch
 
 from dinfer_async import SamplingParams
 from dinfer_async.errors import InvalidRequestError
-from tests.tiny_models import random_prompts, tiny_family_model, tiny_model
+from tests.tiny_models import IdTokenizer, random_prompts, tiny_family_model, tiny_model
 from workers.engine import Engine
 from workers.parallel.group import TensorParallel, launch
 from workers.parallel.layers import AbsentExpert
@@ -24,16 +24,6 @@ from workers.parallel.spmd import Leader, follow
 from workers.scheduler import Scheduler
 
 SIZE = 2
-
-
-class Tokens:
-    """A stand-in tokenizer: the engine decodes answers; these tests compare token ids."""
-
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
-        return " ".join(map(str, token_ids))
-
-    def __len__(self) -> int:
-        return 1 << 16
 
 
 MODELS = {
@@ -140,11 +130,13 @@ def _rank(rank: int, size: int, out: str) -> None:
     results: dict[str, object] = {}
     for model, case in CASES:
         ep = model in EXPERT_PARALLEL
-        engine = Engine(MODELS[model](), Tokens(), tensor_parallel_size=size, expert_parallel=ep)
+        engine = Engine(
+            MODELS[model](), IdTokenizer(), tensor_parallel_size=size, expert_parallel=ep
+        )
         results[f"{model}/{case}"] = run_case(engine, model, case)
         kept = [not isinstance(m, AbsentExpert) for m in engine.model.modules() if _routed(m)]
         results[f"{model}/experts kept"] = [sum(kept), len(kept)]
-    engine = Engine(MODELS["llada"](), Tokens(), tensor_parallel_size=size)
+    engine = Engine(MODELS["llada"](), IdTokenizer(), tensor_parallel_size=size)
     scheduler = Scheduler(engine.model, report=True)
     assert engine.tensor_parallel is not None
     if rank == 0:
@@ -169,7 +161,7 @@ def parallel(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}/{c}" for m, c in CASES])
 def test_tensor_parallel_tokens_equal_one_process(parallel, model, case):
-    single = run_case(Engine(MODELS[model](), Tokens()), model, case)
+    single = run_case(Engine(MODELS[model](), IdTokenizer()), model, case)
     assert any(single), "the case must generate something to compare"
     for rank in range(SIZE):
         assert parallel[rank][f"{model}/{case}"] == single, f"rank {rank}"
@@ -184,7 +176,7 @@ def test_expert_parallel_keeps_a_share_of_the_experts(parallel):
 
 
 def test_rank_zero_broadcasts_arrivals_and_aborts(parallel):
-    engine = Engine(MODELS["llada"](), Tokens())
+    engine = Engine(MODELS["llada"](), IdTokenizer())
     cfg = engine.config
     single = scripted(Scheduler(engine.model, report=True), cfg.vocab_size, cfg.mask_token_id)
     assert single["b"] == [1]  # b was aborted before its end
@@ -203,9 +195,9 @@ def test_sharded_confidence_equals_full(parallel):
 
 def test_tensor_parallel_needs_a_group():
     with pytest.raises(RuntimeError, match="tensor_parallel_size=2 needs torch.distributed"):
-        Engine(tiny_model(0), Tokens(), tensor_parallel_size=2)
+        Engine(tiny_model(0), IdTokenizer(), tensor_parallel_size=2)
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
-        Engine(tiny_model(0), Tokens(), tensor_parallel_size=0)
+        Engine(tiny_model(0), IdTokenizer(), tensor_parallel_size=0)
 
 
 def test_head_split_replicates_and_refuses():

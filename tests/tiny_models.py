@@ -12,6 +12,16 @@ import torch
 from workers.models import FAMILIES, family_name
 
 
+class IdTokenizer:
+    """A stand-in tokenizer for engine tests that compare token ids: text is the ids."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(map(str, token_ids))
+
+    def __len__(self) -> int:
+        return 1 << 16
+
+
 def tiny_raw_config(**overrides) -> dict:
     """The raw config.json dict of a tiny LLaDA model; keyword arguments replace fields."""
     raw = dict(
