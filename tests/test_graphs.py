@@ -14,6 +14,7 @@ import torch
 from dinfer_async import SamplingParams
 from dinfer_async.errors import InvalidRequestError
 from tests.tiny_models import random_prompts, tiny_family_model, tiny_model
+from workers import graphs
 from workers.engine import Engine
 from workers.graphs import resolve_mode
 from workers.scheduler import Scheduler, StepUpdate, denoise
@@ -71,10 +72,8 @@ def test_static_steps_give_the_eager_tokens(decoder, cache, dtype):
 
 def test_a_key_is_reused_across_rounds_and_steps_are_counted():
     """Blocks at nearby positions share a column-aligned layout, so one entry per step index
-    serves several rounds (here blocks 0-2; the last has no columns after it); padding counts
-    still add up as without graphs."""
-    from workers import graphs
-
+    serves several rounds (here all 4 blocks); padding counts still add up as without
+    graphs."""
     model = tiny_model(5)
     prompts = random_prompts(5, [4, 7], 40, MASK)
     p = params("fixed", "dual", gen_length=32, temperature=0.0)
@@ -87,7 +86,7 @@ def test_a_key_is_reused_across_rounds_and_steps_are_counted():
             sched.step()
     assert outcome(seqs) == outcome(want)
     assert sched.graphs is not None
-    assert sched.rounds == 4 and len(sched.graphs.entries) == 2, "2 steps a block, 4 blocks"
+    assert sched.rounds == 4 and len(sched.graphs.entries) == 1, "2 steps a block, 4 blocks"
     assert sched.graphs.counts == {
         "eager": 4,
         "static": 4,
@@ -165,6 +164,82 @@ def test_modes(monkeypatch):
 def test_off_builds_no_graphs():
     sched = Scheduler(tiny_model(1), cuda_graphs=False)
     assert sched.graphs is None
+
+
+class ReplayAsCaptured:
+    """A CUDA graph's stand-in on a CPU: replay re-runs the step as it was captured, i.e. the
+    capture-time round (its host values and step index, whatever round runs now) over the
+    static copies, its results written into the tensors the capture left. A step that reads a
+    tensor or host value outside its key and slots then replays stale, as a real graph would."""
+
+    def record(self, fn) -> None:
+        self.round = round = fn.__self__
+        self.slots = graphs._slots(round)  # the static copies are in the attributes now
+        self.host = [(obj, self._host(obj)) for _, obj in graphs._objects(round)]
+        fn()
+        self.out = [getattr(*owners[0]) for owners, _ in self.slots]
+
+    @staticmethod
+    def _host(obj) -> dict:
+        """obj's attributes other than tensors, lists copied (row spans, decoder groups)."""
+        return {
+            k: list(v) if isinstance(v, list) else v
+            for k, v in vars(obj).items()
+            if not isinstance(v, torch.Tensor)
+        }
+
+    def replay(self) -> None:
+        saved = [(obj, self._host(obj)) for obj, _ in self.host]
+        tensors = [[getattr(o, n) for o, n in owners] for owners, _ in self.slots]
+        for obj, host in self.host:
+            vars(obj).update(host)
+        for owners, static in self.slots:
+            for obj, name in owners:
+                setattr(obj, name, static)
+        self.round.batch._count_fed = lambda *args: None
+        try:
+            self.round._decode()
+            for (owners, _), out in zip(self.slots, self.out):
+                out.copy_(getattr(*owners[0]))
+        finally:
+            del self.round.batch._count_fed
+            for (owners, _), values in zip(self.slots, tensors):
+                for (obj, name), value in zip(owners, values):
+                    setattr(obj, name, value)
+            for obj, host in saved:
+                vars(obj).update(host)
+
+
+def fake_cuda_graphs() -> graphs.StepGraphs:
+    g = graphs.StepGraphs(torch.device("cpu"), "on")
+    g.capture = True
+    g._warm_up = lambda fn: fn()  # type: ignore[method-assign]
+    g._new_graph = ReplayAsCaptured  # type: ignore[method-assign]
+    g._record = lambda graph, fn: graph.record(fn)  # type: ignore[method-assign]
+    return g
+
+
+@pytest.mark.parametrize(
+    "decoder,cache",
+    [
+        *itertools.product(["fixed", "threshold"], CACHES),
+        ("hierarchical", "dual"),
+        ("joint", "prefix"),
+    ],
+)
+def test_replayed_steps_give_the_eager_tokens(decoder, cache):
+    """The capture path with ReplayAsCaptured for the graph: calls share the graphs (and KV
+    storage): a key's first step runs eagerly, its second is captured, later ones replay what
+    an earlier call's round captured (each prompt set runs three times, then another set)."""
+    model = tiny_model(9, dtype=torch.float32)
+    g = fake_cuda_graphs()
+    p = params(decoder, cache, gen_length=32)
+    for seed in (0, 0, 0, 1, 1):
+        prompts = random_prompts(seed, [5, 12, 2], 40, MASK)
+        want = denoise(model, prompts, p, [seed, 2, 3], cuda_graphs=False)
+        got = denoise(model, prompts, p, [seed, 2, 3], cuda_graphs=g)
+        assert outcome(got) == outcome(want), seed
+    assert g.counts["replayed"] > 0 and g.counts["captured"] > 0 and g.counts["static"] == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,22 +12,25 @@ the step reads or writes. Per step:
 2. Its entry holds a static copy of each tensor attribute (the "slots"). The live values are
    copied in, the step runs over the static copies (swapped into the objects' attributes), and
    what each attribute then holds is copied back into the live tensor.
-3. On CUDA the first call of a key warms up on a side stream and captures that step into a
-   `torch.cuda.CUDAGraph` (one memory pool shared by every graph; an LRU of `limit` graphs);
-   later calls copy in, replay, copy out. Elsewhere (the CPU, `DINFER_CUDA_GRAPHS=static`) the
-   callable runs eagerly over the same static copies ("static mode"): what the CPU tests check.
+3. On CUDA a key's first call runs eagerly (one-off shapes are not worth a capture); its
+   second warms up on a side stream and captures that step into a `torch.cuda.CUDAGraph` (one
+   memory pool shared by every graph; an LRU of `limit` graphs); later calls copy in, replay,
+   copy out. Elsewhere (the CPU, `DINFER_CUDA_GRAPHS=static`) the callable runs eagerly over
+   the same static copies ("static mode"): what the CPU tests check, with a stand-in for the
+   graph that replays a step as captured (its round, host values and static copies).
 
 The step index is part of the key (the fixed decoder's schedule and the step's noise keys are
 host values of it), so a key is one step of blocks with the same layout. To let one graph serve
 blocks at different positions, a round with graphs on lays its columns out in multiples of
-`COLUMNS` (`Batch(align=)`: more left padding before the block, more right padding after it,
-hidden from attention), so blocks whose prefix lengths round to the same multiple share graphs.
+`COLUMNS` (`Batch(align=)`: the block start and the length rounded up, with more padding
+before the block and at the end, hidden from attention), so the blocks of a request whose
+starts round to the same multiple share graphs (COLUMNS / block_length blocks each).
 Batch sizes are not padded: a key has the round's exact row count (at most max_batch_size).
 Eager instead (no graph, no static copies): the first step of a block; rounds whose rows use
 more than one decoder (the rows of each are index tensors with no host copy to key on); the
 credit decoder (its [B, K, V] float64 credit would be copied per step and per key); tensor
 parallel groups (collectives inside a graph are unchecked); and any key whose capture failed
-(e.g. a host sync in the MoE loop path; reported once).
+(e.g. a host sync in the MoE loop path; said on stderr).
 """
 
 from __future__ import annotations
@@ -47,8 +50,8 @@ from workers.parallel.group import current
 if TYPE_CHECKING:
     from workers.iteration import BlockRound
 
-COLUMNS = 64  # a graphed round's block start and tail are padded to multiples of this
-LIMIT = 64  # graphs kept (least recently used dropped first)
+COLUMNS = 64  # a graphed round's block start and length are padded to multiples of this
+LIMIT = 256  # graphs kept (least recently used dropped first)
 MODES = ("off", "on", "static")
 
 # plain attributes that change every step without changing what the step computes
@@ -93,6 +96,7 @@ class StepGraphs:
         self.limit = limit
         self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self.failed: set[Hashable] = set()
+        self.seen: set[Hashable] = set()  # keys run once, eagerly (CUDA)
         self.pool: Any = torch.cuda.graph_pool_handle() if self.capture else None
         # what ran, for tests and benchmarks
         self.counts = {"eager": 0, "static": 0, "captured": 0, "replayed": 0, "failed": 0}
@@ -122,6 +126,12 @@ class StepGraphs:
         if entry is not None and entry.graph is not None:
             self.entries.move_to_end(key)
             self._replay(round, slots, entry)
+            return
+        if self.capture and key not in self.seen:  # a shape seen once (rows that just left)
+            if len(self.seen) > 16 * self.limit:  # is not worth a capture: the next time is
+                self.seen.clear()
+            self.seen.add(key)
+            self._eager(round)
             return
         if entry is None:
             entry = _Entry([live.clone() for _, live in slots])
@@ -198,33 +208,40 @@ class StepGraphs:
         self._finish(round, slots, entry)
 
     def _capture(self, round: BlockRound, slots: Slots, entry: _Entry) -> None:
-        """Warm up on a side stream (the step's own kernels, autotuning, workspaces), then
-        capture; capturing runs nothing, so the step itself is the graph's first replay. A
-        warm-up writes the block's own keys into the cache, as the replay does again."""
+        """Warm up (the step's own kernels, autotuning, workspaces), then capture; capturing
+        runs nothing, so the step itself is the graph's first replay. A warm-up writes the
+        block's own keys into the cache, as the replay does again."""
         self._copy_in(slots, entry)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._run(round, slots, entry, round._decode)
-        torch.cuda.current_stream().wait_stream(side)
+        self._run(round, slots, entry, lambda: self._warm_up(round._decode))
         self._copy_in(slots, entry)  # the warm-up changed the static state: start over
-        graph = torch.cuda.CUDAGraph()
-
-        def captured() -> None:
-            # entering a capture synchronizes the device itself: not the step's sync, which
-            # the warm-up ran under the step region's check ($DINFER_SYNC_CHECK)
-            mode = torch.cuda.get_sync_debug_mode()
-            torch.cuda.set_sync_debug_mode(0)
-            try:
-                with torch.cuda.graph(graph, pool=self.pool):
-                    round._decode()
-            finally:
-                torch.cuda.set_sync_debug_mode(mode)
-
-        self._run(round, slots, entry, captured)
+        graph = self._new_graph()
+        self._run(round, slots, entry, lambda: self._record(graph, round._decode))
         entry.graph = graph
         self.counts["captured"] += 1
         self._replay(round, slots, entry, count=False)
+
+    # the CUDA parts, one each (tests stand in for them on a CPU: tests/test_graphs.py)
+    def _warm_up(self, fn: Callable[[], None]) -> None:
+        """fn() on a side stream, as torch asks before a capture."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def _new_graph(self) -> Any:
+        return torch.cuda.CUDAGraph()
+
+    def _record(self, graph: Any, fn: Callable[[], None]) -> None:
+        """Capture fn() into `graph`. Entering a capture synchronizes the device itself: not
+        the step's sync, which the warm-up ran under the step region's check."""
+        mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
 
     def _replay(self, round: BlockRound, slots: Slots, entry: _Entry, count: bool = True) -> None:
         if count:

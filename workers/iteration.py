@@ -148,8 +148,8 @@ class Batch:
     """The round's token layout: row i = left padding, prompt and decided blocks, the current
     block at columns [C, C + K), the rest of the window, right padding. RoPE positions start at
     0 on each row's first real token and padding is hidden from attention, so every row computes
-    what it would alone. align > 1: the block start and the columns after the block are padded
-    up to multiples of it (graphed steps: more rounds share a layout, workers/graphs.py)."""
+    what it would alone. align > 1: the block start and the length are padded up to multiples
+    of it (graphed steps: rounds at nearby blocks share a layout, workers/graphs.py)."""
 
     def __init__(
         self,
@@ -172,7 +172,7 @@ class Batch:
         self.block_length = K
         self.block_start = C
         self.block_end = C + K
-        self.length = C + K + -(-max(map(len, rights)) // align) * align
+        self.length = -(-(C + K + max(map(len, rights))) // align) * align
         B = len(seqs)
         self.row_start = [C - len(left) for left in lefts]  # each row's first real column
         # one upload for the whole layout: ids, then each row's [first real, end, prompt end)
