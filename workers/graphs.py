@@ -9,9 +9,10 @@ the step reads or writes. Per step:
    plain attributes: step index, block start and length, flags, decoder options), the shape and
    dtype of every tensor attribute, the chunk layout, the model and the KV storage (its address,
    rows and length). Two steps with one key run the same kernels on the same shapes.
-2. Its entry holds a static copy of each tensor attribute (the "slots"). The live values are
-   copied in, the step runs over the static copies (swapped into the objects' attributes), and
-   what each attribute then holds is copied back into the live tensor.
+2. Its entry holds a static copy of each tensor attribute (the "slots"; shared by the keys
+   with the same slots, i.e. every step index of a layout). The live values are copied in
+   (those that changed since), the step runs over the static copies (swapped into the objects'
+   attributes), and what the step wrote is copied back into the live tensors.
 3. On CUDA a key's first call runs eagerly (one-off shapes are not worth a capture); its
    second warms up on a side stream and captures that step into a `torch.cuda.CUDAGraph` (one
    memory pool shared by every graph; an LRU of `limit` graphs); later calls copy in, replay,
@@ -74,15 +75,46 @@ def resolve_mode(value: bool | str | None = None) -> str:
     return str(value)
 
 
-class _Entry:
-    """One key's static copies, what the step left in each attribute, its graph (CUDA) and the
-    host padding counts it made (Batch._count_fed calls, replayed on the host)."""
+class _Static:
+    """Static copies of a round's tensors, shared by the keys whose slots have the same names,
+    shapes and dtypes (the steps of one layout at every step index), so a step's graph reads
+    the state the previous step's graph wrote in place. `synced`: per slot, the live tensor and
+    its version counter when the copy last equalled it: an unchanged input is not copied again
+    (a launch saved per slot and step)."""
 
-    def __init__(self, static: list[torch.Tensor]):
-        self.static = static
+    def __init__(self, slots: Slots):
+        self.tensors = [live.clone() for _, live in slots]
+        self.synced: list[tuple[torch.Tensor, int] | None] = [None] * len(slots)
+
+
+class _Entry:
+    """One key's static copies, what the step left in each attribute (and whether it wrote
+    it), its graph (CUDA) and the host padding counts it made (Batch._count_fed calls, replayed
+    on the host)."""
+
+    def __init__(self, static: _Static):
+        self.shared = static
+        self.static = static.tensors
         self.out: list[torch.Tensor] = []
+        self.written: list[bool] = []
         self.graph: Any = None
         self.counted: list[tuple] = []
+
+    @property
+    def synced(self) -> list[tuple[torch.Tensor, int] | None]:
+        return self.shared.synced
+
+    @synced.setter
+    def synced(self, value: list[tuple[torch.Tensor, int] | None]) -> None:
+        self.shared.synced = value
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """t's in-place write counter (None where torch keeps none: inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class StepGraphs:
@@ -97,6 +129,7 @@ class StepGraphs:
         self.entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self.failed: set[Hashable] = set()
         self.seen: set[Hashable] = set()  # keys run once, eagerly (CUDA)
+        self.statics: dict[Hashable, _Static] = {}
         self.pool: Any = torch.cuda.graph_pool_handle() if self.capture else None
         # what ran, for tests and benchmarks
         self.counts = {"eager": 0, "static": 0, "captured": 0, "replayed": 0, "failed": 0}
@@ -134,10 +167,13 @@ class StepGraphs:
             self._eager(round)
             return
         if entry is None:
-            entry = _Entry([live.clone() for _, live in slots])
+            entry = _Entry(self._static_for(slots))
             self.entries[key] = entry
             while len(self.entries) > self.limit:
                 self.entries.popitem(last=False)
+                if len(self.statics) > self.limit:  # drop the copies no entry uses
+                    used = {id(e.shared) for e in self.entries.values()}
+                    self.statics = {k: v for k, v in self.statics.items() if id(v) in used}
         if not self.capture:
             self._static(round, slots, entry)
             return
@@ -153,6 +189,15 @@ class StepGraphs:
             )
             self._eager(round)
 
+    def _static_for(self, slots: Slots) -> _Static:
+        signature = tuple(
+            (tuple(owners), tuple(live.shape), live.dtype, live.device)
+            for owners, live in [([n for _, n in o], t) for o, t in slots]
+        )
+        if signature not in self.statics:
+            self.statics[signature] = _Static(slots)
+        return self.statics[signature]
+
     def _eager(self, round: BlockRound) -> None:
         self.counts["eager"] += 1
         round._decode()
@@ -167,9 +212,14 @@ class StepGraphs:
         for (owners, _), static in zip(slots, entry.static):
             for obj, name in owners:
                 setattr(obj, name, static)
+        versions = [_version(static) for static in entry.static]
         try:
             fn()
             entry.out = [getattr(*owners[0]) for owners, _ in slots]
+            entry.written = [
+                out is not static or v is None or _version(static) != v
+                for out, static, v in zip(entry.out, entry.static, versions)
+            ]
         finally:
             for owners, live in slots:
                 for obj, name in owners:
@@ -178,20 +228,31 @@ class StepGraphs:
             round.step_index = t
         entry.counted = counted
 
-    def _copy_in(self, slots: Slots, entry: _Entry) -> None:
-        for (_, live), static in zip(slots, entry.static):
-            static.copy_(live)
+    def _copy_in(self, slots: Slots, entry: _Entry, force: bool = False) -> None:
+        for i, ((_, live), static) in enumerate(zip(slots, entry.static)):
+            synced = entry.synced[i]
+            version = _version(live)
+            if force or synced is None or synced[0] is not live or synced[1] != version:
+                static.copy_(live)
+                version = _version(live)
+                entry.synced[i] = None if version is None else (live, version)
 
     def _finish(self, round: BlockRound, slots: Slots, entry: _Entry) -> None:
         """Copy the step's results into the live tensors (an attribute the step replaced by one
         of another shape, e.g. DecoderSet.confidence after rows left, takes a copy); count what
         it fed; next step."""
-        for (owners, live), out in zip(slots, entry.out):
+        for i, ((owners, live), out) in enumerate(zip(slots, entry.out)):
+            if not entry.written[i]:
+                continue
             if out.shape == live.shape:
                 live.copy_(out)
             else:
                 for obj, name in owners:
                     setattr(obj, name, out.clone())
+            # the static copy equals the live tensor now only if the step wrote it in place
+            version = _version(live)
+            in_place = out is entry.static[i] and out.shape == live.shape and version is not None
+            entry.synced[i] = (live, version) if in_place else None  # type: ignore[assignment]
         for args in entry.counted:
             round.batch._count_fed(*args)
         round.step_index += 1
@@ -211,12 +272,13 @@ class StepGraphs:
         """Warm up (the step's own kernels, autotuning, workspaces), then capture; capturing
         runs nothing, so the step itself is the graph's first replay. A warm-up writes the
         block's own keys into the cache, as the replay does again."""
-        self._copy_in(slots, entry)
+        self._copy_in(slots, entry, force=True)
         self._run(round, slots, entry, lambda: self._warm_up(round._decode))
-        self._copy_in(slots, entry)  # the warm-up changed the static state: start over
+        self._copy_in(slots, entry, force=True)  # the warm-up changed the static state
         graph = self._new_graph()
         self._run(round, slots, entry, lambda: self._record(graph, round._decode))
         entry.graph = graph
+        entry.synced = [None] * len(slots)  # (a stand-in for a graph may run when recording)
         self.counts["captured"] += 1
         self._replay(round, slots, entry, count=False)
 
