@@ -291,3 +291,22 @@ def test_a_static_step_reads_nothing_but_its_static_copies(decoder, cache):
             sched.step()
     assert outcome(seqs) == outcome(want)
     assert sched.graphs.counts["static"] > 0
+
+
+def test_a_step_that_cannot_be_captured_runs_eagerly(capsys):
+    """A capture that raises (on CUDA: a host sync inside, e.g. the MoE loop path) leaves the
+    key eager for good, with the same tokens, and says so on stderr."""
+    model = tiny_model(9)
+    g = fake_cuda_graphs()
+
+    def refuse(graph, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    g._record = refuse  # type: ignore[method-assign]
+    p = params("threshold", "dual", gen_length=32)
+    prompts = random_prompts(0, [5, 12, 2], 40, MASK)
+    want = outcome(denoise(model, prompts, p, [0, 2, 3], cuda_graphs=False))
+    for _ in range(3):
+        assert outcome(denoise(model, prompts, p, [0, 2, 3], cuda_graphs=g)) == want
+    assert g.counts["failed"] > 0 and g.counts["replayed"] == g.counts["captured"] == 0
+    assert "no CUDA graph for a block step" in capsys.readouterr().err

@@ -160,8 +160,10 @@ class StepGraphs:
             self.entries.move_to_end(key)
             self._replay(round, slots, entry)
             return
-        if self.capture and key not in self.seen:  # a shape seen once (rows that just left)
-            if len(self.seen) > 16 * self.limit:  # is not worth a capture: the next time is
+        # a key's first step runs eagerly: a shape met once (e.g. after rows left mid-block)
+        # is not worth a capture; one met again is
+        if self.capture and key not in self.seen:
+            if len(self.seen) > 16 * self.limit:
                 self.seen.clear()
             self.seen.add(key)
             self._eager(round)
@@ -181,6 +183,7 @@ class StepGraphs:
             self._capture(round, slots, entry)
         except Exception as e:  # a step that cannot be captured runs eagerly from now on
             self.entries.pop(key, None)
+            entry.shared.synced = [None] * len(slots)  # a warm-up may have left them changed
             self.failed.add(key)
             self.counts["failed"] += 1
             print(
@@ -190,6 +193,7 @@ class StepGraphs:
             self._eager(round)
 
     def _static_for(self, slots: Slots) -> _Static:
+        """The static copies for slots of these names, shapes, dtypes and devices."""
         signature = tuple(
             (tuple(owners), tuple(live.shape), live.dtype, live.device)
             for owners, live in [([n for _, n in o], t) for o, t in slots]
