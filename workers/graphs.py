@@ -29,7 +29,7 @@ starts round to the same multiple share graphs (COLUMNS / block_length blocks ea
 Batch sizes are not padded: a key has the round's exact row count (at most max_batch_size).
 Eager instead (no graph, no static copies): the first step of a block; rounds whose rows use
 more than one decoder (the rows of each are index tensors with no host copy to key on); the
-credit decoder (its [B, K, V] float64 credit would be copied per step and per key); tensor
+credit decoder (its [B, K, V] float64 credit, written every step, would be copied out each); tensor
 parallel groups (collectives inside a graph are unchecked); and any key whose capture failed
 (e.g. a host sync in the MoE loop path; said on stderr).
 """
