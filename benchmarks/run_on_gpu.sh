@@ -7,11 +7,12 @@
 # on the CPU (small sizes, Triton interpreted), and `env -u TRITON_INTERPRET python
 # benchmarks/compile_check.py` compiles the new kernels for sm_90 without a GPU, so no lease is
 # spent on a typo or a compile error.
-# STEPS picks steps (default all: their limits add up to ~13.5 minutes, so a 10-minute command
-# limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine nosync").
+# STEPS picks steps (default all: their limits add up to ~18 minutes, so a 10-minute command
+# limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine nosync
+# graphs").
 # Opt-in (not in the default list): STEPS="ep", expert parallel on every GPU, up to 7 minutes.
 out=${1:?usage: run_on_gpu.sh OUTDIR}
-want() { [[ " ${STEPS:-kernels moe confidence forward batch engine nosync} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-kernels moe confidence forward batch engine nosync graphs} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # kernels/ is imported as dinfer_kernels (see pyproject.toml): install the tree in place first
@@ -50,3 +51,16 @@ fi
 want nosync && ( set -o pipefail; DINFER_SYNC_CHECK=1 timeout 90 $py benchmarks/engine_speed.py --device cuda \
     --prompts 10 --steps-per-check 4 --configs threshold:dual,fixed:dual,credit:vicinity,joint:none \
     2>&1 | tee "$out/engine_cuda_nosync.txt" || echo "nosync step failed (see $out/engine_cuda_nosync.txt)" )
+# issue 15 item 1: graph-captured block steps (workers/graphs.py, opt-in): the CUDA replay test,
+# then the engine with cuda_graphs off vs on (tokens identical, ms per forward, tokens/s) on the
+# bundled model (float32, bfloat16) and the LLaDA-8B shape (random bf16 weights, batch 1 and 16);
+# exit status 1 if any tokens differ. Guarded, so a failure costs only these tables
+if want graphs; then
+    ( set -o pipefail; timeout 60 $py -m pytest tests/test_graphs.py -q -k cuda 2>&1 \
+        | tee "$out/graphs_pytest_cuda.txt" || echo "graphs: the CUDA replay test failed" )
+    ( set -o pipefail; timeout 90 $py benchmarks/graphs_speed.py --device cuda --prompts 8 2>&1 \
+        | tee "$out/graphs_cuda_float32.txt" || echo "graphs step (float32) failed" )
+    ( set -o pipefail; timeout 150 $py benchmarks/graphs_speed.py --device cuda --dtype bfloat16 \
+        --prompts 8 --configs threshold:dual,fixed:dual --llada8b 2>&1 \
+        | tee "$out/graphs_cuda_bfloat16.txt" || echo "graphs step (bfloat16, 8B shape) failed" )
+fi

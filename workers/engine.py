@@ -12,6 +12,7 @@ import torch
 from dinfer_async.errors import InvalidRequestError
 from dinfer_async.params import SamplingParams
 from dinfer_async.validation import check_input, check_parallel, check_token_ids
+from workers.graphs import StepGraphs, resolve_mode
 from workers.loader import load_model, resolve_dtype
 from workers.parallel.group import TensorParallel, join
 from workers.scheduler import denoise
@@ -56,6 +57,7 @@ class Engine:
         expert_parallel: bool | str = False,
         split_overhead: float | None = None,
         chunk_slots: int | None = None,
+        cuda_graphs: bool | str | None = None,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound; None: $DINFER_STEPS_PER_CHECK, else 1);
@@ -72,6 +74,9 @@ class Engine:
         dispatched to their experts' ranks and back; workers/parallel/layers.py).
         split_overhead, chunk_slots: see workers.scheduler.Scheduler (None: the device's
         defaults; both 0: each group's rows in one round per block, one forward per step).
+        cuda_graphs: a block's steps after its first as CUDA graphs on a GPU, static-shape
+        eager steps elsewhere (workers/graphs.py; True/"on", "static", False/"off"; None:
+        $DINFER_CUDA_GRAPHS, off when unset); opt-in until checked on a GPU.
         After `generate`, `last_run` holds that call's padding waste and rounds."""
         check_parallel(tensor_parallel_size, expert_parallel)
         self.tensor_parallel: TensorParallel | None = None
@@ -91,6 +96,13 @@ class Engine:
         self.steps_per_check = steps_per_check
         self.split_overhead = split_overhead
         self.chunk_slots = chunk_slots
+        try:  # a bad value fails here, not mid-run
+            mode = resolve_mode(cuda_graphs)
+        except ValueError as e:
+            raise InvalidRequestError("cuda_graphs", str(e)) from None
+        # kept across generate calls, with the KV storage the graphs were captured over
+        device = model.lm_head_weight.device
+        self.graphs = None if mode == "off" else StepGraphs(device, mode)
         self.last_run: dict[str, float] = {}
 
     @classmethod
@@ -160,6 +172,7 @@ class Engine:
             split_overhead=self.split_overhead,
             stats=self.last_run,
             chunk_slots=self.chunk_slots,
+            cuda_graphs=self.graphs or False,
         )
         return [self._result(seq) for seq in seqs]
 

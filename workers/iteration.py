@@ -15,12 +15,14 @@ import torch
 
 from dinfer_async.params import SamplingParams
 from workers.decoders import DecoderSet
+from workers.graphs import COLUMNS
 from workers.nosync import step_region
 from workers.sampling import expected_embedding
 from workers.shared import block_causal_mask, block_seed, forbid_tokens, step_seeds, until_eos
 
 if TYPE_CHECKING:
     from workers.cache import CachePolicy
+    from workers.graphs import StepGraphs
     from workers.interfaces import DiffusionModel
     from workers.kv_cache import KVCache, Overlay, RowWindow
 
@@ -146,9 +148,17 @@ class Batch:
     """The round's token layout: row i = left padding, prompt and decided blocks, the current
     block at columns [C, C + K), the rest of the window, right padding. RoPE positions start at
     0 on each row's first real token and padding is hidden from attention, so every row computes
-    what it would alone."""
+    what it would alone. align > 1: the block start and the length are padded up to multiples
+    of it (graphed steps: rounds at nearby blocks share a layout, workers/graphs.py)."""
 
-    def __init__(self, model: DiffusionModel, seqs: list[Sequence], mask_id: int, pad_id: int):
+    def __init__(
+        self,
+        model: DiffusionModel,
+        seqs: list[Sequence],
+        mask_id: int,
+        pad_id: int,
+        align: int = 1,
+    ):
         device = model.lm_head_weight.device
         self.model = model
         self.mask_id = mask_id
@@ -158,11 +168,11 @@ class Batch:
         lefts = [s.prompt + s.window[: s.block * K] for s in seqs]
         # a block-causal model's block never sees what follows it: the round stops at the block
         rights = [[] if model.block_causal else s.window[(s.block + 1) * K :] for s in seqs]
-        C = max(map(len, lefts))
+        C = -(-max(map(len, lefts)) // align) * align
         self.block_length = K
         self.block_start = C
         self.block_end = C + K
-        self.length = C + K + max(map(len, rights))
+        self.length = -(-(C + K + max(map(len, rights))) // align) * align
         B = len(seqs)
         self.row_start = [C - len(left) for left in lefts]  # each row's first real column
         # one upload for the whole layout: ids, then each row's [first real, end, prompt end)
@@ -355,9 +365,12 @@ class BlockRound:
         report: bool = True,
         steps_per_check: int = 1,
         chunk_slots: int = 0,
+        graphs: StepGraphs | None = None,
     ):
         """chunk_slots: full forwards run in row chunks of at most this many token slots
-        (Batch.run_full; 0: one forward); the rows are then ordered by their layout."""
+        (Batch.run_full; 0: one forward); the rows are then ordered by their layout. graphs:
+        the steps after a block's first run through it (static shapes, CUDA graphs on a GPU;
+        workers/graphs.py), the layout then padded to its column multiple; None: eager."""
         if isinstance(steps_per_check, bool) or not isinstance(steps_per_check, int):
             raise TypeError(f"steps_per_check must be an integer >= 1, not {steps_per_check!r}")
         if steps_per_check < 1:
@@ -371,7 +384,9 @@ class BlockRound:
         self.policy = policy
         self.mask_id: int = cfg.mask_token_id
         self.eos_id: int = cfg.eos_token_id
-        self.batch = Batch(model, seqs, self.mask_id, self.eos_id)
+        self.graphs = graphs
+        align = 1 if graphs is None else COLUMNS
+        self.batch = Batch(model, seqs, self.mask_id, self.eos_id, align)
         self.batch.chunk_slots = chunk_slots
         self.decoders = DecoderSet([s.params for s in seqs], device)
         self.block_seeds = torch.tensor(
@@ -438,7 +453,10 @@ class BlockRound:
         their requests) instead of idling until the slowest row is done."""
         self.left = []
         with step_region(self.device):
-            self._decode()
+            if self.graphs is None:
+                self._decode()
+            else:
+                self.graphs.step(self)
         if self.step_index % self.steps_per_check:  # no host check: nothing to report either
             return []
         done = [i for i, d in enumerate(self.row_done.tolist()) if d]  # the host sync

@@ -29,6 +29,7 @@ from dinfer_async.params import SamplingParams
 from workers.cache import CachePolicy, policy_class
 from workers.cohorts import CPU_CHUNK_SLOTS, CPU_FORWARD_OVERHEAD
 from workers.cohorts import split as cohorts_split
+from workers.graphs import StepGraphs, resolve_mode
 from workers.iteration import BlockRound, Sequence, StepUpdate
 from workers.kv_cache import KVCache
 from workers.shared import until_eos
@@ -78,6 +79,7 @@ class Scheduler:
         decode: Decode | None = None,
         split_overhead: float | None = None,
         chunk_slots: int | None = None,
+        cuda_graphs: bool | str | StepGraphs | None = None,
     ):
         """report: produce a StepUpdate per request at each host check (streaming); without
         it, updates come only at block ends. steps_per_check: steps between host checks, see
@@ -90,7 +92,10 @@ class Scheduler:
         and for block-causal models (a round's first step feeds only what is not stored).
         chunk_slots: a round's full forwards run in row chunks of at most this many token
         slots, each over its rows' own columns (Batch.run_full); None: CPU_CHUNK_SLOTS on a
-        CPU, 0 (one forward) elsewhere."""
+        CPU, 0 (one forward) elsewhere. cuda_graphs: a block's steps after its first run as
+        static-shape steps, CUDA graphs on a GPU (workers/graphs.py: True/"on", "static" or
+        False/"off"; None: $DINFER_CUDA_GRAPHS, off when unset; a StepGraphs: those graphs and
+        their KV storage, kept across schedulers). Opt-in: unchecked on a GPU."""
         self.model = model
         self.max_batch_size = max_batch_size
         self.report = report
@@ -100,8 +105,17 @@ class Scheduler:
         self.mask_id: int = cfg.mask_token_id
         self.eos_id: int = cfg.eos_token_id
         self.device = model.lm_head_weight.device
+        if isinstance(cuda_graphs, StepGraphs):
+            self.graphs: StepGraphs | None = cuda_graphs
+        else:
+            mode = resolve_mode(cuda_graphs)
+            self.graphs = None if mode == "off" else StepGraphs(self.device, mode)
         # one storage for every policy: one round runs at a time
-        self.kv = KVCache(cfg, self.device, model.lm_head_weight.dtype)
+        dtype = model.lm_head_weight.dtype
+        if self.graphs is None:
+            self.kv = KVCache(cfg, self.device, dtype)
+        else:
+            self.kv = self.graphs.kv_cache(cfg, self.device, dtype)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[GroupKey, list[Sequence]] = {}
         self.policies: dict[GroupKey, CachePolicy] = {}  # one per group in `running`
@@ -218,6 +232,7 @@ class Scheduler:
             self.report,
             self.steps_per_check,
             self.chunk_slots,
+            self.graphs,
         )
         self.rounds += 1
         for seq in self.round.seqs:
@@ -312,6 +327,7 @@ def denoise(
     split_overhead: float | None = None,
     stats: dict[str, float] | None = None,
     chunk_slots: int | None = None,
+    cuda_graphs: bool | str | StepGraphs | None = None,
 ) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order.
     `stats`, if given, receives the run's padding waste and rounds (Scheduler.padding)."""
@@ -324,7 +340,9 @@ def denoise(
         decode=decode,
         split_overhead=split_overhead,
         chunk_slots=chunk_slots,
+        cuda_graphs=cuda_graphs,
     )
+    before = dict(scheduler.graphs.counts) if scheduler.graphs is not None else {}
     seqs = [
         scheduler.add(i, p, q, s)
         for i, (p, q, s) in enumerate(zip(prompts, per_prompt, seeds, strict=True))
@@ -334,4 +352,7 @@ def denoise(
             scheduler.step()
     if stats is not None:
         stats.update(scheduler.padding(), rounds=scheduler.rounds)
+        if scheduler.graphs is not None:
+            counts = scheduler.graphs.counts.items()
+            stats.update({f"steps_{k}": v - before[k] for k, v in counts})
     return seqs
