@@ -15,7 +15,7 @@ from dinfer_async.validation import check_input, check_parallel, check_token_ids
 from workers.graphs import StepGraphs, resolve_mode
 from workers.loader import load_model, resolve_dtype
 from workers.parallel.group import TensorParallel, join
-from workers.scheduler import denoise
+from workers.scheduler import Scheduler, denoise
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
 
 if TYPE_CHECKING:
@@ -175,6 +175,19 @@ class Engine:
             cuda_graphs=self.graphs or False,
         )
         return [self._result(seq) for seq in seqs]
+
+    def new_scheduler(self) -> Scheduler:
+        """A streaming Scheduler over this engine's model with its settings (steps per check,
+        cohorts, chunks, graphs): what a worker serves requests with."""
+        return Scheduler(
+            self.model,
+            self.max_batch_size,
+            steps_per_check=self.steps_per_check,
+            decode=self.decode,
+            split_overhead=self.split_overhead,
+            chunk_slots=self.chunk_slots,
+            cuda_graphs=self.graphs or False,
+        )
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:
         check_token_ids(ids, self.config.vocab_size, field)

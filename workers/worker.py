@@ -526,7 +526,7 @@ class Worker:
 
 def new_scheduler(engine: Engine) -> Scheduler:
     """The scheduler a worker runs, the same on every rank of a group."""
-    return Scheduler(engine.model, engine.max_batch_size, decode=engine.decode)
+    return engine.new_scheduler()
 
 
 def release(leader: Leader, wait: float = 2.0) -> None:
