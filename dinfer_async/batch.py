@@ -119,7 +119,7 @@ class Progress:
         seconds = time.perf_counter() - self.begin
         forwards = max(self.forwards, 1)
         return (
-            f"{PROG}: {before + self.written} lines: {before} already done"
+            f"{before + self.written} lines: {before} already done"
             f"{f' ({errors_before} with errors)' if errors_before else ''}, {self.written} new "
             f"({self.errors} errors); start-up {startup:.1f} s; generation {seconds:.1f} s: "
             f"{self.tokens} tokens, {self.tokens / max(seconds, 1e-9):.1f} tokens/s, "

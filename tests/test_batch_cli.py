@@ -99,7 +99,8 @@ def test_stdin_to_stdout_in_input_order_and_exit_code_zero():
     assert proc.returncode == 0, proc.stderr
     out = [json.loads(l) for l in proc.stdout.splitlines()]
     assert [o["id"] for o in out] == [l["id"] for l in lines]
-    assert "12 lines: 0 already done, 12 new (0 errors)" in proc.stderr
+    assert "\ndinfer-batch: 12 lines: 0 already done, 12 new (0 errors)" in "\n" + proc.stderr
+    assert "dinfer-batch: dinfer-batch" not in proc.stderr  # one prefix per line
     assert "tokens per forward" in proc.stderr and "committed per forward" in proc.stderr
 
 
