@@ -357,6 +357,35 @@ def test_tensor_parallel_group_through_the_client_and_a_killed_rank():
     asyncio.run(run())
 
 
+def test_the_groups_first_collective_is_not_a_step():
+    """Rank 0 serves (and its first keepalive waits) while the other ranks may still be loading
+    the model: that first meeting is not bounded by the rank timeout; the steps after it are."""
+    from workers.parallel.spmd import Leader, watch_steps
+
+    class LoadingRanks:  # the followers reach `follow` only after a long load
+        calls = 0
+
+        def broadcast(self, objects: list) -> list:
+            self.calls += 1
+            time.sleep(1.0 if self.calls == 1 else 0.0)
+            return objects
+
+    class Idle:
+        def step(self) -> list:
+            time.sleep(1.0)  # a step that hangs
+            return []
+
+    leader, stalls = Leader(Idle(), LoadingRanks()), []  # type: ignore[arg-type]
+    watch_steps(lambda: leader, 0.3, 2, on_stall=lambda lead, t, n: stalls.append(t))
+    leader.keepalive()
+    assert stalls == []
+    leader.step()
+    deadline = time.monotonic() + 30
+    while not stalls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalls == [0.3]
+
+
 def test_a_hung_rank_fails_its_group_after_the_rank_timeout(monkeypatch, caplog):
     """A follower stopped mid-stream (SIGSTOP: alive, so no collective fails and rank 0 still
     answers heartbeats) stalls rank 0's step; after --rank-timeout (3 s here, the Client's
