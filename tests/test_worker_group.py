@@ -122,6 +122,24 @@ def test_batch_and_serve_refuse_too_few_gpus_on_one_line(tmp_path, monkeypatch, 
     assert line.startswith("dinfer-serve: --workers:") and "1 GPU(s) are visible" in line
 
 
+def test_batch_and_serve_name_the_expert_parallel_flag(tmp_path, capsys):
+    """--enable-expert-parallel without a group: the flags are named (was: '--expert-parallel:
+    ... set tensor_parallel_size > 1', the Client's keyword names as flags)."""
+    from dinfer_async import batch, serve
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    assert batch.main([str(src), str(tmp_path / "out.jsonl"), "--enable-expert-parallel"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dinfer-batch: error: --enable-expert-parallel splits"), line
+    assert "add --tensor-parallel-size 2" in line
+    with pytest.raises(SystemExit) as info:
+        serve.main(["--port", str(ranks.free_port()), "--enable-expert-parallel"])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dinfer-serve: --enable-expert-parallel splits"), line
+
+
 def test_batch_start_up_line_names_the_devices():
     class Ready:
         worker_devices = [["cuda:0", "cuda:1"], ["cuda:2", "cuda:3"]]
