@@ -36,6 +36,7 @@ from dinfer_async.cli import (
     add_sampling_flags,
     configure_logging,
     expert_parallel,
+    parallel_problem,
     sampling_defaults,
 )
 from dinfer_async.errors import (
@@ -378,6 +379,9 @@ def _check(args: argparse.Namespace, defaults: dict) -> tuple[IO[bytes], OutputF
     ):
         if getattr(args, flag) < low:
             raise UsageError(f"--{flag.replace('_', '-')}: must be >= {low}")
+    problem = parallel_problem(args)
+    if problem:
+        raise UsageError(problem)
     if not args.ready_timeout > 0 or args.max_line_bytes < 1:
         raise UsageError("--ready-timeout and --max-line-bytes must be > 0")
     model = args.model

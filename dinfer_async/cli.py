@@ -150,6 +150,17 @@ def expert_parallel(args: argparse.Namespace) -> bool | str:
     return args.expert_parallel_dispatch if args.enable_expert_parallel else False
 
 
+def parallel_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the group flags, in their names (the Client's own check, which runs
+    later, names its keyword arguments), or None."""
+    if args.enable_expert_parallel and args.tensor_parallel_size == 1:
+        return (
+            "--enable-expert-parallel splits the experts over the tensor-parallel ranks: "
+            "add --tensor-parallel-size 2 (or more)"
+        )
+    return None
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (`prog: what is wrong (see --help)`)."""
 

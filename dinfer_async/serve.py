@@ -43,6 +43,7 @@ from dinfer_async.cli import (
     add_sampling_flags,
     configure_logging,
     expert_parallel,
+    parallel_problem,
     sampling_defaults,
 )
 from dinfer_async.client import Client
@@ -425,6 +426,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--workers must be >= 1")
     if args.tensor_parallel_size < 1:
         ap.error("--tensor-parallel-size must be >= 1")
+    problem = parallel_problem(args)
+    if problem:
+        ap.error(problem)
     configure_logging("dinfer-serve", args.debug)
     try:  # a port in use is one line now, not a traceback after the workers have loaded
         with socket.create_server((args.host, args.port)):

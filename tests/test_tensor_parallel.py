@@ -116,6 +116,31 @@ def scripted(scheduler: Scheduler | Leader, vocab: int, mask: int) -> dict[str, 
     return {s.id: s.generated() for s in (a, c)} | {"b": [int(b.finish_reason is None)]}
 
 
+# the Engine's scheduling options together (a served worker's Engine.new_scheduler)
+COMBINED = dict(steps_per_check=3, cuda_graphs="static", split_overhead=16, chunk_slots=64)
+
+
+def combined(scheduler: Scheduler | Leader, vocab: int, mask: int) -> dict[str, list]:
+    """`scripted` with ragged prompts (cohorts, row chunks), a stop string and an abort mid-check;
+    the answers and finish reasons."""
+    prompts = random_prompts(4, [5, 60, 3, 40], vocab, mask)
+    common = dict(gen_length=16, block_length=4, cache="dual", early_stop=False)
+    params = SamplingParams(**common, temperature=0.5).validate()
+    fixed = SamplingParams(**common, decoder="fixed", steps=8).validate()
+    stop = SamplingParams(**common, decoder="threshold", threshold=0.5, stop=["6 2 6"]).validate()
+    seqs = [scheduler.add("a", prompts[0], params, 1), scheduler.add("b", prompts[1], fixed, 2)]
+    seqs.append(scheduler.add("d", prompts[3], stop, 4))
+    for _ in range(3):
+        scheduler.step()
+    seqs.append(scheduler.add("c", prompts[2], params, 3))
+    scheduler.step()
+    scheduler.abort(seqs[1])
+    while scheduler.has_work():
+        scheduler.step()
+    # an aborted request's window is what it held when it left: not an answer
+    return {s.id: [[] if s.aborted else s.generated(), s.finish_reason, s.stop_text] for s in seqs}
+
+
 def _routed(module: torch.nn.Module) -> bool:
     """A routed expert, held (GatedMLP) or not (AbsentExpert)."""
     return isinstance(module, AbsentExpert) or type(module).__name__ == "GatedMLP"
@@ -145,6 +170,15 @@ def _rank(rank: int, size: int, out: str) -> None:
         leader.stop()
     else:
         follow(scheduler, engine.tensor_parallel)
+    engine = Engine(MODELS["llada"](), IdTokenizer(), tensor_parallel_size=size, **COMBINED)
+    assert engine.tensor_parallel is not None
+    if rank == 0:
+        leader = Leader(engine.new_scheduler(), engine.tensor_parallel)
+        cfg = engine.config
+        results["combined"] = combined(leader, cfg.vocab_size, cfg.mask_token_id)
+        leader.stop()
+    else:
+        follow(engine.new_scheduler(), engine.tensor_parallel)
     lo, hi = split(11, size, rank)
     tp = replace(join(size), vocab_start=lo, vocab_stop=hi)
     set_current(tp)
@@ -181,6 +215,19 @@ def test_rank_zero_broadcasts_arrivals_and_aborts(parallel):
     single = scripted(Scheduler(engine.model, report=True), cfg.vocab_size, cfg.mask_token_id)
     assert single["b"] == [1]  # b was aborted before its end
     assert parallel[0]["spmd"] == single
+
+
+def test_served_scheduling_options_under_tensor_parallel(parallel):
+    """Cohorts, row chunks, 3 steps per check and static steps, with arrivals, an abort and a
+    stop string, replayed on rank 1: rank 0's answers equal one process's, and eager's."""
+    cfg = Engine(MODELS["llada"](), IdTokenizer()).config
+    want = combined(
+        Engine(MODELS["llada"](), IdTokenizer(), split_overhead=0, chunk_slots=0).new_scheduler(),
+        cfg.vocab_size,
+        cfg.mask_token_id,
+    )
+    assert want["d"][1] == "stop" and want["b"][1] is None  # the stop string cut, b aborted
+    assert parallel[0]["combined"] == want
 
 
 def test_sharded_confidence_equals_full(parallel):

@@ -75,6 +75,12 @@ def test_bad_device_and_dtype(capsys, ipc):
     assert "--endpoint" in one_line_failure(capsys)  # the required flag is named
 
 
+def test_bad_steps_per_check_names_the_flag(capsys, ipc):
+    """Refused before the model loads, naming the flag (was: 'steps_per_check' after loading)."""
+    line = one_line_failure(capsys, "--endpoint", ipc, "--steps-per-check", "0")
+    assert "--steps-per-check 0 must be >= 1" in line
+
+
 def test_port_in_use(capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -122,6 +122,24 @@ def test_batch_and_serve_refuse_too_few_gpus_on_one_line(tmp_path, monkeypatch, 
     assert line.startswith("dinfer-serve: --workers:") and "1 GPU(s) are visible" in line
 
 
+def test_batch_and_serve_name_the_expert_parallel_flag(tmp_path, capsys):
+    """--enable-expert-parallel without a group: the flags are named (was: '--expert-parallel:
+    ... set tensor_parallel_size > 1', the Client's keyword names as flags)."""
+    from dinfer_async import batch, serve
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    assert batch.main([str(src), str(tmp_path / "out.jsonl"), "--enable-expert-parallel"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dinfer-batch: error: --enable-expert-parallel splits"), line
+    assert "add --tensor-parallel-size 2" in line
+    with pytest.raises(SystemExit) as info:
+        serve.main(["--port", str(ranks.free_port()), "--enable-expert-parallel"])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("dinfer-serve: --enable-expert-parallel splits"), line
+
+
 def test_batch_start_up_line_names_the_devices():
     class Ready:
         worker_devices = [["cuda:0", "cuda:1"], ["cuda:2", "cuda:3"]]
@@ -355,6 +373,35 @@ def test_tensor_parallel_group_through_the_client_and_a_killed_rank():
             await _until(lambda: _gone(follower))
 
     asyncio.run(run())
+
+
+def test_the_groups_first_collective_is_not_a_step():
+    """Rank 0 serves (and its first keepalive waits) while the other ranks may still be loading
+    the model: that first meeting is not bounded by the rank timeout; the steps after it are."""
+    from workers.parallel.spmd import Leader, watch_steps
+
+    class LoadingRanks:  # the followers reach `follow` only after a long load
+        calls = 0
+
+        def broadcast(self, objects: list) -> list:
+            self.calls += 1
+            time.sleep(1.0 if self.calls == 1 else 0.0)
+            return objects
+
+    class Idle:
+        def step(self) -> list:
+            time.sleep(1.0)  # a step that hangs
+            return []
+
+    leader, stalls = Leader(Idle(), LoadingRanks()), []  # type: ignore[arg-type]
+    watch_steps(lambda: leader, 0.3, 2, on_stall=lambda lead, t, n: stalls.append(t))
+    leader.keepalive()
+    assert stalls == []
+    leader.step()
+    deadline = time.monotonic() + 30
+    while not stalls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stalls == [0.3]
 
 
 def test_a_hung_rank_fails_its_group_after_the_rank_timeout(monkeypatch, caplog):

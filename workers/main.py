@@ -405,7 +405,7 @@ def start(
     if p.rank == 0:
         check_serving(args)
     args.rank_timeout = rank_timeout(args.rank_timeout)
-    for name in ("max_batch_size", "max_prompt_chars"):
+    for name in ("max_batch_size", "max_prompt_chars", "steps_per_check"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise StartupError(f"--{name.replace('_', '-')} {value} must be >= 1")

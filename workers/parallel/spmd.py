@@ -14,7 +14,8 @@ A rank that hangs without dying (stopped, deadlocked, a wedged device) fails no 
 waits in the next one until the process group's 24 h timeout, and its ZeroMQ thread still
 answers the client's heartbeats. `watch_steps` bounds that wait: rank 0's Leader notes when each
 step (or keepalive) began, and a step still running after `timeout` seconds ends the process with
-the group-failure code, so whoever started the group (the Client) restarts it.
+the group-failure code, so whoever started the group (the Client) restarts it. The group's first
+collective is not bounded: it waits for the other ranks to finish loading the model.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Leader:
         self.events: list[Event] = []
         self.last = time.monotonic()  # of the last collective
         self.busy_since: float | None = None  # when the step (or keepalive) now running began
+        self.met = False  # the group has completed a collective (every rank is in `follow`)
 
     def add(self, id: Any, prompt: list[int], params: SamplingParams, seed: int) -> Sequence:
         self.events.append(("add", id, prompt, params, seed))
@@ -57,22 +59,28 @@ class Leader:
         self.scheduler.abort(seq)
 
     def step(self) -> list[StepUpdate | Finished]:
-        self.busy_since = time.monotonic()
         try:
-            self.tp.broadcast([(STEP, self.events)])
-            self.events, self.last = [], time.monotonic()
+            self._send(STEP)
             return self.scheduler.step()
         finally:
             self.busy_since = None
 
     def keepalive(self) -> None:
         """A collective without a step (rank 0 has nothing to run): see the module docstring."""
-        self.busy_since = time.monotonic()
         try:
-            self.tp.broadcast([(IDLE, self.events)])
-            self.events, self.last = [], time.monotonic()
+            self._send(IDLE)
         finally:
             self.busy_since = None
+
+    def _send(self, kind: str) -> None:
+        """Broadcast the events; from then on the step is watched (busy_since). The group's
+        first collective is not: rank 0 serves once it has loaded, and the other ranks join
+        it when they have (a slower disk, a download), which is no hung step."""
+        if self.met:
+            self.busy_since = time.monotonic()
+        self.tp.broadcast([(kind, self.events)])
+        self.events, self.last, self.met = [], time.monotonic(), True
+        self.busy_since = self.last
 
     def stop(self) -> None:
         """Release the followers (they return from `follow`)."""
