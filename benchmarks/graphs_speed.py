@@ -18,6 +18,7 @@ import argparse
 import time
 
 import torch
+from shapes import llada8b
 
 from dinfer_async import SamplingParams
 from workers import Engine
@@ -70,28 +71,6 @@ HEADER = (
     "| tokens/s on | speedup | steps replayed/captured/static/eager (on) |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
-
-
-def llada8b(device: str):
-    from workers.models.llada import LLaDAConfig, LLaDAModel
-
-    cfg = LLaDAConfig.from_dict(
-        dict(
-            model_type="llada",
-            d_model=4096,
-            n_heads=32,
-            n_kv_heads=32,
-            n_layers=32,
-            mlp_hidden_size=12288,
-            vocab_size=126464,
-            embedding_size=126464,
-            mask_token_id=126336,
-            eos_token_id=126081,
-            rope_theta=500000.0,
-        )
-    )
-    with torch.device(device):
-        return LLaDAModel(cfg).to(torch.bfloat16).eval().requires_grad_(False)
 
 
 def main() -> None:

@@ -359,26 +359,11 @@ def kernel_rows(tk, reference, dev, bw):
 
 def forward_and_engine(dev, bw):
     """The LLaDA-8B-shaped block forward against its floor, then the engine vs bare forwards."""
-    from workers.models.llada import LLaDAConfig, LLaDAModel
+    from shapes import llada8b
 
     bf16 = torch.bfloat16
-    cfg = LLaDAConfig.from_dict(
-        dict(
-            model_type="llada",
-            d_model=4096,
-            n_heads=32,
-            n_kv_heads=32,
-            n_layers=32,
-            mlp_hidden_size=12288,
-            vocab_size=126464,
-            embedding_size=126464,
-            mask_token_id=126336,
-            eos_token_id=126081,
-            rope_theta=500000.0,
-        )
-    )
-    with torch.device(dev):
-        model = LLaDAModel(cfg).to(bf16).eval().requires_grad_(False)
+    model = llada8b(dev, bf16)
+    cfg = model.config
     from workers.cache import KVCache
 
     cache = KVCache(cfg, dev, bf16)
