@@ -13,7 +13,7 @@ import torch
 
 from dinfer_async import SamplingParams
 from dinfer_async.errors import InvalidRequestError
-from tests.tiny_models import random_prompts, tiny_family_model, tiny_model
+from tests.tiny_models import decoder_params, random_prompts, tiny_family_model, tiny_model
 from workers import graphs
 from workers.engine import Engine
 from workers.graphs import resolve_mode
@@ -21,18 +21,6 @@ from workers.scheduler import Scheduler, StepUpdate, denoise
 
 MASK = 39
 CACHES = ["none", "prefix", "dual", "vicinity"]
-
-
-def params(decoder: str, cache: str, **kw) -> SamplingParams:
-    extra = dict(
-        fixed=dict(steps=8, remasking="random", temperature=0.7),
-        threshold=dict(threshold=0.3, suppress_eos=True),
-        factor=dict(factor=2.5, temperature=0.5),
-        hierarchical=dict(threshold=0.5, low_threshold=0.15, soft_diffusion=True),
-        joint=dict(threshold=0.4, edit_threshold=0.1, max_edit_steps=2),
-    )[decoder]
-    base = dict(gen_length=16, block_length=8, decoder=decoder, cache=cache, prefix_look=2)
-    return SamplingParams(**{**base, **extra, **kw}).validate()
 
 
 def outcome(seqs):
@@ -62,7 +50,7 @@ def test_static_steps_give_the_eager_tokens(decoder, cache, dtype):
     """Batch 3, ragged prompts; the static path really ran (steps_static > 0)."""
     model = tiny_model(9, dtype=dtype)
     prompts = random_prompts(9, [5, 12, 2], 40, MASK)
-    p = params(decoder, cache)
+    p = decoder_params(decoder, cache)
     want = run(model, prompts, p, "off")
     stats: dict = {}
     got = run(model, prompts, p, "static", steps_per_check=2, stats=stats)
@@ -76,7 +64,7 @@ def test_a_key_is_reused_across_rounds_and_steps_are_counted():
     graphs."""
     model = tiny_model(5)
     prompts = random_prompts(5, [4, 7], 40, MASK)
-    p = params("fixed", "dual", gen_length=32, temperature=0.0)
+    p = decoder_params("fixed", "dual", gen_length=32, temperature=0.0)
     eager_stats: dict = {}
     want = denoise(model, prompts, p, [1, 2], stats=eager_stats, cuda_graphs="off")
     sched = Scheduler(model, report=False, cuda_graphs="static")
@@ -101,7 +89,7 @@ def test_a_key_is_reused_across_rounds_and_steps_are_counted():
 def test_streaming_updates_match():
     model = tiny_model(5)
     prompts = random_prompts(5, [4, 7], 40, MASK)
-    p = params("threshold", "dual", gen_length=16)
+    p = decoder_params("threshold", "dual", gen_length=16)
 
     def stream(mode):
         sched = Scheduler(model, steps_per_check=2, cuda_graphs=mode)
@@ -125,13 +113,17 @@ def test_mixed_decoders_and_guidance_fall_back_or_match():
     guided rows (cfg) go through static steps."""
     model = tiny_model(7)
     prompts = random_prompts(7, [3, 9, 6], 40, MASK)
-    mixed = [params("threshold", "dual"), params("fixed", "dual"), params("threshold", "dual")]
+    mixed = [
+        decoder_params("threshold", "dual"),
+        decoder_params("fixed", "dual"),
+        decoder_params("threshold", "dual"),
+    ]
     stats: dict = {}
     assert outcome(run(model, prompts, mixed, "static", stats=stats)) == outcome(
         run(model, prompts, mixed, "off")
     )
     assert stats["steps_eager"] > stats["rounds"], "not only the blocks' first steps"
-    guided = params("threshold", "dual", cfg_scale=0.5)
+    guided = decoder_params("threshold", "dual", cfg_scale=0.5)
     stats = {}
     assert outcome(run(model, prompts, guided, "static", stats=stats)) == outcome(
         run(model, prompts, guided, "off")
@@ -233,7 +225,7 @@ def test_replayed_steps_give_the_eager_tokens(decoder, cache):
     an earlier call's round captured (each prompt set runs three times, then another set)."""
     model = tiny_model(9, dtype=torch.float32)
     g = fake_cuda_graphs()
-    p = params(decoder, cache, gen_length=32)
+    p = decoder_params(decoder, cache, gen_length=32)
     for seed in (0, 0, 0, 1, 1):
         prompts = random_prompts(seed, [5, 12, 2], 40, MASK)
         want = denoise(model, prompts, p, [seed, 2, 3], cuda_graphs=False)
@@ -247,7 +239,7 @@ def test_cuda_graph_replay_gives_the_eager_tokens():
     model = tiny_model(9, dtype=torch.float32).cuda()
     prompts = random_prompts(9, [5, 12, 2], 40, MASK)
     for decoder, cache in itertools.product(["fixed", "threshold"], CACHES):
-        p = params(decoder, cache, gen_length=32)
+        p = decoder_params(decoder, cache, gen_length=32)
         stats: dict = {}
         got = run(model, prompts, p, "on", stats=stats)
         assert outcome(got) == outcome(run(model, prompts, p, "off")), (decoder, cache)
@@ -260,7 +252,7 @@ def test_an_engine_keeps_its_graphs_and_cache_across_calls():
 
     model = tiny_model(3)
     engine = Engine(model, load_tokenizer(MODEL_DIR), cuda_graphs="static")
-    p = params("fixed", "dual", temperature=0.0, seed=7)
+    p = decoder_params("fixed", "dual", temperature=0.0, seed=7)
     prompts: list = random_prompts(3, [4, 6], 40, MASK)
     first = [r.token_ids for r in engine.generate(prompts, p)]
     assert engine.graphs is not None
@@ -280,7 +272,11 @@ def test_a_static_step_reads_nothing_but_its_static_copies(decoder, cache):
     through its static copy (which a captured graph would replay stale) changes the tokens."""
     model = tiny_model(9)
     prompts = random_prompts(9, [5, 12, 2], 40, MASK)
-    p = params(decoder, cache, cfg_scale=0.5) if cache == "dual" else params(decoder, cache)
+    p = (
+        decoder_params(decoder, cache, cfg_scale=0.5)
+        if cache == "dual"
+        else decoder_params(decoder, cache)
+    )
     want = run(model, prompts, p, "off")
     sched = Scheduler(model, report=False, cuda_graphs="static")
     assert sched.graphs is not None
@@ -303,7 +299,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(capsys):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     g._record = refuse  # type: ignore[method-assign]
-    p = params("threshold", "dual", gen_length=32)
+    p = decoder_params("threshold", "dual", gen_length=32)
     prompts = random_prompts(0, [5, 12, 2], 40, MASK)
     want = outcome(denoise(model, prompts, p, [0, 2, 3], cuda_graphs=False))
     for _ in range(3):

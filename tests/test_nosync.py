@@ -11,7 +11,7 @@ import torch
 
 from dinfer_async import SamplingParams
 from dinfer_kernels.options import configured
-from tests.tiny_models import random_prompts, tiny_family_model, tiny_model
+from tests.tiny_models import decoder_params, random_prompts, tiny_family_model, tiny_model
 from workers import iteration
 from workers.nosync import HostSyncError, forbid_host_sync
 from workers.scheduler import Scheduler, StepUpdate, denoise
@@ -58,19 +58,6 @@ def test_the_guard_lets_device_work_through():
     assert y.tolist() == [2.0, 17.0] and z[0].tolist() == [3.0, 4.0, 5.0]
 
 
-def params(decoder: str, cache: str, **kw) -> SamplingParams:
-    extra = dict(
-        fixed=dict(steps=8, remasking="random", temperature=0.7),
-        threshold=dict(threshold=0.3, suppress_eos=True),
-        factor=dict(factor=2.5, temperature=0.5),
-        hierarchical=dict(threshold=0.5, low_threshold=0.15, soft_diffusion=True),
-        credit=dict(threshold=0.3, cfg_scale=0.5),
-        joint=dict(threshold=0.4, edit_threshold=0.1, max_edit_steps=2),
-    )[decoder]
-    base = dict(gen_length=16, block_length=8, decoder=decoder, cache=cache, prefix_look=2)
-    return SamplingParams(**{**base, **extra, **kw}).validate()
-
-
 @pytest.fixture
 def checked(monkeypatch):
     """DINFER_SYNC_CHECK=1, counting the step regions entered."""
@@ -92,7 +79,7 @@ def test_steps_without_host_sync_give_the_same_tokens(decoder, cache, monkeypatc
     three steps per check; tokens, forwards, commits and edits as checking every step."""
     model = tiny_model(9)
     prompts = random_prompts(9, [5, 12, 2], 40, MASK)
-    p = params(decoder, cache)
+    p = decoder_params(decoder, cache)
     want = denoise(model, prompts, p, [1, 2, 3])
     monkeypatch.setenv("DINFER_SYNC_CHECK", "1")
     got = denoise(model, prompts, p, [1, 2, 3], steps_per_check=3)

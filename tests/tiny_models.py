@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dinfer_async.params import SamplingParams
 from workers.models import FAMILIES, family_name
 
 
@@ -20,6 +21,21 @@ class IdTokenizer:
 
     def __len__(self) -> int:
         return 1 << 16
+
+
+def decoder_params(decoder: str, cache: str, **kw) -> SamplingParams:
+    """Short-window params that exercise each decoder's own options (sampling, EOS suppression,
+    soft diffusion, guidance, edits), for tests that run every decoder x cache policy."""
+    extra = dict(
+        fixed=dict(steps=8, remasking="random", temperature=0.7),
+        threshold=dict(threshold=0.3, suppress_eos=True),
+        factor=dict(factor=2.5, temperature=0.5),
+        hierarchical=dict(threshold=0.5, low_threshold=0.15, soft_diffusion=True),
+        credit=dict(threshold=0.3, cfg_scale=0.5),
+        joint=dict(threshold=0.4, edit_threshold=0.1, max_edit_steps=2),
+    )[decoder]
+    base = dict(gen_length=16, block_length=8, decoder=decoder, cache=cache, prefix_look=2)
+    return SamplingParams(**{**base, **extra, **kw}).validate()
 
 
 def tiny_raw_config(**overrides) -> dict:
