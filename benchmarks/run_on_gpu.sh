@@ -12,8 +12,8 @@
 # graphs").
 # Opt-in (not in the default list): STEPS="ep", expert parallel on every GPU, up to 7 minutes.
 # A 15-minute lease (machine start included) fits about one call: run the unchecked code first,
-#     STEPS="graphs nosync moe confidence" bash benchmarks/run_on_gpu.sh OUT    # <= 8.5 minutes
-# then, if time is left, STEPS="forward engine" (or "ep" on a machine with 2 or more GPUs).
+#     STEPS="graphs nosync moe" bash benchmarks/run_on_gpu.sh OUT    # limits add up to 9 minutes
+# then, if time is left, STEPS="confidence forward" (or "ep" on a machine with 2 or more GPUs).
 out=${1:?usage: run_on_gpu.sh OUTDIR}
 want() { [[ " ${STEPS:-kernels moe confidence forward batch engine nosync graphs} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
