@@ -479,9 +479,7 @@ async def _serve(
     try:
         client = await Client(**client_kwargs).__aenter__()
     except InvalidRequestError as e:  # too few GPUs for the workers, ...
-        print(
-            f"dinfer-serve: --{e.field.replace('_', '-')}: {e.reason}", file=sys.stderr, flush=True
-        )
+        log.error("--%s: %s", e.field.replace("_", "-"), e.reason)
         return 2
     except DinferError as e:
         log.error("could not start the workers: %s", e, exc_info=True)

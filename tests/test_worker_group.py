@@ -119,7 +119,7 @@ def test_batch_and_serve_refuse_too_few_gpus_on_one_line(tmp_path, monkeypatch, 
         serve.main(["--port", str(ranks.free_port()), *flags])
     assert info.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("dinfer-serve: --workers:") and "1 GPU(s) are visible" in line
+    assert line.startswith("dinfer-serve: error: --workers:") and "1 GPU(s) are visible" in line
 
 
 def test_batch_and_serve_name_the_expert_parallel_flag(tmp_path, capsys):

@@ -36,8 +36,8 @@ parallel groups (collectives inside a graph are unchecked); and any key whose ca
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
@@ -57,6 +57,8 @@ MODES = ("off", "on", "static")
 
 # plain attributes that change every step without changing what the step computes
 _NOT_KEYED = {"fed", "fed_real", "finished"}
+
+log = logging.getLogger("workers.graphs")
 
 
 def resolve_mode(value: bool | str | None = None) -> str:
@@ -186,10 +188,7 @@ class StepGraphs:
             entry.shared.synced = [None] * len(slots)  # a warm-up may have left them changed
             self.failed.add(key)
             self.counts["failed"] += 1
-            print(
-                f"dinfer: no CUDA graph for a block step ({type(e).__name__}: {e}); eager",
-                file=sys.stderr,
-            )
+            log.warning("no CUDA graph for a block step (%s: %s); eager", type(e).__name__, e)
             self._eager(round)
 
     def _static_for(self, slots: Slots) -> _Static:
