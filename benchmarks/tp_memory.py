@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import add_llada_shape_flags, llada_raw_config
 
 from workers.loader import load_model, resolve_dtype, save_model
 from workers.models.llada import LLaDAConfig, LLaDAModel
@@ -59,31 +60,16 @@ class PeakAnon:
         return max(self.peak, status_mb("RssAnon"))
 
 
-def raw_config(args: argparse.Namespace) -> dict:
-    return dict(
-        model_type="llada",
-        d_model=args.d_model,
-        n_heads=args.heads,
-        n_kv_heads=args.heads,
-        n_layers=args.layers,
-        mlp_hidden_size=args.mlp,
-        vocab_size=args.vocab,
-        embedding_size=args.vocab,
-        mask_token_id=args.vocab - 1,
-        eos_token_id=1,
-    )
-
-
 def write_checkpoint(path: Path, args: argparse.Namespace) -> int:
     """A seeded random checkpoint in bf16; returns its bytes."""
     with torch.device("meta"):
-        model = LLaDAModel(LLaDAConfig.from_dict(raw_config(args)))
+        model = LLaDAModel(LLaDAConfig.from_dict(llada_raw_config(args)))
     gen = torch.Generator().manual_seed(0)
     for name, p in list(model.named_parameters()):
         owner, _, leaf = name.rpartition(".")
         value = torch.randn(p.shape, generator=gen, dtype=torch.bfloat16) * 0.02
         model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(value)
-    save_model(model, path, raw_config(args), max_shard_bytes=100 << 20)
+    save_model(model, path, llada_raw_config(args), max_shard_bytes=100 << 20)
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
@@ -115,11 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="1,2,4")
     ap.add_argument("--dtypes", default="bfloat16,float32")
-    ap.add_argument("--d-model", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--mlp", type=int, default=3072)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_llada_shape_flags(ap, d_model=1024, heads=16, layers=8, mlp=3072, vocab=32000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp, "model")

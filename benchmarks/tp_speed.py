@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import add_llada_shape_flags, llada_raw_config
 
 from dinfer_async import SamplingParams
 from workers.engine import Engine
@@ -40,18 +41,7 @@ class Tokens:
 
 def random_llada(args: argparse.Namespace) -> LLaDAModel:
     """A LLaDA-shaped model with seeded random weights (the same on every rank)."""
-    cfg = LLaDAConfig.from_dict(
-        dict(
-            d_model=args.d_model,
-            n_heads=args.heads,
-            n_kv_heads=args.heads,
-            n_layers=args.layers,
-            mlp_hidden_size=args.mlp,
-            vocab_size=args.vocab,
-            mask_token_id=args.vocab - 1,
-            eos_token_id=1,
-        )
-    )
+    cfg = LLaDAConfig.from_dict(llada_raw_config(args))
     torch.manual_seed(0)
     model = LLaDAModel(cfg)
     with torch.no_grad():
@@ -124,11 +114,7 @@ def main() -> None:
     ap.add_argument("--prompt-length", type=int, default=64)
     ap.add_argument("--gen-length", type=int, default=32)
     ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--d-model", type=int, default=768)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--mlp", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, default=16000)
+    add_llada_shape_flags(ap, d_model=768, heads=12, layers=4, mlp=2048, vocab=16000)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="per rank (default cpu_count / TP)")
     args = ap.parse_args()
