@@ -10,8 +10,6 @@ One launch runs every case (starting processes costs more than the cases).
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +17,9 @@ import torch
 from dinfer_async import SamplingParams
 from dinfer_async.errors import InvalidRequestError
 from dinfer_kernels.options import configured
+from tests.ranks import report, run_ranks
 from tests.tiny_models import IdTokenizer, random_prompts, tiny_family_model
 from workers.engine import Engine
-from workers.parallel.group import launch
 from workers.parallel.shard import EP_DISPATCHES, ep_dispatch
 
 SIZE = 2
@@ -127,14 +125,13 @@ def _rank(rank: int, size: int, out: str) -> None:
         results[f"{model}/{dispatch}/blocks"] = wrapped.count(
             "ExpertParallelAllToAll" if dispatch == "all_to_all" else "ExpertParallel"
         )
-    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    report(out, rank, results)
 
 
 @pytest.fixture(scope="module")
 def parallel(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("ep")
-    launch(_rank, SIZE, str(out))
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(SIZE)]
+    return run_ranks(_rank, SIZE, out)
 
 
 @pytest.mark.parametrize(

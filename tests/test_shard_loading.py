@@ -11,7 +11,6 @@ One launch runs every case (starting processes costs more than the cases).
 from __future__ import annotations
 
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from dinfer_async import SamplingParams
+from tests.ranks import report, run_ranks
 from tests.tiny_models import (
     IdTokenizer,
     random_model,
@@ -28,7 +28,6 @@ from tests.tiny_models import (
 )
 from workers.engine import Engine
 from workers.loader import load_model, save_model
-from workers.parallel.group import launch
 from workers.parallel.layers import split
 
 SIZE = 2
@@ -137,7 +136,7 @@ def _rank(rank: int, size: int, root: str) -> None:
         results[f"{name}/same parameters"] = sorted(reference) == sorted(loaded) and all(
             torch.equal(p, reference[n]) and p.dtype == torch.float64 for n, p in loaded.items()
         )
-    Path(root, f"rank{rank}.json").write_text(json.dumps(results))
+    report(root, rank, results)
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +144,7 @@ def parallel(tmp_path_factory) -> tuple[Path, list[dict]]:
     root = tmp_path_factory.mktemp("shard-load")
     for name, (raw, _, _, shard_bytes) in MODELS.items():
         save_model(full_model(name), root / name, raw, max_shard_bytes=shard_bytes)
-    launch(_rank, SIZE, str(root))
-    return root, [json.loads(Path(root, f"rank{r}.json").read_text()) for r in range(SIZE)]
+    return root, run_ranks(_rank, SIZE, root)
 
 
 CASES = [(m, c) for m in MODELS for c in PARAMS]

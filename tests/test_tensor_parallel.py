@@ -7,17 +7,15 @@ compares one case's answers, from both ranks, with a single process's.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 from dinfer_async import SamplingParams
 from dinfer_async.errors import InvalidRequestError
+from tests.ranks import report, run_ranks
 from tests.tiny_models import IdTokenizer, random_prompts, tiny_family_model, tiny_model
 from workers.engine import Engine
-from workers.parallel.group import TensorParallel, launch
+from workers.parallel.group import TensorParallel
 from workers.parallel.layers import AbsentExpert
 from workers.parallel.shard import head_split
 from workers.parallel.spmd import Leader, follow
@@ -183,14 +181,13 @@ def _rank(rank: int, size: int, out: str) -> None:
     tp = replace(join(size), vocab_start=lo, vocab_stop=hi)
     set_current(tp)
     results["confidence"] = confidence_case(tp)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    report(out, rank, results)
 
 
 @pytest.fixture(scope="module")
 def parallel(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("tp")
-    launch(_rank, SIZE, str(out))
-    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(SIZE)]
+    return run_ranks(_rank, SIZE, out)
 
 
 @pytest.mark.parametrize(("model", "case"), CASES, ids=[f"{m}/{c}" for m, c in CASES])
