@@ -186,12 +186,15 @@ def test_max_frame_bytes_is_the_sockets_limit(engine, tmp_path):
         default.close()
 
 
-def test_the_worker_schedules_with_the_engines_settings():
+def test_the_worker_schedules_with_the_engines_settings(tmp_path):
     """dinfer-worker --steps-per-check (and the Engine's other scheduling settings) reach the
     scheduler the worker serves with, not only Engine.generate's."""
     from workers.engine import Engine
-    from workers.worker import new_scheduler
 
     engine = Engine.from_pretrained(None, steps_per_check=3, chunk_slots=0, cuda_graphs="static")
-    scheduler = new_scheduler(engine)
-    assert scheduler.steps_per_check == 3 and scheduler.graphs is engine.graphs is not None
+    worker = Worker(engine, f"ipc://{tmp_path}/w.sock")
+    try:
+        scheduler = worker.scheduler
+        assert scheduler.steps_per_check == 3 and scheduler.graphs is engine.graphs is not None
+    finally:
+        worker.close()

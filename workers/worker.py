@@ -154,7 +154,7 @@ class Worker:
         return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def new_scheduler(self) -> Scheduler:
-        scheduler = new_scheduler(self.engine)
+        scheduler = self.engine.new_scheduler()
         tp = self.engine.tensor_parallel
         # a Leader is a Scheduler to the loop (its __getattr__ forwards the rest)
         return scheduler if tp is None else cast("Scheduler", Leader(scheduler, tp))
@@ -524,11 +524,6 @@ class Worker:
         return "".join(parts)
 
 
-def new_scheduler(engine: Engine) -> Scheduler:
-    """The scheduler a worker runs, the same on every rank of a group."""
-    return engine.new_scheduler()
-
-
 def release(leader: Leader, wait: float = 2.0) -> None:
     """Let the followers return from `follow` (they exit 0); bounded, since a rank that is gone
     would keep the collective waiting."""
@@ -550,7 +545,7 @@ class Follower:
     def __init__(self, engine: Engine, devices: list[str]):
         assert engine.tensor_parallel is not None, "a follower is one rank of a group"
         self.engine, self.devices, self.tp = engine, devices, engine.tensor_parallel
-        self.scheduler = new_scheduler(engine)
+        self.scheduler = engine.new_scheduler()
 
     def serve(self, parent: int | None = None) -> None:
         log.debug("rank %d follows rank 0", self.tp.rank)
