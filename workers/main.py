@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import errno
 import logging
 import os
@@ -185,8 +184,7 @@ def exit_with_parent() -> None:
     SIGTERM into SystemExit so the worker's cleanup (its socket file) still runs."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     # not Linux: the serve loop's parent check still applies
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    ranks.die_with_parent(signal.SIGTERM)
     if os.getppid() == 1:  # the parent died before the request above took effect
         sys.exit(0)
 

@@ -8,7 +8,6 @@ Outside a group `current()` is None and nothing changes.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from workers.parallel.ranks import free_port
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,6 @@ def gather_names(name: str) -> list[str]:
     names: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(names, name)
     return [str(n) for n in names]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rank_main(

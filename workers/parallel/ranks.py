@@ -171,6 +171,12 @@ def child_argv(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "workers.main", *(a for a in argv if a != "--exit-with-parent")]
 
 
+def die_with_parent(sig: int) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (elsewhere: nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
+
+
 def die_with_starter(env: Mapping[str, str] | None = None) -> None:
     """In a rank a dinfer-worker started: SIGKILL when the starter dies (a rank waiting inside
     a collective would never run a Python signal handler), or exit now if it is already gone."""
@@ -178,8 +184,7 @@ def die_with_starter(env: Mapping[str, str] | None = None) -> None:
     starter = env.get(SPAWNED)
     if starter is None:
         return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGKILL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the starter's to act on
     if str(os.getppid()) != starter:
         os._exit(FAILED_EXIT)

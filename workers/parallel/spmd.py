@@ -34,6 +34,7 @@ from workers.parallel.group import TensorParallel
 from workers.parallel.ranks import FAILED_EXIT
 from workers.scheduler import Finished, Scheduler, StepUpdate
 
+log = logging.getLogger("dinfer.worker")
 # an event: ("add", id, prompt, params, seed) or ("abort", id)
 Event = tuple[Any, ...]
 # what rank 0 broadcasts: ("step", events), ("idle", events), or None (stop)
@@ -114,9 +115,6 @@ def follow(scheduler: Scheduler, tp: TensorParallel) -> None:
         scheduler.step()
         for id in [i for i, s in seqs.items() if s.finish_reason is not None]:
             del seqs[id]
-
-
-log = logging.getLogger("dinfer.worker")
 
 
 def _stalled(leader: Leader, timeout: float, size: int) -> None:
