@@ -229,11 +229,9 @@ def test_soft_diffusion_feeds_mixed_embeddings():
     seen = []
     original = model.forward
 
-    def recording(ids, positions, key_mask=None, cache=None, start=0, inputs_embeds=None):
+    def recording(ids, positions, key_mask=None, inputs_embeds=None, **kwargs):
         seen.append((ids.clone(), None if inputs_embeds is None else inputs_embeds.clone()))
-        return original(
-            ids, positions, key_mask, cache=cache, start=start, inputs_embeds=inputs_embeds
-        )
+        return original(ids, positions, key_mask, inputs_embeds=inputs_embeds, **kwargs)
 
     model.forward = recording
     denoise(model, [prompt], p, [0])

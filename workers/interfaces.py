@@ -67,6 +67,7 @@ class DiffusionModel(Protocol):
         cache: KVStore | None = None,
         start: int = 0,
         inputs_embeds: torch.Tensor | None = None,
+        logit_columns: slice | None = None,
     ) -> torch.Tensor: ...
 
 

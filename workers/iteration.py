@@ -242,11 +242,17 @@ class Batch:
         real = g.extend(self.real)
         if self.model.block_causal:
             real = block_causal_mask(positions, g.extend(self.positions), self.block_length, real)
-        logits = self.model(
-            ids, positions, real, cache=kv, start=lo, inputs_embeds=self._inputs(ids, lo)
-        )
         first = self.block_start - self.shift - lo  # the column whose logits predict the block
-        return g.combine(logits[:, first : first + self.block_length])
+        logits = self.model(
+            ids,
+            positions,
+            real,
+            cache=kv,
+            start=lo,
+            inputs_embeds=self._inputs(ids, lo),
+            logit_columns=slice(first, first + self.block_length),
+        )
+        return g.combine(logits)
 
     def run_full(self, kv: KVCache | None = None) -> torch.Tensor:
         """run(0, length, kv), in row chunks of at most `chunk_slots` token slots when that is
@@ -292,9 +298,16 @@ class Batch:
         if self.model.block_causal:
             real = block_causal_mask(positions, key_positions, self.block_length, real)
         embeds = self._inputs(ids, c0, slice(r0, r1))
-        logits = self.model(ids, positions, real, cache=window, start=c0, inputs_embeds=embeds)
         first = self.block_start - self.shift - c0
-        return logits[:, first : first + self.block_length]
+        return self.model(
+            ids,
+            positions,
+            real,
+            cache=window,
+            start=c0,
+            inputs_embeds=embeds,
+            logit_columns=slice(first, first + self.block_length),
+        )
 
     def _count_fed(self, lo: int, hi: int, r0: int = 0, r1: int | None = None) -> None:
         """Count the token slots of feeding [lo, hi) to rows [r0, r1) and the real ones among

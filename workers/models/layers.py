@@ -246,8 +246,11 @@ class RoutedExperts(nn.ModuleList):
 
 class DiffusionLM(nn.Module):
     """What the engine calls on every family:
-    forward(input_ids, positions, key_mask=None, cache=None, start=0, inputs_embeds=None) -> logits
-    [B, L, vocab_size], plus embed(), embed_weight, lm_head_weight, logit_shift and block_causal.
+    forward(input_ids, positions, key_mask=None, cache=None, start=0, inputs_embeds=None,
+    logit_columns=None) -> logits [B, L, vocab_size] (only the fed columns `logit_columns` when
+    given: a refresh forward over a long sequence needs the logits of one block, and the LM head
+    over every column is a large share of it where the vocabulary is large), plus embed(),
+    embed_weight, lm_head_weight, logit_shift and block_causal.
 
     `positions` are RoPE positions (rows of a left-padded batch start at 0 at their first real
     token); `key_mask` ([B, Lk] or [B, Lq, Lk]) marks the keys each query may attend to, and is
@@ -288,9 +291,18 @@ class DiffusionLM(nn.Module):
         return self.embedding(input_ids)
 
     def forward(
-        self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
+        self,
+        input_ids,
+        positions,
+        key_mask=None,
+        cache=None,
+        start: int = 0,
+        inputs_embeds=None,
+        logit_columns: slice | None = None,
     ):
         h = self.hidden(input_ids, positions, key_mask, cache, start, inputs_embeds)
+        if logit_columns is not None:  # the LM head only where the caller reads logits
+            h = h[:, logit_columns]
         return F.linear(h, self.lm_head_weight[: self.config.vocab_size])
 
     def hidden(

@@ -376,10 +376,19 @@ class TensorParallelModel(nn.Module):
         return self.embedding(input_ids)
 
     def forward(
-        self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
+        self,
+        input_ids,
+        positions,
+        key_mask=None,
+        cache=None,
+        start: int = 0,
+        inputs_embeds=None,
+        logit_columns: slice | None = None,
     ) -> torch.Tensor:
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         h = self.inner.hidden(input_ids, positions, key_mask, cache, start, inputs_embeds=x)
+        if logit_columns is not None:
+            h = h[:, logit_columns]
         return F.linear(h, self.head)
 
 
