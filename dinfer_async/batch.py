@@ -35,8 +35,9 @@ from dinfer_async.cli import (
     add_engine_flags,
     add_sampling_flags,
     configure_logging,
+    engine_flags_problem,
     expert_parallel,
-    parallel_problem,
+    flag,
     sampling_defaults,
 )
 from dinfer_async.errors import (
@@ -260,7 +261,7 @@ async def _serve(
             gpus=args.gpus,
         )
     except InvalidRequestError as e:  # too few GPUs for the workers, ...
-        raise UsageError(f"--{e.field.replace('_', '-')}: {e.reason}") from None
+        raise UsageError(f"{flag(e.field)}: {e.reason}") from None
     try:
         await client.__aenter__()  # a signal now cancels the start-up (state.scope)
     except Exception as e:  # a bad model, device or dtype: the worker said why
@@ -371,15 +372,8 @@ def _check(args: argparse.Namespace, defaults: dict) -> tuple[IO[bytes], OutputF
         SamplingParams(**defaults).validate()
     except (InvalidRequestError, TypeError) as e:
         raise UsageError(str(e)) from None
-    for flag, low in (
-        ("workers", 1),
-        ("max_concurrency", 1),
-        ("retries", 1),
-        ("tensor_parallel_size", 1),
-    ):
-        if getattr(args, flag) < low:
-            raise UsageError(f"--{flag.replace('_', '-')}: must be >= {low}")
-    problem = parallel_problem(args)
+    counts = ("workers", "max_concurrency", "retries", "tensor_parallel_size")
+    problem = engine_flags_problem(args, counts)
     if problem:
         raise UsageError(problem)
     if not args.ready_timeout > 0 or args.max_line_bytes < 1:

@@ -63,15 +63,15 @@ def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
     helps, defaults = _field_help(), SamplingParams()
     for name, annotation in SamplingParams.__annotations__.items():
         kind = _base_type(annotation)
-        flag = "--" + name.replace("_", "-")
         text = f"{helps.get(name, '')} (default: {getattr(defaults, name)!r})".strip()
         text = text.replace("%", "%%")
         if kind is list:
-            group.add_argument(flag, action="append", default=None, metavar="TEXT", help=text)
+            group.add_argument(flag(name), action="append", default=None, metavar="TEXT", help=text)
         elif kind is bool:
-            group.add_argument(flag, type=_bool, default=None, metavar="BOOL", help=text)
+            group.add_argument(flag(name), type=_bool, default=None, metavar="BOOL", help=text)
         else:
-            group.add_argument(flag, type=kind, default=None, choices=CHOICES.get(name), help=text)
+            choices = CHOICES.get(name)
+            group.add_argument(flag(name), type=kind, default=None, choices=choices, help=text)
 
 
 def sampling_defaults(args: argparse.Namespace) -> dict:
@@ -150,10 +150,25 @@ def expert_parallel(args: argparse.Namespace) -> bool | str:
     return args.expert_parallel_dispatch if args.enable_expert_parallel else False
 
 
-def parallel_problem(args: argparse.Namespace) -> str | None:
-    """What is wrong with the group flags, in their names (the Client's own check, which runs
-    later, names its keyword arguments), or None."""
-    if args.enable_expert_parallel and args.tensor_parallel_size == 1:
+def flag(field: str) -> str:
+    """The command-line flag of a field or keyword argument: max_tokens -> --max-tokens."""
+    return "--" + field.replace("_", "-")
+
+
+def engine_flags_problem(
+    args: argparse.Namespace, counts: tuple[str, ...] = ("workers", "tensor_parallel_size")
+) -> str | None:
+    """What is wrong with the engine flags, in their names (the Client's own checks, which run
+    later, name its keyword arguments), or None. counts: the flags that must be >= 1."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            return f"{flag(name)}: must be >= 1"
+    return expert_parallel_problem(args.enable_expert_parallel, args.tensor_parallel_size)
+
+
+def expert_parallel_problem(enabled: bool, group_size: int) -> str | None:
+    """--enable-expert-parallel needs a group of 2 or more ranks to split the experts over."""
+    if enabled and group_size == 1:
         return (
             "--enable-expert-parallel splits the experts over the tensor-parallel ranks: "
             "add --tensor-parallel-size 2 (or more)"

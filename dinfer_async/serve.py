@@ -42,8 +42,9 @@ from dinfer_async.cli import (
     add_engine_flags,
     add_sampling_flags,
     configure_logging,
+    engine_flags_problem,
     expert_parallel,
-    parallel_problem,
+    flag,
     sampling_defaults,
 )
 from dinfer_async.client import Client
@@ -421,12 +422,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         SamplingParams(**defaults).validate()
     except InvalidRequestError as e:
-        ap.error(f"--{e.field.replace('_', '-')}: {e.reason}")
-    if args.workers < 1:
-        ap.error("--workers must be >= 1")
-    if args.tensor_parallel_size < 1:
-        ap.error("--tensor-parallel-size must be >= 1")
-    problem = parallel_problem(args)
+        ap.error(f"{flag(e.field)}: {e.reason}")
+    problem = engine_flags_problem(args)
     if problem:
         ap.error(problem)
     configure_logging("dinfer-serve", args.debug)
@@ -479,7 +476,7 @@ async def _serve(
     try:
         client = await Client(**client_kwargs).__aenter__()
     except InvalidRequestError as e:  # too few GPUs for the workers, ...
-        log.error("--%s: %s", e.field.replace("_", "-"), e.reason)
+        log.error("%s: %s", flag(e.field), e.reason)
         return 2
     except DinferError as e:
         log.error("could not start the workers: %s", e, exc_info=True)

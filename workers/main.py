@@ -43,7 +43,7 @@ import sys
 from urllib.parse import urlsplit
 
 from dinfer_async import logs
-from dinfer_async.cli import add_parallel_flags, expert_parallel
+from dinfer_async.cli import add_parallel_flags, expert_parallel, expert_parallel_problem, flag
 from dinfer_async.transport import is_loopback
 from workers.parallel import ranks
 
@@ -395,18 +395,16 @@ def start(
         raise StartupError(str(e)) from None
     if p.rank:
         setup_logging(args.debug, p.rank)
-    if args.enable_expert_parallel and p.size == 1:
-        raise StartupError(
-            "--enable-expert-parallel splits the experts over the tensor-parallel ranks: "
-            "add --tensor-parallel-size 2 (or more)"
-        )
+    problem = expert_parallel_problem(args.enable_expert_parallel, p.size)
+    if problem:
+        raise StartupError(problem)
     if p.rank == 0:
         check_serving(args)
     args.rank_timeout = rank_timeout(args.rank_timeout)
     for name in ("max_batch_size", "max_prompt_chars", "steps_per_check"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise StartupError(f"--{name.replace('_', '-')} {value} must be >= 1")
+            raise StartupError(f"{flag(name)} {value} must be >= 1")
     devices = rank_device(args.device, args.gpus, p)
     for device in devices if p.local_rank == 0 else devices[p.local_rank : p.local_rank + 1]:
         check_device(device, args.dtype)
