@@ -134,9 +134,9 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.d_model, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
+    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int, keep=None):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
-        h, x = self.post_attention_layernorm.add(x, attn)
+        h, x = self.post_attention_layernorm.add(x, attn, keep)
         return x + self.mlp(h)
 
 

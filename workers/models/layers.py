@@ -126,8 +126,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.rms_norm(x, self.weight, self.eps)
 
-    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): a residual add and the norm after it, one launch."""
+    def add(
+        self, x: torch.Tensor, residual: torch.Tensor, keep: slice | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a residual add and the norm after it, one launch.
+        keep: only these columns (of dim 1) go on, as in a model's last layer, whose outputs
+        the caller reads at some columns only (DiffusionLM.hidden)."""
+        if keep is not None:
+            x, residual = x[:, keep], residual[:, keep]
         return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
@@ -300,20 +306,28 @@ class DiffusionLM(nn.Module):
         inputs_embeds=None,
         logit_columns: slice | None = None,
     ):
-        h = self.hidden(input_ids, positions, key_mask, cache, start, inputs_embeds)
-        if logit_columns is not None:  # the LM head only where the caller reads logits
-            h = h[:, logit_columns]
+        h = self.hidden(input_ids, positions, key_mask, cache, start, inputs_embeds, logit_columns)
         return F.linear(h, self.lm_head_weight[: self.config.vocab_size])
 
     def hidden(
-        self, input_ids, positions, key_mask=None, cache=None, start: int = 0, inputs_embeds=None
+        self,
+        input_ids,
+        positions,
+        key_mask=None,
+        cache=None,
+        start: int = 0,
+        inputs_embeds=None,
+        keep: slice | None = None,
     ) -> torch.Tensor:
-        """The final norm's output [B, L, d], which the LM head reads (a tensor-parallel model
-        applies its own vocabulary shard of the head, workers/parallel/shard.py)."""
+        """The final norm's output [B, L, d] (columns `keep` only, when given), which the LM head
+        reads (a tensor-parallel model applies its own vocabulary shard of the head,
+        workers/parallel/shard.py). The last layer needs every column's keys and values (the
+        cache keeps them) but its residual and MLP only at `keep`."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary(positions, x.dtype)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, key_mask, cache, i, start)
+            x = block(x, cos, sin, key_mask, cache, i, start, keep if i == last else None)
         return self.final_norm(x)
 
 

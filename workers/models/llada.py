@@ -107,14 +107,14 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, d, bias=False)  # down
 
-    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
+    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int, keep=None):
         B, L, _ = x.shape
         h = self.attn_norm(x)
         q = self.q_proj(h).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(h).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         attn = self.attn_out(rotary_attention(q, k, v, cos, sin, key_mask, cache, layer, start))
-        h, x = self.ff_norm.add(x, attn)
+        h, x = self.ff_norm.add(x, attn, keep)
         return x + self.ff_out(kernels.swiglu(self.ff_proj(h), self.up_proj(h)))
 
 

@@ -257,9 +257,9 @@ class DecoderLayer(nn.Module):
             SparseMoE(cfg) if cfg.is_moe(layer) else GatedMLP(cfg.d_model, cfg.intermediate_size)
         )
 
-    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
+    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int, keep=None):
         attn = self.attention(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
-        h, x = self.post_attention_layernorm.add(x, attn)
+        h, x = self.post_attention_layernorm.add(x, attn, keep)
         return x + self.mlp(h)
 
 

@@ -227,9 +227,9 @@ class DecoderLayer(nn.Module):
         ):  # upstream hangs it off the layer
             self.shared_expert = GatedMLP(cfg.d_model, cfg.shared_expert_intermediate_size)
 
-    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int):
+    def forward(self, x, cos, sin, key_mask, cache, layer: int, start: int, keep=None):
         attn = self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, layer, start)
-        h, x = self.post_attention_layernorm.add(x, attn)
+        h, x = self.post_attention_layernorm.add(x, attn, keep)
         out = self.mlp(h)
         if hasattr(self, "shared_expert"):
             out = out + self.shared_expert(h)

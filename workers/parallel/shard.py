@@ -386,9 +386,7 @@ class TensorParallelModel(nn.Module):
         logit_columns: slice | None = None,
     ) -> torch.Tensor:
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        h = self.inner.hidden(input_ids, positions, key_mask, cache, start, inputs_embeds=x)
-        if logit_columns is not None:
-            h = h[:, logit_columns]
+        h = self.inner.hidden(input_ids, positions, key_mask, cache, start, x, logit_columns)
         return F.linear(h, self.head)
 
 
