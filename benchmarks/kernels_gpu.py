@@ -382,6 +382,19 @@ def forward_and_engine(dev, bw):
         f"{t * 1e3:.2f} ms eager, floor {floor * 1e3:.2f} ms ({t / floor:.2f}x the floor)",
         flush=True,
     )
+    with torch.no_grad():  # a block's refresh: every column fed, one block's logits read
+        every = lambda: model(ids, pos, None, cache=cache, start=0)
+        columns = slice(1024, 1056)
+        only = lambda: model(ids, pos, None, cache=cache, start=0, logit_columns=columns)
+        diff = (every()[:, columns].float() - only().float()).abs().max().item()
+        t_every, t_only = timed(every, repeat=5), timed(only, repeat=5)
+    mb = cfg.vocab_size * 2 / 2**20  # one column's bf16 logits
+    print(
+        f"refresh forward over 1,056 tokens: LM head on every column {t_every * 1e3:.2f} ms, on "
+        f"the block only (logit_columns) {t_only * 1e3:.2f} ms ({t_every / t_only:.2f}x); "
+        f"bf16 logits {1056 * mb:.0f} MB vs {32 * mb:.0f} MB; largest logit difference {diff:.2e}",
+        flush=True,
+    )
     try:  # how many kernels one forward launches: with eager launches, the CPU's pace per launch
         with (
             torch.no_grad(),
