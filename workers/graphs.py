@@ -153,7 +153,8 @@ class StepGraphs:
             self._eager(round)
             return
         slots = _slots(round)
-        key = _key(round)
+        # which attributes share a tensor is part of the key: the static copies are per slot
+        key = (_key(round), tuple(tuple(name for _, name in owners) for owners, _ in slots))
         if key in self.failed:
             self._eager(round)
             return
