@@ -41,7 +41,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     steps: "fixed" only; total denoising steps over gen_length (LLaDA's steps; default gen_length).
     cache: KV-cache policy. temperature: 0 is greedy; > 0 samples by Gumbel-max with `seed`.
     remasking: "fixed" only; commit the most confident positions or random ones.
-    early_stop: stop after the first finished block that contains EOS; the rest is EOS.
+    early_stop: stop after the first block that contains EOS; the rest is EOS. That block ends
+        as soon as every position before its first EOS is committed (the answer is final then;
+        not with the joint decoder, whose edits can still change it).
     cfg_scale: classifier-free guidance (the unconditional run masks the prompt); 0 disables.
     suppress_eos: never predict EOS (the answer fills gen_length).
     factor: "factor" decoder's f: commit the largest n with (n + 1)(1 - c_n) < f.

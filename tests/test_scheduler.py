@@ -1,7 +1,10 @@
 """Continuous batching: mixed requests share forwards, join at block boundaries, leave when done,
 and never change each other's tokens."""
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from dinfer_async import SamplingParams
 from tests.tiny_models import random_prompts, tiny_model
@@ -196,3 +199,63 @@ def test_queued_steps_between_host_checks_change_nothing(decoder):
         assert [(s.forwards, s.committed, s.finish_reason) for s in seqs] == [
             (s.forwards, s.committed, s.finish_reason) for s in runs[0]
         ]
+
+
+class ScriptedModel(torch.nn.Module):
+    """Logits by answer position (RoPE position - prompt length): 0 -> token 5 and 1 -> EOS, both
+    certain; every later position token 7 with a confidence under 0.3, growing with the position
+    (so a threshold decoder commits them one a step, the last first)."""
+
+    logit_shift = 0
+    block_causal = False
+
+    def __init__(self, prompt_length: int, vocab: int = 12):
+        super().__init__()
+        self.prompt_length = prompt_length
+        self.config = SimpleNamespace(
+            mask_token_id=MASK,
+            eos_token_id=EOS,
+            vocab_size=vocab,
+            max_sequence_length=256,
+            n_layers=1,
+            n_kv_heads=1,
+            head_dim=2,
+        )
+        self.lm_head_weight = torch.zeros(vocab, 2, dtype=torch.float64)
+        self.embed_weight = torch.zeros(vocab, 2, dtype=torch.float64)
+
+    def forward(self, ids, positions, key_mask=None, logit_columns=None, **kwargs):
+        answer = positions - self.prompt_length
+        logits = torch.zeros(*ids.shape, self.config.vocab_size, dtype=torch.float64)
+        logits[..., 5] += 20.0 * (answer == 0)
+        logits[..., EOS] += 20.0 * (answer == 1)
+        logits[..., 7] += 0.1 * answer * (answer > 1)
+        return logits if logit_columns is None else logits[:, logit_columns]
+
+
+@pytest.mark.parametrize("steps_per_check", [1, 3])
+def test_early_stop_ends_the_block_once_the_answer_is_final(steps_per_check):
+    """An EOS committed with everything before it committed: the answer cannot change, so the
+    block ends there (the positions after the EOS become EOS) instead of decoding the rest."""
+    prompt = [2, 3, 4]
+    runs = {}
+    for early_stop in (True, False):
+        params = SamplingParams(
+            gen_length=16,
+            block_length=8,
+            decoder="threshold",
+            threshold=0.9,
+            cache="none",
+            early_stop=early_stop,
+        ).validate()
+        [seq] = denoise(
+            ScriptedModel(len(prompt)), [prompt], params, [0], steps_per_check=steps_per_check
+        )
+        runs[early_stop] = seq
+    stopped, decoded = runs[True], runs[False]
+    assert stopped.answer(EOS) == decoded.answer(EOS) == [5]
+    assert stopped.window == [5] + [EOS] * 15 and stopped.finish_reason == "eos"
+    assert stopped.forwards == 1 and stopped.committed == 8
+    # without it every position is decoded: 1 + 6 forwards for the first block, 8 for the second
+    # (and with early stop before this change, the first block's 7)
+    assert decoded.forwards == 15

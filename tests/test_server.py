@@ -151,7 +151,8 @@ def test_chat_stream_equals_non_stream_sync(sdk):
 
 
 async def test_completions_async_stream_equals_non_stream(aio):
-    extra = {"decoder": "fixed", "steps": 8, "cache": "prefix"}  # diffusion fields as extras
+    # diffusion fields as extras: 8 fixed steps, every one run (no early stop)
+    extra = {"decoder": "fixed", "steps": 8, "cache": "prefix", "early_stop": False}
     kwargs = dict(model="dinfer-bundled", prompt="copy green apple", seed=3, temperature=0.5)
     whole = await aio.completions.create(extra_body=extra, **kwargs, **SMALL)
     assert whole.object == "text_completion" and whole.usage.forwards == 8

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dinfer_async.params import SamplingParams
-from workers.decoders import DecoderSet
+from workers.decoders import DECODERS, DecoderSet
 from workers.graphs import COLUMNS
 from workers.nosync import step_region
 from workers.sampling import expected_embedding
@@ -409,6 +409,15 @@ class BlockRound:
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
         self.any_soft = any(s.params.soft_diffusion for s in seqs)
         B, K = len(seqs), self.batch.block_length
+        # early stop ends a block once its answer is final (see _answer_final): which rows may,
+        # and each row's answer positions in the block
+        ends = [s.params.early_stop and not DECODERS[s.params.decoder].edits for s in seqs]
+        self.ends_at_eos = torch.tensor(ends, device=device)
+        self.any_ends_at_eos = any(ends)
+        spans = [[c - s.block * K for c in s.span(s.block)] for s in seqs]
+        column = torch.arange(K, device=device)[None]
+        lo, hi = torch.tensor(spans, dtype=torch.long, device=device).reshape(B, 2).T[..., None]
+        self.answer_columns = (column >= lo) & (column < hi)
         self.row_done = torch.zeros(B, dtype=torch.bool, device=device)
         # per-row counters stay on the device; copied to the requests when the block ends
         self.forwards = torch.zeros(B, dtype=torch.long, device=device)
@@ -428,6 +437,8 @@ class BlockRound:
 
     _ROW_STATE = (
         "suppress_eos",
+        "ends_at_eos",
+        "answer_columns",
         "row_done",
         "block_seeds",
         "forwards",
@@ -509,10 +520,28 @@ class BlockRound:
         self.pending_commit |= commit
         self.pending_revised |= revised
         still_masked = masked & ~commit
-        self.row_done |= self.decoders.done(t + 1, still_masked)
+        done = self.decoders.done(t + 1, still_masked)
+        if self.any_ends_at_eos:
+            done |= self._answer_final(block, still_masked)
+        self.row_done |= done
         self.step_index += 1
         if self.any_soft:
             batch.set_soft(logits, still_masked, t)
+
+    def _answer_final(self, block: torch.Tensor, still_masked: torch.Tensor) -> torch.Tensor:
+        """[B] rows with early stop whose answer is final: an EOS is committed in the block's
+        answer part and every position before it is committed. Nothing a later step commits can
+        change the answer (the tokens before the first EOS), so the block ends now, not once its
+        positions after the EOS are decoded too; those become EOS, as the rest of the window does
+        when the block ends (Scheduler._end_block). Tensor ops only."""
+        eos = (block == self.eos_id) & self.answer_columns
+        after = eos.cumsum(-1) > 0  # at or after the first EOS
+        final = self.ends_at_eos & eos.any(-1) & ~(still_masked & ~after).any(-1)
+        fill = final[:, None] & still_masked
+        block.copy_(torch.where(fill, self.eos_id, block))
+        self.committed += fill.sum(-1)
+        self.pending_commit |= fill
+        return final
 
     def _updates(self, only: list[int] | None = None) -> list[StepUpdate]:
         """What changed for each request since the last check (`only` those rows; without
