@@ -51,6 +51,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     credit_alpha, credit_gamma, credit_beta: "credit" decoder: decode on
         logits + alpha * log(1 + credit), credit <- beta * credit + p^gamma at each prediction.
     prefix_look, after_look: "vicinity" cache: tokens recomputed before and after the block.
+    suffix_window: how many of the window's positions after the current block the model sees
+        (DPad's sliding window: a refresh then costs prompt + decoded blocks + block + this, not
+        the whole window); None: all of them, as LLaDA's sampler does. Faster on long windows,
+        different tokens (an approximation, measured in benchmarks/RESULTS.md); 0: none.
     soft_diffusion: feed still-masked positions E[mask] + w * E[softmax(logits)] at the next step.
     max_tokens: OpenAI's name for the answer's length; when set it decides gen_length, rounded
         up to whole blocks (max_tokens=40, block_length=32: gen_length=64); gen_length is ignored.
@@ -82,6 +86,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     credit_beta: float = 0.8
     prefix_look: int = 16
     after_look: int = 16
+    suffix_window: int | None = None
     soft_diffusion: bool = False
     max_tokens: int | None = None
     stop: list[str] | None = None
@@ -163,6 +168,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise InvalidRequestError("credit_beta", f"{self.credit_beta!r} must be in [0, 1]")
         _int_at_least("prefix_look", self.prefix_look, 0)
         _int_at_least("after_look", self.after_look, 0)
+        if self.suffix_window is not None:
+            _int_at_least("suffix_window", self.suffix_window, 0)
         if self.steps is not None:
             _int_at_least("steps", self.steps, 1)
             if self.steps % self.num_blocks:

@@ -15,7 +15,8 @@ from dinfer_async.params import SamplingParams
 # would reject the new fields, so the handshake says so plainly instead); errors about a missing
 # Hello carry the request id; the greeting lasts as long as the connection.
 # 3: Welcome names the devices of the worker group's ranks.
-PROTOCOL_VERSION = 3
+# 4: SamplingParams has suffix_window (a version-3 worker's strict decoder would reject it).
+PROTOCOL_VERSION = 4
 
 
 class Message(msgspec.Struct, tag_field="type", forbid_unknown_fields=True):

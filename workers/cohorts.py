@@ -30,7 +30,7 @@ def layout(seq: Sequence, block_causal: bool) -> tuple[int, int]:
     """(left, right): the row's token counts before and after its current block in a round."""
     K = seq.params.block_length
     left = len(seq.prompt) + seq.block * K
-    right = 0 if block_causal else len(seq.window) - (seq.block + 1) * K
+    right = len(seq.seen_after_block(block_causal))
     return left, right
 
 

@@ -80,6 +80,16 @@ class Sequence:
         K = self.params.block_length
         return max(block * K, self.skip), min((block + 1) * K, self.skip + self.params.gen_length)
 
+    def seen_after_block(self, block_causal: bool) -> list[int]:
+        """The window positions after the current block that a round feeds: none for a
+        block-causal model (a block never sees what follows it), else the rest of the window,
+        or its first `suffix_window` positions."""
+        if block_causal:
+            return []
+        after = self.window[(self.block + 1) * self.params.block_length :]
+        window = self.params.suffix_window
+        return after if window is None else after[:window]
+
     def generated(self) -> list[int]:
         return self.window[self.skip : self.skip + self.params.gen_length]
 
@@ -166,8 +176,7 @@ class Batch:
         self.shift: int = model.logit_shift  # logits of column c predict column c + shift
         K = seqs[0].params.block_length
         lefts = [s.prompt + s.window[: s.block * K] for s in seqs]
-        # a block-causal model's block never sees what follows it: the round stops at the block
-        rights = [[] if model.block_causal else s.window[(s.block + 1) * K :] for s in seqs]
+        rights = [s.seen_after_block(model.block_causal) for s in seqs]
         C = -(-max(map(len, lefts)) // align) * align
         self.block_length = K
         self.block_start = C

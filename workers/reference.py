@@ -63,8 +63,11 @@ def reference_generate(
     remasking: str = "low_confidence",
     suppress_eos: bool = False,
     seeds: list[int] | None = None,
+    suffix_window: int | None = None,
 ) -> tuple[list[list[int]], int]:
-    """Return each prompt's generated window (gen_length ids) and the number of model calls."""
+    """Return each prompt's generated window (gen_length ids) and the number of model calls.
+    suffix_window: each forward sees only that many positions after the current block (DPad's
+    sliding window; None: the whole sequence)."""
     if getattr(model, "block_causal", False) and len(prompts) > 1:
         options: dict[str, Any] = dict(
             mask_id=mask_id,
@@ -76,6 +79,7 @@ def reference_generate(
             cfg_scale=cfg_scale,
             remasking=remasking,
             suppress_eos=suppress_eos,
+            suffix_window=suffix_window,
         )
         alone = [
             reference_generate(model, [p], seeds=[seed], **options)
@@ -114,7 +118,7 @@ def reference_generate(
         counts = transfer_counts(block_length, steps_per_block)
         block_keys = torch.tensor([block_seed(seed, block) for seed in seeds], device=device)
         # a block-causal model sees nothing after the block; the block sees itself and what precedes
-        seen = end if aligned else L
+        seen = end if aligned else L if suffix_window is None else min(L, end + suffix_window)
         keys = real[:, :seen]
         if aligned:  # one prompt, no padding: its positions are its columns
             keys = block_causal_mask(positions[:, :seen], positions[:, :seen], block_length, keys)
