@@ -34,8 +34,8 @@ want forward && timeout 120 $py benchmarks/kernels_gpu.py --sections forward 2>&
 # the main job end to end: client -> ZeroMQ -> a worker process on the GPU
 want batch && timeout 40 $py -m dinfer_async.batch examples/prompts.jsonl "$out/batch_cuda.jsonl" --device cuda 2>&1 | tail -3
 # the bundled model through the engine on the GPU, float32 then bfloat16
-want engine && timeout 130 $py benchmarks/engine_speed.py --device cuda --prompts 50 \
-    --configs threshold:dual,credit:dual,threshold:none 2>&1 | tee "$out/engine_cuda_float32.txt"
+want engine && timeout 160 $py benchmarks/engine_speed.py --device cuda --prompts 50 \
+    --configs threshold:dual,credit:dual,threshold:none --suffix-windows 32 2>&1 | tee "$out/engine_cuda_float32.txt"
 want engine && timeout 90 $py benchmarks/engine_speed.py --device cuda --dtype bfloat16 --prompts 25 \
     --configs threshold:dual,credit:dual 2>&1 | tee "$out/engine_cuda_bfloat16.txt"
 # expert parallel (issue 16): all-reduce vs all-to-all dispatch, and tensor parallel alone, at

@@ -54,7 +54,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     suffix_window: how many of the window's positions after the current block the model sees
         (DPad's sliding window: a refresh then costs prompt + decoded blocks + block + this, not
         the whole window); None: all of them, as LLaDA's sampler does. Faster on long windows,
-        different tokens (an approximation, measured in benchmarks/RESULTS.md); 0: none.
+        different tokens (an approximation, measured in benchmarks/RESULTS.md); 0: none. No
+        effect on block-causal models (LLaDA2), which never see past the block.
     soft_diffusion: feed still-masked positions E[mask] + w * E[softmax(logits)] at the next step.
     max_tokens: OpenAI's name for the answer's length; when set it decides gen_length, rounded
         up to whole blocks (max_tokens=40, block_length=32: gen_length=64); gen_length is ignored.
