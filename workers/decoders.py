@@ -49,8 +49,6 @@ def _best_or_above(conf: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 class Decoder:
     """The rows of a batch that chose one decoder, with their per-row parameters."""
 
-    edits = False  # True: it may change committed positions (so an answer is never final early)
-
     def __init__(self, params: list[SamplingParams], device: Device):
         self.temperature = torch.tensor(
             [p.temperature for p in params], device=device, dtype=torch.float64
@@ -234,8 +232,6 @@ class JointDecoder(Decoder):
     (token-to-token). Once the block has no mask, steps are edit rounds: the block ends after a
     round without edits or after max_edit_steps rounds (0: it ends when the last mask commits).
     The prompt's tail in a block-causal model's first block is never edited."""
-
-    edits = True
 
     def __init__(self, params: list[SamplingParams], device: Device):
         super().__init__(params, device)

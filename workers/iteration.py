@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dinfer_async.params import SamplingParams
-from workers.decoders import DECODERS, DecoderSet
+from workers.decoders import DecoderSet
 from workers.graphs import COLUMNS
 from workers.nosync import step_region
 from workers.sampling import expected_embedding
@@ -420,7 +420,7 @@ class BlockRound:
         B, K = len(seqs), self.batch.block_length
         # early stop ends a block once its answer is final (see _answer_final): which rows may,
         # and each row's answer positions in the block
-        ends = [s.params.early_stop and not DECODERS[s.params.decoder].edits for s in seqs]
+        ends = [s.params.early_stop and not s.params.revises for s in seqs]
         self.ends_at_eos = torch.tensor(ends, device=device)
         self.any_ends_at_eos = any(ends)
         spans = [[c - s.block * K for c in s.span(s.block)] for s in seqs]
