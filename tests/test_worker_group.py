@@ -140,6 +140,22 @@ def test_batch_and_serve_name_the_expert_parallel_flag(tmp_path, capsys):
     assert line.startswith("dinfer-serve: --enable-expert-parallel splits"), line
 
 
+@pytest.mark.parametrize("flag", ["--workers", "--tensor-parallel-size"])
+def test_batch_and_serve_refuse_counts_below_one(tmp_path, capsys, flag):
+    from dinfer_async import batch, serve
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "prompt": "x"}\n')
+    assert batch.main([str(src), str(tmp_path / "out.jsonl"), flag, "0"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == f"dinfer-batch: error: {flag}: must be >= 1", line
+    with pytest.raises(SystemExit) as info:
+        serve.main(["--port", str(ranks.free_port()), flag, "0"])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"dinfer-serve: {flag}: must be >= 1"), line
+
+
 def test_batch_start_up_line_names_the_devices():
     class Ready:
         worker_devices = [["cuda:0", "cuda:1"], ["cuda:2", "cuda:3"]]
