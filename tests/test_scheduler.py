@@ -259,3 +259,45 @@ def test_early_stop_ends_the_block_once_the_answer_is_final(steps_per_check):
     # without it every position is decoded: 1 + 6 forwards for the first block, 8 for the second
     # (and with early stop before this change, the first block's 7)
     assert decoded.forwards == 15
+
+
+def test_the_last_block_ends_once_its_answer_part_is_committed():
+    """A block-causal model's window runs past the answer to its last block's end: once every
+    answer position there is committed, the rest cannot change the answer and is not decoded."""
+    prompt = [2, 3, 4]  # with block_length 8: the prompt's tail of 3 opens the window
+
+    class BlockCausal(ScriptedModel):
+        block_causal = True
+
+        def forward(self, ids, positions, key_mask=None, logit_columns=None, **kwargs):
+            logits = super().forward(ids, positions, key_mask, logit_columns, **kwargs)
+            answer = positions if logit_columns is None else positions[:, logit_columns]
+            answer = answer - self.prompt_length
+            certain = (answer >= 0) & (answer < 8)  # the answer: token 5, no EOS
+            logits[..., 5] += 20.0 * certain
+            logits[..., EOS] -= 20.0 * certain
+            return logits
+
+    params = SamplingParams(
+        gen_length=8, block_length=8, decoder="threshold", threshold=0.9, cache="none"
+    ).validate()
+    [seq] = denoise(BlockCausal(len(prompt)), [prompt], params, [0])
+    assert seq.answer(EOS) == [5] * 8 and seq.finish_reason == "length"
+    # block 0: the tail and answer 0-4 in one step; block 1: answer 5-7 in one step, where its
+    # 5 positions past the answer used to take 5 more (one forced commit a step)
+    assert seq.forwards == 2
+
+
+def test_fixed_schedule_with_more_steps_than_positions_ends_when_none_is_left():
+    """16 steps for each 8-token block: the schedule's last 8 commit nothing (LLaDA's sampler
+    runs them anyway); a block ends when no mask is left, with the same tokens."""
+    from workers.reference import reference_generate
+
+    m = model()
+    prompts = random_prompts(12, [5, 9], MASK, MASK)
+    kw = dict(gen_length=16, block_length=8, steps=32)
+    params = SamplingParams(decoder="fixed", cache="none", early_stop=False, **kw).validate()
+    seqs = denoise(m, prompts, params, [0, 1])
+    want, calls = reference_generate(m, prompts, mask_id=MASK, eos_id=EOS, seeds=[0, 1], **kw)
+    assert [s.generated() for s in seqs] == want
+    assert calls == 32 and [s.forwards for s in seqs] == [16, 16]

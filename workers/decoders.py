@@ -104,7 +104,8 @@ class FixedDecoder(Decoder):
         self.any_random = any(p.remasking == "random" for p in params)  # decided on the host, once
 
     def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
-        return self.steps <= step
+        # its schedule's steps, or sooner when none is left to commit (more steps than positions)
+        return (self.steps <= step) | ~masked_left.any(-1)
 
     def select(
         self,

@@ -418,11 +418,15 @@ class BlockRound:
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
         self.any_soft = any(s.params.soft_diffusion for s in seqs)
         B, K = len(seqs), self.batch.block_length
-        # early stop ends a block once its answer is final (see _answer_final): which rows may,
-        # and each row's answer positions in the block
-        ends = [s.params.early_stop and not s.params.revises for s in seqs]
-        self.ends_at_eos = torch.tensor(ends, device=device)
-        self.any_ends_at_eos = any(ends)
+        # a block ends once its answer part is final (see _answer_final): which rows may, at an
+        # EOS (early stop) or in the window's last block, and each row's answer positions
+        # (edit_threshold 1: no edit passes it, so an editing decoder's commits are final too)
+        final = [not s.params.revises or s.params.edit_threshold >= 1.0 for s in seqs]
+        at_eos = [s.params.early_stop and f for s, f in zip(seqs, final)]
+        last = [s.block == s.num_blocks - 1 and f for s, f in zip(seqs, final)]
+        self.ends_at_eos = torch.tensor(at_eos, device=device)
+        self.last_block = torch.tensor(last, device=device)
+        self.any_ends_early = any(at_eos) or any(last)
         spans = [[c - s.block * K for c in s.span(s.block)] for s in seqs]
         column = torch.arange(K, device=device)[None]
         lo, hi = torch.tensor(spans, dtype=torch.long, device=device).reshape(B, 2).T[..., None]
@@ -447,6 +451,7 @@ class BlockRound:
     _ROW_STATE = (
         "suppress_eos",
         "ends_at_eos",
+        "last_block",
         "answer_columns",
         "row_done",
         "block_seeds",
@@ -530,7 +535,7 @@ class BlockRound:
         self.pending_revised |= revised
         still_masked = masked & ~commit
         done = self.decoders.done(t + 1, still_masked)
-        if self.any_ends_at_eos:
+        if self.any_ends_early:
             done |= self._answer_final(block, still_masked)
         self.row_done |= done
         self.step_index += 1
@@ -538,14 +543,16 @@ class BlockRound:
             batch.set_soft(logits, still_masked, t)
 
     def _answer_final(self, block: torch.Tensor, still_masked: torch.Tensor) -> torch.Tensor:
-        """[B] rows with early stop whose answer is final: an EOS is committed in the block's
-        answer part and every position before it is committed. Nothing a later step commits can
-        change the answer (the tokens before the first EOS), so the block ends now, not once its
-        positions after the EOS are decoded too; those become EOS, as the rest of the window does
-        when the block ends (Scheduler._end_block). Tensor ops only."""
+        """[B] rows whose answer is final although the block still has masks: with early stop,
+        an EOS is committed in the block's answer part with every position before it committed;
+        in the window's last block, every answer position is committed (a block-causal model's
+        window runs past the answer to the block's end). Nothing a later step commits can change
+        the answer then, so the block ends now; its masked positions become EOS, as the rest of
+        the window does when the block ends (Scheduler._end_block). Tensor ops only."""
         eos = (block == self.eos_id) & self.answer_columns
         after = eos.cumsum(-1) > 0  # at or after the first EOS
         final = self.ends_at_eos & eos.any(-1) & ~(still_masked & ~after).any(-1)
+        final |= self.last_block & ~(still_masked & self.answer_columns).any(-1)
         fill = final[:, None] & still_masked
         block.copy_(torch.where(fill, self.eos_id, block))
         self.committed += fill.sum(-1)
