@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -88,16 +88,18 @@ def cached_attention(
 # on CUDA and here agree token for token, and a request's noise never depends on its batch-mates.
 
 _M32 = 0xFFFFFFFF
+Int32 = TypeVar("Int32", torch.Tensor, int)  # what mix32 takes and gives: a tensor or an int
 RANDOM_SCORE_TOKEN = _M32  # the counter random remasking draws at: a token id no vocabulary reaches
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+def _mul32(x: Int32, c: int) -> Int32:
     """(x * c) mod 2**32 for int64 x in [0, 2**32), in 16-bit halves so nothing overflows int64."""
     return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (xor-shift-multiply, bijective) on int64 tensors in [0, 2**32)."""
+def mix32(x: Int32) -> Int32:
+    """A 32-bit integer finaliser (xor-shift-multiply, bijective) on int64 tensors in [0, 2**32),
+    or on one Python int there (the same numbers, no tensor: workers.shared.step_seeds)."""
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)

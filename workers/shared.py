@@ -49,18 +49,9 @@ def block_seed(seed: int, block: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
-def _mix32_int(x: int) -> int:
-    """kernels.reference.mix32 on one Python int in [0, 2**32)."""
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
 def step_seeds(block_seeds: torch.Tensor, step: int) -> torch.Tensor:
     """[B] int64 block keys -> [B] int64 keys of `step` (in [0, 2**63)), with tensor ops only."""
-    s = _mix32_int(step + 0x632BE5AB)  # on the host in Python: no tensor, no sync
+    s = mix32(step + 0x632BE5AB)  # a Python int: no tensor, no sync
     lo = mix32((block_seeds & 0xFFFFFFFF) ^ s)
     hi = mix32((block_seeds >> 32) ^ lo ^ 0x9E3779B9) & 0x7FFFFFFF
     return (hi << 32) | lo
