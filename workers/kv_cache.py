@@ -56,15 +56,18 @@ class KVCache:
         start: int,
         key_mask: torch.Tensor | None,
         write: bool = True,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         """The fed tokens (sequence offset `start`) attend over the cache with their own k, v at
-        [start, start + n), written into it there by the same kernel when `write`."""
+        [start, start + n), written into it there by the same kernel when `write`. rows: the
+        cache rows they are (default: the first `self.rows`)."""
+        rows = slice(0, self.rows) if rows is None else rows
         return kernels.cached_attention(
             q,
             k,
             v,
-            self.k[layer, : self.rows, :, : self.length],
-            self.v[layer, : self.rows, :, : self.length],
+            self.k[layer, rows, :, : self.length],
+            self.v[layer, rows, :, : self.length],
             start,
             key_mask,
             write,
@@ -97,17 +100,7 @@ class RowWindow:
         start: int,
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        kv = self.kv
-        return kernels.cached_attention(
-            q,
-            k,
-            v,
-            kv.k[layer, self.lo : self.hi, :, : kv.length],
-            kv.v[layer, self.lo : self.hi, :, : kv.length],
-            start,
-            key_mask,
-            True,
-        )
+        return self.kv.attention(layer, q, k, v, start, key_mask, rows=slice(self.lo, self.hi))
 
 
 class Overlay:
