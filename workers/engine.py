@@ -162,26 +162,19 @@ class Engine:
             seeds = self.tensor_parallel.broadcast([seeds])[0]
         self.last_run = {}
         seqs = denoise(
-            self.model,
-            ids,
-            per_prompt,
-            seeds,
-            self.max_batch_size,
-            self.steps_per_check,
-            decode=self.decode,
-            split_overhead=self.split_overhead,
-            stats=self.last_run,
-            chunk_slots=self.chunk_slots,
-            cuda_graphs=self.graphs or False,
+            self.model, ids, per_prompt, seeds, stats=self.last_run, **self._scheduling()
         )
         return [self._result(seq) for seq in seqs]
 
     def new_scheduler(self) -> Scheduler:
         """A streaming Scheduler over this engine's model with its settings (steps per check,
         cohorts, chunks, graphs): what a worker serves requests with."""
-        return Scheduler(
-            self.model,
-            self.max_batch_size,
+        return Scheduler(self.model, **self._scheduling())
+
+    def _scheduling(self) -> dict:
+        """This engine's Scheduler settings, the same for `generate` and `new_scheduler`."""
+        return dict(
+            max_batch_size=self.max_batch_size,
             steps_per_check=self.steps_per_check,
             decode=self.decode,
             split_overhead=self.split_overhead,
