@@ -16,9 +16,9 @@ import typing
 from dinfer_async import params as sp
 from dinfer_async.logs import setup_logging
 from dinfer_async.params import SamplingParams
+from dinfer_async.validation import EP_DISPATCHES
 
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-EP_DISPATCHES = ("all_reduce", "all_to_all")  # workers.parallel.shard's, without torch
 CHOICES = {"decoder": sp.DECODERS, "cache": sp.CACHES, "remasking": sp.REMASKING}
 
 

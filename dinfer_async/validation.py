@@ -77,6 +77,10 @@ class Limits:
 NO_LIMITS = Limits()
 
 
+# expert-parallel dispatches (workers/parallel/layers.py), named here without torch
+EP_DISPATCHES = ("all_reduce", "all_to_all")
+
+
 def check_parallel(tensor_parallel_size: object, expert_parallel: object) -> None:
     """The one check of a worker group's shape, for the Client and the Engine alike."""
     if (
@@ -87,7 +91,7 @@ def check_parallel(tensor_parallel_size: object, expert_parallel: object) -> Non
         raise InvalidRequestError(
             "tensor_parallel_size", f"{tensor_parallel_size!r} must be an integer >= 1"
         )
-    if expert_parallel not in (False, True, None, "all_reduce", "all_to_all"):
+    if expert_parallel not in (False, True, None, *EP_DISPATCHES):
         raise InvalidRequestError(
             "expert_parallel",
             f"{expert_parallel!r}: use True, False, 'all_reduce' or 'all_to_all'",
@@ -100,6 +104,7 @@ def check_parallel(tensor_parallel_size: object, expert_parallel: object) -> Non
 
 
 def check_steps_per_check(value: object) -> None:
+    """None (the worker's default) or an integer >= 1, for the Client and the Scheduler."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise InvalidRequestError("steps_per_check", f"{value!r} must be an integer >= 1")
 

@@ -389,14 +389,11 @@ class BlockRound:
         chunk_slots: int = 0,
         graphs: StepGraphs | None = None,
     ):
-        """chunk_slots: full forwards run in row chunks of at most this many token slots
+        """steps_per_check: an integer >= 1 (the Scheduler checks it, default_steps_per_check).
+        chunk_slots: full forwards run in row chunks of at most this many token slots
         (Batch.run_full; 0: one forward); the rows are then ordered by their layout. graphs:
         the steps after a block's first run through it (static shapes, CUDA graphs on a GPU;
         workers/graphs.py), the layout then padded to its column multiple; None: eager."""
-        if isinstance(steps_per_check, bool) or not isinstance(steps_per_check, int):
-            raise TypeError(f"steps_per_check must be an integer >= 1, not {steps_per_check!r}")
-        if steps_per_check < 1:
-            raise ValueError(f"steps_per_check must be >= 1, not {steps_per_check}")
         cfg = model.config
         device = model.lm_head_weight.device
         self.device = device

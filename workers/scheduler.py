@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dinfer_async.params import SamplingParams
+from dinfer_async.validation import check_steps_per_check
 from workers.cache import CachePolicy, policy_class
 from workers.cohorts import CPU_CHUNK_SLOTS, CPU_FORWARD_OVERHEAD
 from workers.cohorts import split as cohorts_split
@@ -49,8 +50,7 @@ class Finished:
 def default_steps_per_check(value: int | None = None) -> int:
     """`value`, or $DINFER_STEPS_PER_CHECK when None (1 when unset)."""
     if value is not None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"steps_per_check must be an integer >= 1, not {value!r}")
+        check_steps_per_check(value)
         return value
     text = os.environ.get("DINFER_STEPS_PER_CHECK", "1")
     try:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinfer_async.validation import EP_DISPATCHES
 from workers.models.layers import DiffusionLM, RoutedExperts
 from workers.parallel.group import TensorParallel, set_current
 from workers.parallel.layers import (
@@ -50,7 +51,6 @@ FUSED_ATTENTION = ("query_key_value", "dense")  # LLaDA2: one projection, rows q
 MLP = (("gate_proj", "up_proj", "down_proj"), ("ff_proj", "up_proj", "ff_out"))
 # how expert parallel moves tokens; the first is the default (faster at small batch on CPU and
 # not yet measured on GPUs: benchmarks/ep_dispatch.py, benchmarks/RESULTS.md)
-EP_DISPATCHES = ("all_reduce", "all_to_all")
 
 Ranges = tuple[tuple[int, int], ...]
 
