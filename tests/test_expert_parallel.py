@@ -18,6 +18,8 @@ from dinfer_async import SamplingParams
 from dinfer_async.errors import InvalidRequestError
 from dinfer_kernels.options import configured
 from tests.ranks import report, run_ranks
+from tests.test_tensor_parallel import COMMON
+from tests.test_tensor_parallel import PARAMS as TP_PARAMS
 from tests.tiny_models import IdTokenizer, random_prompts, tiny_family_model
 from workers.engine import Engine
 from workers.parallel.shard import EP_DISPATCHES, ep_dispatch
@@ -33,13 +35,10 @@ MODELS = {
     # the first layer dense, a shared expert inside the MoE block, block-causal attention
     "llada2_moe": lambda: tiny_family_model("llada2_moe", seed=3),
 }
-COMMON = dict(gen_length=16, early_stop=False)
+# three of the tensor-parallel test's decoding cases
 PARAMS = {
-    "fixed-none-greedy": dict(decoder="fixed", cache="none", block_length=8, steps=8),
-    "fixed-dual-sampled": dict(
-        decoder="fixed", cache="dual", block_length=4, steps=16, temperature=0.8
-    ),
-    "threshold-dual-greedy": dict(decoder="threshold", threshold=0.7, cache="dual", block_length=8),
+    case: TP_PARAMS[case]
+    for case in ("fixed-none-greedy", "fixed-dual-sampled", "threshold-dual-greedy")
 }
 # (model, params, dispatch, routed-experts path): the tiny models take the dense path by default
 CASES = [(model, case, "all_to_all", "auto") for model in MODELS for case in PARAMS] + [
