@@ -114,10 +114,10 @@ def test_threshold_commits_everything_confident_and_at_least_one():
         )
     )
     masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    token, commit = dec.select(logits, masked, 0, seeds)
+    token, commit = dec.select(logits, masked, torch.zeros(2, dtype=torch.long), seeds)
     assert commit.tolist() == [[True, True, True, False], [True, True, True, True]]
     dec.tau = torch.tensor([[0.65], [0.65]], dtype=torch.float64)
-    token, commit = dec.select(logits, masked, 0, seeds)
+    token, commit = dec.select(logits, masked, torch.zeros(2, dtype=torch.long), seeds)
     assert commit.tolist() == [[False, True, False, False], [True, False, False, False]]
     assert token[0].tolist()[:3] == [0, 1, 1]
 

@@ -50,8 +50,9 @@ class CachePolicy(Protocol):
         policy (and a round)."""
         return ()
 
-    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
-        """The logits [B, K, V] of the block's positions at `step` of the block."""
+    def block_logits(self, batch: Batch, fresh: int) -> torch.Tensor:
+        """The logits [B, K, V] of the block's positions at this step: rows [fresh, B) are at
+        their block's first step (fresh 0: every row; B: none), the others at a later one."""
         ...
 
     def keep_rows(self, rows: torch.Tensor) -> None:
@@ -77,7 +78,7 @@ class NoCache(CachePolicy):
     def __init__(self, params: SamplingParams, kv: KVCache) -> None:
         pass
 
-    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
+    def block_logits(self, batch: Batch, fresh: int) -> torch.Tensor:
         return batch.run_full()
 
     def step_width(self, block_start: int, length: int, block_length: int) -> int:
@@ -94,11 +95,22 @@ class PrefixCache(CachePolicy):
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.kv.keep_rows(rows)
 
-    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
-        if step == 0:
+    def block_logits(self, batch: Batch, fresh: int) -> torch.Tensor:
+        """Rows at their block's first step refresh their cache rows (all of them: the
+        cache is laid out for this batch first); the others step over their cache."""
+        if fresh == 0:
             self.kv.reserve(batch.cache_rows, batch.length)
             return batch.run_full(self.kv)
-        return batch.run(batch.block_start - batch.shift, self._feed_end(batch), self.kv)
+        later = self._step(batch, fresh)
+        if fresh == batch.rows:
+            return later
+        return torch.cat([later, batch.run_full(self.kv, first_row=fresh)])
+
+    def _step(self, batch: Batch, rows: int) -> torch.Tensor:
+        """The block's logits of rows [0, rows) at a step after their first."""
+        kv = self.kv if rows == batch.rows else self.kv.row_window(0, rows)
+        lo = batch.block_start - batch.shift
+        return batch.run(lo, self._feed_end(batch), kv, rows=rows)
 
     def _feed_end(self, batch: Batch) -> int:
         return batch.length  # the block and everything after it
@@ -128,12 +140,11 @@ class VicinityCache(PrefixCache):
     def step_width(self, block_start: int, length: int, block_length: int) -> int:
         return min(length, block_length + self.before + self.after)
 
-    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
-        if step == 0:
-            return super().block_logits(batch, step)
+    def _step(self, batch: Batch, rows: int) -> torch.Tensor:
         lo = max(0, batch.block_start - max(self.before, batch.shift))
         hi = min(batch.length, batch.block_end + self.after)
-        return batch.run(lo, hi, Overlay(self.kv))
+        some = None if rows == batch.rows else slice(0, rows)
+        return batch.run(lo, hi, Overlay(self.kv, some), rows=rows)
 
 
 @dataclass
@@ -163,9 +174,9 @@ class BlockCausalCache(DualCache):
     def leave(self, seq: Sequence) -> None:
         self.stored.pop(seq, None)
 
-    def block_logits(self, batch: Batch, step: int) -> torch.Tensor:
-        if step > 0:
-            return super().block_logits(batch, step)
+    def block_logits(self, batch: Batch, fresh: int) -> torch.Tensor:
+        if fresh > 0:  # rows do not join its rounds (`joins`): no row is at its first step
+            return super().block_logits(batch, fresh)
         kv = self.kv
         kv.reserve(batch.cache_rows, batch.length)
         if len(batch.guidance):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 import dinfer_kernels as kernels
 from dinfer_async.params import SamplingParams
@@ -66,16 +67,17 @@ class Decoder:
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """logits [B, K, V], masked [B, K], block [B, K] the block's tokens -> (predicted token
-        [B, K], commit [B, K] bool: the positions that take the predicted token)."""
+        """logits [B, K, V], masked [B, K], steps [B] each row's step in its block, block
+        [B, K] the block's tokens -> (predicted token [B, K], commit [B, K] bool: the positions
+        that take the predicted token)."""
         raise NotImplementedError
 
-    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
-        """[rows] bool: which rows finished the block after `step` steps."""
+    def done(self, steps: torch.Tensor, masked_left: torch.Tensor) -> torch.Tensor:
+        """[rows] bool: which rows finished the block after `steps` [rows] steps."""
         return ~masked_left.any(-1)
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -83,6 +85,21 @@ class Decoder:
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value[rows])
+
+    def extend(self, other: Decoder) -> None:
+        """`other`'s rows (the same decoder, rows starting their block) follow these: every
+        per-row tensor concatenated; a state one side has not made yet (None) is zeros for its
+        rows, as a fresh block's state is; host flags are or-ed."""
+        mine, theirs = len(self.temperature), len(other.temperature)
+        for name, a in vars(self).items():
+            b = getattr(other, name)
+            if isinstance(a, bool):
+                setattr(self, name, a or b)
+            elif isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                like = a if isinstance(a, torch.Tensor) else b
+                a = like.new_zeros(mine, *like.shape[1:]) if a is None else a
+                b = like.new_zeros(theirs, *like.shape[1:]) if b is None else b
+                setattr(self, name, torch.cat([a, b]))
 
     def end_block(self) -> None:
         pass
@@ -103,15 +120,22 @@ class FixedDecoder(Decoder):
         self.random = torch.tensor([p.remasking == "random" for p in params], device=device)
         self.any_random = any(p.remasking == "random" for p in params)  # decided on the host, once
 
-    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
+    def done(self, steps: torch.Tensor, masked_left: torch.Tensor) -> torch.Tensor:
         # its schedule's steps, or sooner when none is left to commit (more steps than positions)
-        return (self.steps <= step) | ~masked_left.any(-1)
+        return (self.steps <= steps) | ~masked_left.any(-1)
+
+    def extend(self, other: Decoder) -> None:
+        assert isinstance(other, FixedDecoder)
+        width = max(self.counts.shape[1], other.counts.shape[1])  # schedules padded with 0
+        self.counts = F.pad(self.counts, (0, width - self.counts.shape[1]))
+        other.counts = F.pad(other.counts, (0, width - other.counts.shape[1]))
+        super().extend(other)
 
     def select(
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,11 +143,9 @@ class FixedDecoder(Decoder):
         if self.any_random:
             score = torch.where(self.random[:, None], _random_scores(seeds, masked.shape[1]), score)
         score = torch.where(masked, score, -torch.inf)
-        count = (
-            self.counts[:, step : step + 1]
-            if step < self.counts.shape[1]
-            else torch.zeros_like(self.counts[:, :1])
-        )
+        width = self.counts.shape[1]  # a row past its schedule commits nothing
+        count = self.counts.gather(1, steps.clamp(max=width - 1)[:, None])
+        count = torch.where(steps[:, None] < width, count, 0)
         return token, masked & (descending_rank(score) < count)
 
 
@@ -138,7 +160,7 @@ class ThresholdDecoder(Decoder):
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +181,7 @@ class FactorDecoder(Decoder):
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +203,7 @@ class HierarchicalDecoder(Decoder):
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +228,7 @@ class CreditDecoder(Decoder):
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,14 +270,16 @@ class JointDecoder(Decoder):
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if block is None:
             raise ValueError("the joint decoder needs the block's tokens (block=)")
-        if step == 0 or self.editable is None:
+        if self.editable is None:
             self.editable = masked.clone()
+        else:  # rows at their block's first step: what is masked now is editable
+            self.editable = torch.where(steps[:, None] == 0, masked, self.editable)
         token, conf = self.predict(logits, seeds)
         self.rounds += ~masked.any(-1)  # a step that starts with no mask is an edit round
         commit = masked & _best_or_above(torch.where(masked, conf, -torch.inf), self.tau)
@@ -263,7 +287,7 @@ class JointDecoder(Decoder):
         self.edited = edit.any(-1)
         return token, commit | edit
 
-    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
+    def done(self, steps: torch.Tensor, masked_left: torch.Tensor) -> torch.Tensor:
         filled = ~masked_left.any(-1)
         # a round that edited nothing ends the block; so does the last allowed round
         quiet = (self.rounds > 0) & ~self.edited
@@ -292,18 +316,31 @@ class DecoderSet:
     def __init__(self, params: list[SamplingParams], device: Device):
         self.device = device
         self.confidence: torch.Tensor | None = None  # [B, K] after select
-        names = sorted({p.decoder for p in params})
         self.groups: list[tuple[torch.Tensor, Decoder]] = []
-        for name in names:
-            rows = [i for i, p in enumerate(params) if p.decoder == name]
-            index = torch.tensor(rows, device=device)
-            self.groups.append((index, DECODERS[name]([params[i] for i in rows], device)))
+        self.rows = 0
+        self.join(params)
+
+    def join(self, params: list[SamplingParams]) -> None:
+        """Rows with `params`, starting their block, follow the present ones (a decoder of
+        their name takes them on, or a new one)."""
+        first, self.rows = self.rows, self.rows + len(params)
+        for name in sorted({p.decoder for p in params}):
+            rows = [first + i for i, p in enumerate(params) if p.decoder == name]
+            index = torch.tensor(rows, device=self.device)
+            decoder = DECODERS[name]([params[r - first] for r in rows], self.device)
+            for i, (present, same) in enumerate(self.groups):
+                if type(same) is type(decoder):
+                    same.extend(decoder)
+                    self.groups[i] = (torch.cat([present, index]), same)
+                    break
+            else:
+                self.groups.append((index, decoder))
 
     def select(
         self,
         logits: torch.Tensor,
         masked: torch.Tensor,
-        step: int,
+        steps: torch.Tensor,
         seeds: torch.Tensor,
         block: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,26 +348,27 @@ class DecoderSet:
         the probabilities of their predictions."""
         if len(self.groups) == 1:  # the common case: one decoder for the whole batch
             decoder = self.groups[0][1]
-            token, commit = decoder.select(logits, masked, step, seeds, block)
+            token, commit = decoder.select(logits, masked, steps, seeds, block)
             self.confidence = decoder.prob
             return token, commit
         token = torch.empty(masked.shape, dtype=torch.long, device=masked.device)
         commit = torch.zeros_like(masked)
         confidence = torch.zeros(masked.shape, dtype=torch.float64, device=masked.device)
         for index, decoder in self.groups:
-            t, c = decoder.select(logits[index], masked[index], step, seeds[index], block[index])
+            rows = (logits[index], masked[index], steps[index], seeds[index], block[index])
+            t, c = decoder.select(*rows)
             token[index], commit[index] = t, c
             if decoder.prob is not None:
                 confidence[index] = decoder.prob
         self.confidence = confidence
         return token, commit
 
-    def done(self, step: int, masked_left: torch.Tensor) -> torch.Tensor:
+    def done(self, steps: torch.Tensor, masked_left: torch.Tensor) -> torch.Tensor:
         if len(self.groups) == 1:
-            return self.groups[0][1].done(step, masked_left)
+            return self.groups[0][1].done(steps, masked_left)
         out = torch.zeros(masked_left.shape[0], dtype=torch.bool, device=masked_left.device)
         for index, decoder in self.groups:
-            out[index] = decoder.done(step, masked_left[index])
+            out[index] = decoder.done(steps[index], masked_left[index])
         return out
 
     def end_block(self) -> None:
@@ -349,3 +387,4 @@ class DecoderSet:
             remapped = [new_position[index[j].item()] for j in local]
             groups.append((torch.tensor(remapped, device=self.device), decoder))
         self.groups = groups
+        self.rows = len(new_position)

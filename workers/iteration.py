@@ -240,17 +240,29 @@ class Batch:
         """[B, K] the current block's ids (a view: writing it writes the batch)."""
         return self.ids[:, self.block_start : self.block_end]
 
-    def run(self, lo: int, hi: int, kv: KVCache | Overlay | None = None) -> torch.Tensor:
+    def run(
+        self,
+        lo: int,
+        hi: int,
+        kv: KVCache | RowWindow | Overlay | None = None,
+        rows: int | None = None,
+    ) -> torch.Tensor:
         """The block's logits [B, K, V] from feeding columns [lo, hi) (over `kv` if given; with
         a logit shift, [lo, hi) must hold the column before the block). Guided rows also run
-        their unconditional copies; soft inputs replace masked block inputs."""
+        their unconditional copies; soft inputs replace masked block inputs. rows: only rows
+        [0, rows) (`kv` then holds just theirs; a batch with guided rows runs them all)."""
         g = self.guidance
-        self._count_fed(lo, hi)
-        ids = g.extend_ids(self.ids[:, lo:hi], self.in_prompt[:, lo:hi], self.mask_id)
-        positions = g.extend(self.positions[:, lo:hi])
-        real = g.extend(self.real)
+        n = self.rows if rows is None else rows
+        some = slice(0, n) if n < self.rows else None
+        if some is not None and len(g):
+            raise ValueError("a batch with guided rows runs all of them")
+        self._count_fed(lo, hi, 0, None if some is None else n)
+        ids = g.extend_ids(self.ids[:n, lo:hi], self.in_prompt[:n, lo:hi], self.mask_id)
+        positions = g.extend(self.positions[:n, lo:hi])
+        real = g.extend(self.real[:n])
         if self.model.block_causal:
-            real = block_causal_mask(positions, g.extend(self.positions), self.block_length, real)
+            keys = g.extend(self.positions[:n])
+            real = block_causal_mask(positions, keys, self.block_length, real)
         first = self.block_start - self.shift - lo  # the column whose logits predict the block
         logits = self.model(
             ids,
@@ -258,29 +270,34 @@ class Batch:
             real,
             cache=kv,
             start=lo,
-            inputs_embeds=self._inputs(ids, lo),
+            inputs_embeds=self._inputs(ids, lo, some),
             logit_columns=slice(first, first + self.block_length),
         )
         return g.combine(logits)
 
-    def run_full(self, kv: KVCache | None = None) -> torch.Tensor:
-        """run(0, length, kv), in row chunks of at most `chunk_slots` token slots when that is
-        set (and no row is guided): each chunk feeds only the columns its rows' real tokens
-        span, so rows of different lengths do not pay for the longest row's layout, and a
-        forward stays the size this device computes fastest. Cache columns a chunk does not
-        feed are its rows' padding: zeroed (hidden from attention, but 0 x NaN is NaN)."""
-        chunks = self.chunks()
-        if len(chunks) == 1 or len(self.guidance):
+    def run_full(self, kv: KVCache | None = None, first_row: int = 0) -> torch.Tensor:
+        """run(0, length, kv) for rows [first_row, B), in row chunks of at most `chunk_slots`
+        token slots when that is set (and no row is guided): each chunk feeds only the columns
+        its rows' real tokens span, so rows of different lengths do not pay for the longest
+        row's layout, and a forward stays the size this device computes fastest. Cache columns
+        a chunk does not feed are its rows' padding: zeroed (hidden from attention, but 0 x NaN
+        is NaN)."""
+        chunks = self.chunks(first_row)
+        if first_row == 0 and (len(chunks) == 1 or len(self.guidance)):
             return self.run(0, self.length, kv)
         return torch.cat([self._run_rows(*chunk, kv) for chunk in chunks])
 
-    def chunks(self) -> list[tuple[int, int, int, int]]:
+    def chunks(self, first_row: int = 0) -> list[tuple[int, int, int, int]]:
         """(first row, end row, first column, end column) of each chunk of run_full: rows in
-        order, a chunk grown while rows x columns stays within chunk_slots."""
+        order from `first_row`, a chunk grown while rows x columns stays within chunk_slots
+        (0: one chunk, over every column for all rows, else over the rows' own)."""
         if self.chunk_slots <= 0:
-            return [(0, self.rows, 0, self.length)]
+            if first_row == 0:
+                return [(0, self.rows, 0, self.length)]
+            lo, hi = min(self.row_start[first_row:]), max(self.row_end[first_row:])
+            return [(first_row, self.rows, lo, hi)]
         out = []
-        r0 = 0
+        r0 = first_row
         while r0 < self.rows:
             r1, c0, c1 = r0 + 1, self.row_start[r0], self.row_end[r0]
             while r1 < self.rows:
@@ -329,15 +346,18 @@ class Batch:
         self.fed += (hi - lo) * len(real)
         self.fed_real += sum(real)
 
-    def set_soft(self, logits: torch.Tensor, still_masked: torch.Tensor, step: int) -> None:
+    def set_soft(self, logits: torch.Tensor, masked: torch.Tensor, steps: torch.Tensor) -> None:
         """Soft diffusion: a still-masked block position's next input is
-        E[mask] + w * sum_v softmax(logits)_v E[v], with w = min(0.15 + 0.02 step, 0.3)."""
-        weight = min(0.15 + 0.02 * step, 0.3)
+        E[mask] + w * sum_v softmax(logits)_v E[v], with w = min(0.15 + 0.02 step, 0.3) at each
+        row's step (`steps` [B]), in at least float32 as a Python float weight would be."""
         block = self.block()
         mask_row = self.model.embed(block.new_full((1,), self.mask_id))
-        soft = mask_row + weight * expected_embedding(logits, self.model.embed_weight)
+        mixed = expected_embedding(logits, self.model.embed_weight)
+        weight = (0.15 + 0.02 * steps.double()).clamp(max=0.3)[:, None, None]
+        weight = weight.to(torch.promote_types(mixed.dtype, torch.float32))
+        soft = mask_row + (weight * mixed).to(mixed.dtype)
         plain = self.model.embed(block)
-        use = still_masked & self.soft_rows[:, None]
+        use = masked & self.soft_rows[:, None]
         self.soft = torch.where(use[..., None], soft, plain)
 
     def _inputs(
@@ -369,6 +389,14 @@ class StepUpdate:
     confidence: list[float] | None = None
 
 
+def _ends_early(seq: Sequence) -> tuple[bool, bool]:
+    """Whether `seq`'s block may end once its answer part is final (BlockRound._answer_final):
+    at an EOS (early stop), and as the window's last block; with an editing decoder only if no
+    edit can pass its threshold (edit_threshold 1), as its commits are final then."""
+    final = not seq.params.revises or seq.params.edit_threshold >= 1.0
+    return seq.params.early_stop and final, seq.block == seq.num_blocks - 1 and final
+
+
 class BlockRound:
     """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`.
 
@@ -378,6 +406,24 @@ class BlockRound:
     that had work since the last one (streaming; with steps_per_check > 1 it carries the latest
     block and every position committed or revised since the last check); without it, updates
     come only for rows done with the block."""
+
+    # per-row tensors [B] or [B, K] (BlockRound._row_state makes them; rows leave and join)
+    suppress_eos: torch.Tensor
+    ends_at_eos: torch.Tensor  # the block may end at an EOS (see _answer_final)
+    last_block: torch.Tensor  # the window's last block (may end once the answer is committed)
+    answer_columns: torch.Tensor  # [B, K] the block's answer positions
+    row_done: torch.Tensor
+    block_seeds: torch.Tensor
+    row_step: torch.Tensor  # each row's step in its block
+    # counters stay on the device; copied to the requests when the block ends
+    forwards: torch.Tensor
+    committed: torch.Tensor
+    edits: torch.Tensor
+    confidence: torch.Tensor  # [B, K] streamed confidence of each position's token
+    # what changed since the last check (reported there)
+    pending_work: torch.Tensor
+    pending_commit: torch.Tensor
+    pending_revised: torch.Tensor
 
     def __init__(
         self,
@@ -408,72 +454,59 @@ class BlockRound:
         self.batch = Batch(model, seqs, self.mask_id, self.eos_id, align)
         self.batch.chunk_slots = chunk_slots
         self.decoders = DecoderSet([s.params for s in seqs], device)
-        self.block_seeds = torch.tensor(
-            [block_seed(s.seed, s.block) for s in seqs], dtype=torch.long, device=device
-        )
-        self.suppress_eos = torch.tensor([s.params.suppress_eos for s in seqs], device=device)
+        state = self._row_state(seqs)
+        self.row_state = list(state)  # the names of the per-row tensors
+        for name, value in state.items():
+            setattr(self, name, value)
         self.any_suppress = any(s.params.suppress_eos for s in seqs)
         self.any_soft = any(s.params.soft_diffusion for s in seqs)
-        B, K = len(seqs), self.batch.block_length
-        # a block ends once its answer part is final (see _answer_final): which rows may, at an
-        # EOS (early stop) or in the window's last block, and each row's answer positions
-        # (edit_threshold 1: no edit passes it, so an editing decoder's commits are final too)
-        final = [not s.params.revises or s.params.edit_threshold >= 1.0 for s in seqs]
-        at_eos = [s.params.early_stop and f for s, f in zip(seqs, final)]
-        last = [s.block == s.num_blocks - 1 and f for s, f in zip(seqs, final)]
-        self.ends_at_eos = torch.tensor(at_eos, device=device)
-        self.last_block = torch.tensor(last, device=device)
-        self.any_ends_early = any(at_eos) or any(last)
-        spans = [[c - s.block * K for c in s.span(s.block)] for s in seqs]
-        column = torch.arange(K, device=device)[None]
-        lo, hi = torch.tensor(spans, dtype=torch.long, device=device).reshape(B, 2).T[..., None]
-        self.answer_columns = (column >= lo) & (column < hi)
-        self.row_done = torch.zeros(B, dtype=torch.bool, device=device)
-        # per-row counters stay on the device; copied to the requests when the block ends
-        self.forwards = torch.zeros(B, dtype=torch.long, device=device)
-        self.committed = torch.zeros(B, dtype=torch.long, device=device)
-        self.edits = torch.zeros(B, dtype=torch.long, device=device)
-        # streamed confidence of each block position's token (only kept when reporting)
-        self.confidence = torch.zeros(B, K, dtype=torch.float64, device=device)
-        # what changed since the last check (reported there)
-        self.pending_work = torch.zeros(B, dtype=torch.bool, device=device)
-        self.pending_commit = torch.zeros(B, K, dtype=torch.bool, device=device)
-        self.pending_revised = torch.zeros(B, K, dtype=torch.bool, device=device)
+        self.any_ends_early = any(any(_ends_early(s)) for s in seqs)
+        self.fresh = 0  # rows [fresh, B) are at their block's first step (none: B)
         self.report = report
         self.steps_per_check = steps_per_check
         self.step_index = 0
         self.finished = False
         self.left: list[Sequence] = []  # rows done with the block that left at the last step
 
-    _ROW_STATE = (
-        "suppress_eos",
-        "ends_at_eos",
-        "last_block",
-        "answer_columns",
-        "row_done",
-        "block_seeds",
-        "forwards",
-        "committed",
-        "edits",
-        "confidence",
-        "pending_work",
-        "pending_commit",
-        "pending_revised",
-    )
+    def _row_state(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+        """The per-row tensors of rows `seqs` at their block's first step, by attribute name."""
+        device, K = self.device, self.batch.block_length
+        B = len(seqs)
+        at_eos, last = zip(*map(_ends_early, seqs))
+        spans = [[c - s.block * K for c in s.span(s.block)] for s in seqs]
+        column = torch.arange(K, device=device)[None]
+        lo, hi = torch.tensor(spans, dtype=torch.long, device=device).reshape(B, 2).T[..., None]
+        seeds = [block_seed(s.seed, s.block) for s in seqs]
+        zeros = torch.zeros(B, dtype=torch.long, device=device)
+        no = torch.zeros(B, K, dtype=torch.bool, device=device)
+        return {
+            "suppress_eos": torch.tensor([s.params.suppress_eos for s in seqs], device=device),
+            "ends_at_eos": torch.tensor(at_eos, dtype=torch.bool, device=device),
+            "last_block": torch.tensor(last, dtype=torch.bool, device=device),
+            "answer_columns": (column >= lo) & (column < hi),
+            "row_done": torch.zeros(B, dtype=torch.bool, device=device),
+            "block_seeds": torch.tensor(seeds, dtype=torch.long, device=device),
+            "row_step": zeros,
+            "forwards": zeros.clone(),
+            "committed": zeros.clone(),
+            "edits": zeros.clone(),
+            "confidence": torch.zeros(B, K, dtype=torch.float64, device=device),
+            "pending_work": torch.zeros(B, dtype=torch.bool, device=device),
+            "pending_commit": no,
+            "pending_revised": no.clone(),
+        }
 
     def drop(self, leaving: set[int]) -> list[StepUpdate]:
         """Remove the rows at `leaving` before the next step; their cache rows are released. If
         every row left is then done with the block, the round finishes: returned are the
         updates the others had pending since the last check (none with steps_per_check 1)."""
-        rows = torch.tensor(
-            [i for i in range(len(self.seqs)) if i not in leaving],
-            dtype=torch.long,
-            device=self.device,
-        )
-        self.seqs = [self.seqs[i] for i in rows.tolist()]
+        kept = [i for i in range(len(self.seqs)) if i not in leaving]
+        rows = torch.tensor(kept, dtype=torch.long, device=self.device)
+        self.seqs = [self.seqs[i] for i in kept]
+        self.fresh = sum(i < self.fresh for i in kept)  # the order is kept
         self.policy.keep_rows(self.batch.keep(rows, self.seqs))
         self.decoders.keep(rows)
-        for name in self._ROW_STATE:
+        for name in self.row_state:
             setattr(self, name, getattr(self, name)[rows])
         if self.seqs and bool(self.row_done.all()):
             self.finished = True
@@ -510,14 +543,14 @@ class BlockRound:
     def _decode(self) -> None:
         """One forward, the decoders' picks committed into the batch, counters and the pending
         updates updated, the next soft inputs prepared: tensor ops only, no host sync."""
-        batch, t = self.batch, self.step_index
-        logits = self.policy.block_logits(batch, t)
+        batch, steps = self.batch, self.row_step
+        logits = self.policy.block_logits(batch, self.fresh)
         suppress = self.suppress_eos if self.any_suppress else None
         logits = forbid_tokens(logits, self.mask_id, self.eos_id, suppress)
         block = batch.block()
         masked = block == self.mask_id
-        seeds = step_seeds(self.block_seeds, t)
-        token, written = self.decoders.select(logits, masked, t, seeds, block)
+        seeds = step_seeds(self.block_seeds, steps)
+        token, written = self.decoders.select(logits, masked, steps, seeds, block)
         working = ~self.row_done
         written &= working[:, None]
         if self.report and self.decoders.confidence is not None:
@@ -531,13 +564,15 @@ class BlockRound:
         self.pending_commit |= commit
         self.pending_revised |= revised
         still_masked = masked & ~commit
-        done = self.decoders.done(t + 1, still_masked)
+        done = self.decoders.done(steps + 1, still_masked)
         if self.any_ends_early:
             done |= self._answer_final(block, still_masked)
         self.row_done |= done
-        self.step_index += 1
         if self.any_soft:
-            batch.set_soft(logits, still_masked, t)
+            batch.set_soft(logits, still_masked, steps)
+        self.row_step += 1
+        self.step_index += 1
+        self.fresh = len(self.seqs)
 
     def _answer_final(self, block: torch.Tensor, still_masked: torch.Tensor) -> torch.Tensor:
         """[B] rows whose answer is final although the block still has masks: with early stop,

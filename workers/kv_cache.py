@@ -40,6 +40,14 @@ class KVCache:
         self.rows = rows
         self.length = length
 
+    def grow(self, rows: int, length: int) -> None:
+        """reserve(rows, length) keeping what the present rows hold (rows joining a round)."""
+        k, v, present, held = self.k, self.v, self.rows, self.length
+        self.reserve(rows, length)
+        if self.k is not k:  # reallocated
+            self.k[:, :present, :, :held] = k[:, :present, :, :held]
+            self.v[:, :present, :, :held] = v[:, :present, :, :held]
+
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Compact the cache to `rows` (in that order) in place; the rest is free for reuse."""
         n = len(rows)
@@ -104,10 +112,12 @@ class RowWindow:
 
 
 class Overlay:
-    """The cache as seen with a window of fresh keys/values in place, leaving it untouched."""
+    """The cache (its `rows`, default all) as seen with a window of fresh keys/values in
+    place, leaving it untouched."""
 
-    def __init__(self, kv: KVCache):
+    def __init__(self, kv: KVCache, rows: slice | None = None):
         self.kv = kv
+        self.rows = rows
 
     def attention(
         self,
@@ -118,4 +128,4 @@ class Overlay:
         start: int,
         key_mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        return self.kv.attention(layer, q, k, v, start, key_mask, write=False)
+        return self.kv.attention(layer, q, k, v, start, key_mask, write=False, rows=self.rows)

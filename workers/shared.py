@@ -49,9 +49,11 @@ def block_seed(seed: int, block: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
-def step_seeds(block_seeds: torch.Tensor, step: int) -> torch.Tensor:
-    """[B] int64 block keys -> [B] int64 keys of `step` (in [0, 2**63)), with tensor ops only."""
-    s = mix32(step + 0x632BE5AB)  # a Python int: no tensor, no sync
+def step_seeds(block_seeds: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+    """[B] int64 block keys -> [B] int64 keys of `step` (one for every row, or [B] each row's),
+    in [0, 2**63), with tensor ops only."""
+    # a Python int (no tensor, no sync) or the rows' steps; two calls for mix32's type variable
+    s = mix32(step + 0x632BE5AB) if isinstance(step, int) else mix32(step + 0x632BE5AB)
     lo = mix32((block_seeds & 0xFFFFFFFF) ^ s)
     hi = mix32((block_seeds >> 32) ^ lo ^ 0x9E3779B9) & 0x7FFFFFFF
     return (hi << 32) | lo
