@@ -6,7 +6,8 @@
 Both use the default decoder and cache at --gen-length; tokens count answer tokens before EOS.
 dinfer-batch's time includes starting its worker process. The engine table runs the same
 prompts through `Engine.generate` one at a time and --per-call at a time, with one lockstep
-round per block (split_overhead=0, the layout before issue 15) and with cohorts (the default),
+round per block (split_overhead=0, the layout before issue 15), with cohorts and row chunks,
+and with those and rows joining running rounds (the default, Scheduler(joins=)),
 interleaved --repeats times (best time of each kept: the machine is shared), answers checked
 identical; padding waste is the fraction of token slots fed through the model that were padding.
 """
@@ -106,8 +107,8 @@ def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None
     n = args.per_call
     engine.generate(prompts[:n], params)  # warm up
 
-    def calls(size: int, split: float | None, chunk: int | None):
-        engine.split_overhead, engine.chunk_slots = split, chunk
+    def calls(size: int, split: float | None, chunk: int | None, joins: bool):
+        engine.split_overhead, engine.chunk_slots, engine.joins = split, chunk, joins
         results, fed, real = [], 0, 0
         for i in range(0, len(prompts), size):
             results += engine.generate(prompts[i : i + size], params)
@@ -116,11 +117,12 @@ def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None
         return results, 1 - real / max(fed, 1)
 
     modes = {
-        "one at a time": (1, None, None),
-        f"{n} per call, one round per block, one forward a step (before)": (n, 0, 0),
-        f"{n} per call, cohorts only": (n, None, 0),
-        f"{n} per call, row-chunked full forwards only": (n, 0, None),
-        f"{n} per call, cohorts + chunks (default)": (n, None, None),
+        "one at a time": (1, None, None, True),
+        f"{n} per call, one round per block, one forward a step": (n, 0, 0, False),
+        f"{n} per call, cohorts only": (n, None, 0, False),
+        f"{n} per call, row-chunked full forwards only": (n, 0, None, False),
+        f"{n} per call, cohorts + chunks, no joins (before)": (n, None, None, False),
+        f"{n} per call, cohorts + chunks + joins (default)": (n, None, None, True),
     }
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}
@@ -128,9 +130,9 @@ def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None
     answers: dict[str, list[list[int]]] = {}
     tokens = 0
     for _ in range(args.repeats):
-        for name, (size, split, chunk) in modes.items():
+        for name, (size, split, chunk, joins) in modes.items():
             begin, begin_cpu = time.perf_counter(), time.process_time()
-            results, waste[name] = calls(size, split, chunk)
+            results, waste[name] = calls(size, split, chunk, joins)
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - begin)
             cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - begin_cpu)
             answers[name] = [r.token_ids for r in results]

@@ -69,13 +69,16 @@ def params(decoder: str, cache: str) -> SamplingParams:
     return SamplingParams(**{**base, **extra}).validate()
 
 
-def run(model, prompts, p, split_overhead, steps_per_check=1, seeds=None, chunk_slots=0):
+def run(
+    model, prompts, p, split_overhead, steps_per_check=1, seeds=None, chunk_slots=0, joins=False
+):
     sched = Scheduler(
         model,
         report=False,
         split_overhead=split_overhead,
         steps_per_check=steps_per_check,
         chunk_slots=chunk_slots,
+        joins=joins,
     )
     seeds = seeds or [10 + i for i in range(len(prompts))]
     seqs = [sched.add(i, q, p, seed) for i, (q, seed) in enumerate(zip(prompts, seeds))]
@@ -162,7 +165,7 @@ def test_aborting_a_whole_cohort_leaves_the_others_running():
         gen_length=16, block_length=8, decoder="fixed", steps=16, cache="dual", early_stop=False
     ).validate()
     prompts = random_prompts(15, [2, 24, 3], 40, MASK)
-    sched = Scheduler(model, split_overhead=4)
+    sched = Scheduler(model, split_overhead=4, joins=False)  # the long row would join the round
     seqs = [sched.add(i, q, p, 10 + i) for i, q in enumerate(prompts)]
     sched.step()
     running = sched.round.seqs

@@ -41,6 +41,8 @@ class CachePolicy(Protocol):
     # True: right as it is for block-causal models (LLaDA2); False: `policy_class` resolves it
     # to BlockCausalCache for them
     block_causal: ClassVar[bool] = False
+    # rows may join a running round (BlockRound.join), starting their block there
+    joins: ClassVar[bool] = True
 
     def __init__(self, params: SamplingParams, kv: KVCache) -> None: ...
 
@@ -57,6 +59,10 @@ class CachePolicy(Protocol):
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Rows left mid-block: only the KV-cache rows `rows` stay, in that order."""
+        return None
+
+    def add_rows(self, batch: Batch, moved: int) -> None:
+        """Rows joined `batch` after the present ones, whose columns moved right by `moved`."""
         return None
 
     def step_width(self, block_start: int, length: int, block_length: int) -> int:
@@ -94,6 +100,9 @@ class PrefixCache(CachePolicy):
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         self.kv.keep_rows(rows)
+
+    def add_rows(self, batch: Batch, moved: int) -> None:
+        self.kv.grow(batch.cache_rows, batch.length, moved)
 
     def block_logits(self, batch: Batch, fresh: int) -> torch.Tensor:
         """Rows at their block's first step refresh their cache rows (all of them: the
@@ -166,6 +175,7 @@ class BlockCausalCache(DualCache):
     have no stored keys. The same tokens as no cache (tests/test_engine_families.py)."""
 
     block_causal = True
+    joins = False  # a round's first step restores and feeds what each row has not stored
 
     def __init__(self, params: SamplingParams, kv: KVCache) -> None:
         super().__init__(params, kv)

@@ -58,6 +58,7 @@ class Engine:
         split_overhead: float | None = None,
         chunk_slots: int | None = None,
         cuda_graphs: bool | str | None = None,
+        joins: bool = True,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound; None: $DINFER_STEPS_PER_CHECK, else 1);
@@ -76,7 +77,9 @@ class Engine:
         defaults; both 0: each group's rows in one round per block, one forward per step).
         cuda_graphs: a block's steps after its first as CUDA graphs on a GPU, static-shape
         eager steps elsewhere (workers/graphs.py; True/"on", "static", False/"off"; None:
-        $DINFER_CUDA_GRAPHS, off when unset); opt-in until checked on a GPU.
+        $DINFER_CUDA_GRAPHS, off when unset); opt-in until checked on a GPU. joins: requests
+        start their next block in a running round instead of waiting for its slowest row
+        (workers.scheduler.Scheduler); results do not depend on it.
         After `generate`, `last_run` holds that call's padding waste and rounds."""
         check_parallel(tensor_parallel_size, expert_parallel)
         self.tensor_parallel: TensorParallel | None = None
@@ -96,6 +99,7 @@ class Engine:
         self.steps_per_check = steps_per_check
         self.split_overhead = split_overhead
         self.chunk_slots = chunk_slots
+        self.joins = joins
         try:  # a bad value fails here, not mid-run
             mode = resolve_mode(cuda_graphs)
         except ValueError as e:
@@ -180,6 +184,7 @@ class Engine:
             split_overhead=self.split_overhead,
             chunk_slots=self.chunk_slots,
             cuda_graphs=self.graphs or False,
+            joins=self.joins,
         )
 
     def check_prompt(self, ids: list[int], params: SamplingParams, field: str) -> None:

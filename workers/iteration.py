@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from dinfer_async.params import SamplingParams
 from workers.decoders import DecoderSet
@@ -169,42 +170,93 @@ class Batch:
         pad_id: int,
         align: int = 1,
     ):
-        device = model.lm_head_weight.device
         self.model = model
         self.mask_id = mask_id
+        self.pad_id = pad_id
+        self.align = align
         self.seqs = seqs
         self.shift: int = model.logit_shift  # logits of column c predict column c + shift
-        K = seqs[0].params.block_length
-        lefts = [s.prompt + s.window[: s.block * K] for s in seqs]
-        rights = [s.seen_after_block(model.block_causal) for s in seqs]
-        C = -(-max(map(len, lefts)) // align) * align
-        self.block_length = K
-        self.block_start = C
-        self.block_end = C + K
-        self.length = -(-(C + K + max(map(len, rights))) // align) * align
-        B = len(seqs)
-        self.row_start = [C - len(left) for left in lefts]  # each row's first real column
-        # one upload for the whole layout: ids, then each row's [first real, end, prompt end)
-        grid = [[pad_id] * self.length for _ in seqs]
-        for row, s, left, right, lo in zip(grid, seqs, lefts, rights, self.row_start):
-            row[lo : C + K + len(right)] = left + s.window[s.block * K : (s.block + 1) * K] + right
-        bounds = [
-            [lo, C + K + len(right), lo + len(s.prompt) + s.skip]
-            for s, right, lo in zip(seqs, rights, self.row_start)
-        ]
-        self.ids = torch.tensor(grid, dtype=torch.long, device=device).reshape(B, self.length)
-        lo, hi, prompt_end = torch.tensor(bounds, dtype=torch.long, device=device).T[..., None]
-        column = torch.arange(self.length, device=device)[None]
-        self.real = (column >= lo) & (column < hi)
-        self.positions = (column - lo).clamp(min=0)
-        self.in_prompt = (column >= lo) & (column < prompt_end)
-        self.row_end = [b[1] for b in bounds]  # each row's end of real columns
+        self.block_length = K = seqs[0].params.block_length
+        self.block_start, self.length = self.layout_with(seqs, empty=True)
+        self.block_end = self.block_start + K
+        self.row_start: list[int] = []  # each row's first real column
+        self.row_end: list[int] = []  # each row's end of real columns
+        self.prompt_end: list[int] = []  # each row's end of prompt columns
+        self.ids = torch.empty(0, self.length, dtype=torch.long, device=self.device)
+        self._add_rows(seqs)
         # per-step padding waste: token slots fed through the model, and how many were real
         self.fed = 0
         self.fed_real = 0
         self.chunk_slots = 0  # run_full's chunk size in token slots (0: one forward)
         self.soft: torch.Tensor | None = None  # [B, K, d] next inputs of the block (soft diffusion)
         self._row_options(seqs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head_weight.device
+
+    def _parts(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """A row's tokens before its current block and those it feeds after it."""
+        left = seq.prompt + seq.window[: seq.block * self.block_length]
+        return left, seq.seen_after_block(self.model.block_causal)
+
+    def layout_with(self, seqs: list[Sequence], empty: bool = False) -> tuple[int, int]:
+        """(block start, length) of this layout once rows `seqs` join it (`empty`: of a layout
+        for them alone): the block start moves right as far as the longest left part needs."""
+        parts = [self._parts(s) for s in seqs]
+        align = self.align
+        C = -(-max(len(left) for left, _ in parts) // align) * align
+        if not empty:
+            C = max(C, self.block_start)
+        end = C + self.block_length + max(len(right) for _, right in parts)
+        if not empty:  # the present rows, moved right
+            end = max(end, self.length + C - self.block_start)
+        return C, -(-end // align) * align
+
+    def _add_rows(self, seqs: list[Sequence]) -> None:
+        """Lay rows `seqs` out after the present ones (the layout must hold them): one upload
+        for their ids, then the masks of every row from the host bounds."""
+        C, K = self.block_start, self.block_length
+        grid = [[self.pad_id] * self.length for _ in seqs]
+        for row, s in zip(grid, seqs):
+            left, right = self._parts(s)
+            lo = C - len(left)
+            row[lo : C + K + len(right)] = left + s.window[s.block * K : (s.block + 1) * K] + right
+            self.row_start.append(lo)
+            self.row_end.append(C + K + len(right))
+            self.prompt_end.append(lo + len(s.prompt) + s.skip)
+        ids = torch.tensor(grid, dtype=torch.long, device=self.device).reshape(-1, self.length)
+        self.ids = torch.cat([self.ids, ids])
+        self._masks()
+
+    def _masks(self) -> None:
+        """real, positions and in_prompt [B, length] from the rows' bounds: RoPE positions
+        start at 0 on a row's first real token; padding is hidden from attention."""
+        bounds = [self.row_start, self.row_end, self.prompt_end]
+        lo, hi, prompt_end = torch.tensor(bounds, dtype=torch.long, device=self.device)[..., None]
+        column = torch.arange(self.length, device=self.device)[None]
+        self.real = (column >= lo) & (column < hi)
+        self.positions = (column - lo).clamp(min=0)
+        self.in_prompt = (column >= lo) & (column < prompt_end)
+
+    def join(self, seqs: list[Sequence]) -> int:
+        """Rows `seqs` follow the present ones, at their block's first step; the layout widens
+        to hold them (layout_with): returned is how far the present rows' columns moved right
+        (their cache columns must move with them)."""
+        C, length = self.layout_with(seqs)
+        moved = C - self.block_start
+        self.ids = F.pad(self.ids, (moved, length - self.length - moved), value=self.pad_id)
+        self.row_start = [c + moved for c in self.row_start]
+        self.row_end = [c + moved for c in self.row_end]
+        self.prompt_end = [c + moved for c in self.prompt_end]
+        self.block_start, self.block_end, self.length = C, C + self.block_length, length
+        self.seqs = self.seqs + seqs
+        self._add_rows(seqs)
+        if self.soft is not None:  # their first step feeds their ids
+            K = self.block_length
+            self.soft = torch.cat([self.soft, self.model.embed(self.ids[-len(seqs) :, C : C + K])])
+        self._row_options(self.seqs)
+        return moved
 
     def _row_options(self, seqs: list[Sequence]) -> None:
         device = self.ids.device
@@ -218,6 +270,7 @@ class Batch:
         kept = rows.tolist()
         self.row_start = [self.row_start[i] for i in kept]
         self.row_end = [self.row_end[i] for i in kept]
+        self.prompt_end = [self.prompt_end[i] for i in kept]
         self.ids = self.ids[rows]
         self.real = self.real[rows]
         self.positions = self.positions[rows]
@@ -462,6 +515,9 @@ class BlockRound:
         self.any_soft = any(s.params.soft_diffusion for s in seqs)
         self.any_ends_early = any(any(_ends_early(s)) for s in seqs)
         self.fresh = 0  # rows [fresh, B) are at their block's first step (none: B)
+        self.started = [0] * len(seqs)  # the step index at which each row began its block
+        self.block_steps: list[int] = []  # steps the blocks that ended here took
+        self.closed = False  # takes no more rows (join)
         self.report = report
         self.steps_per_check = steps_per_check
         self.step_index = 0
@@ -503,6 +559,7 @@ class BlockRound:
         kept = [i for i in range(len(self.seqs)) if i not in leaving]
         rows = torch.tensor(kept, dtype=torch.long, device=self.device)
         self.seqs = [self.seqs[i] for i in kept]
+        self.started = [self.started[i] for i in kept]
         self.fresh = sum(i < self.fresh for i in kept)  # the order is kept
         self.policy.keep_rows(self.batch.keep(rows, self.seqs))
         self.decoders.keep(rows)
@@ -514,6 +571,47 @@ class BlockRound:
             self._finish()
             return updates
         return []
+
+    def joinable(self, ready: list[Sequence]) -> list[Sequence]:
+        """Those of `ready` (requests of this round's group, at a block boundary) that may
+        join now, in order: not with guidance (its copies' rows follow the batch's), not where
+        the policy keeps per-round state (`joins`), and only where the widened layout costs no
+        row more token slots a step (the policy's `step_width`) than before, or than the
+        joining row alone: true of dual and vicinity, whose steps feed about the block; prefix
+        and none feed to the layout's end, so a row joins those only where that costs nothing."""
+        batch, K = self.batch, self.batch.block_length
+        if self.closed or not self.policy.joins or len(batch.guidance):
+            return []
+        width = self.policy.step_width
+        present = width(batch.block_start, batch.length, K)
+        joining: list[Sequence] = []
+        for seq in ready:
+            if seq.params.cfg_scale > 0:
+                continue
+            alone = width(*batch.layout_with([seq], empty=True), K)
+            joined = width(*batch.layout_with([*joining, seq]), K)
+            if joined <= min(present, alone):
+                joining.append(seq)
+        return joining
+
+    def join(self, seqs: list[Sequence]) -> None:
+        """Requests `seqs` (joinable ones) start their current block in this round: they follow
+        the present rows, and the next step is their first."""
+        if self.batch.chunk_slots > 0:  # as in __init__: similar layouts share chunks
+            seqs = sorted(seqs, key=lambda s: -(len(s.prompt) + s.block * s.params.block_length))
+        present = len(self.seqs)
+        moved = self.batch.join(seqs)
+        self.policy.add_rows(self.batch, moved)
+        self.decoders.join([s.params for s in seqs])
+        state = self._row_state(seqs)
+        for name in self.row_state:
+            setattr(self, name, torch.cat([getattr(self, name), state[name]]))
+        self.seqs = self.seqs + seqs
+        self.started += [self.step_index] * len(seqs)
+        self.fresh = present
+        self.any_suppress |= any(s.params.suppress_eos for s in seqs)
+        self.any_soft |= any(s.params.soft_diffusion for s in seqs)
+        self.any_ends_early |= any(any(_ends_early(s)) for s in seqs)
 
     def step(self) -> list[StepUpdate]:
         """One forward and its commits. Every `steps_per_check` steps the host looks at which
@@ -528,6 +626,7 @@ class BlockRound:
         if self.step_index % self.steps_per_check:  # no host check: nothing to report either
             return []
         done = [i for i, d in enumerate(self.row_done.tolist()) if d]  # the host sync
+        self.block_steps += [self.step_index - self.started[i] for i in done]
         if len(done) == len(self.seqs):
             self.finished = True
             updates = self._updates()

@@ -40,13 +40,17 @@ class KVCache:
         self.rows = rows
         self.length = length
 
-    def grow(self, rows: int, length: int) -> None:
-        """reserve(rows, length) keeping what the present rows hold (rows joining a round)."""
+    def grow(self, rows: int, length: int, moved: int = 0) -> None:
+        """Rows join a round: reserve(rows, length) keeping what the present rows hold, their
+        columns moved right by `moved` (the layout widened), padding around it zeroed (hidden
+        from attention, but 0 x NaN is NaN)."""
         k, v, present, held = self.k, self.v, self.rows, self.length
         self.reserve(rows, length)
-        if self.k is not k:  # reallocated
-            self.k[:, :present, :, :held] = k[:, :present, :, :held]
-            self.v[:, :present, :, :held] = v[:, :present, :, :held]
+        for old, store in ((k, self.k), (v, self.v)):
+            if store is not old or moved:
+                store[:, :present, :, moved : moved + held] = old[:, :present, :, :held].clone()
+            store[:, :present, :, :moved] = 0
+            store[:, :present, :, moved + held : length] = 0
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Compact the cache to `rows` (in that order) in place; the rest is free for reuse."""

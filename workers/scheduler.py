@@ -80,6 +80,7 @@ class Scheduler:
         split_overhead: float | None = None,
         chunk_slots: int | None = None,
         cuda_graphs: bool | str | StepGraphs | None = None,
+        joins: bool = True,
     ):
         """report: produce a StepUpdate per request at each host check (streaming); without
         it, updates come only at block ends. steps_per_check: steps between host checks, see
@@ -95,7 +96,9 @@ class Scheduler:
         CPU, 0 (one forward) elsewhere. cuda_graphs: a block's steps after its first run as
         static-shape steps, CUDA graphs on a GPU (workers/graphs.py: True/"on", "static" or
         False/"off"; None: $DINFER_CUDA_GRAPHS, off when unset; a StepGraphs: those graphs and
-        their KV storage, kept across schedulers). Opt-in: unchecked on a GPU."""
+        their KV storage, kept across schedulers). Opt-in: unchecked on a GPU. joins: requests
+        of the round's group start their block in it at a host check (Scheduler._join); False:
+        only when a round starts."""
         self.model = model
         self.max_batch_size = max_batch_size
         self.report = report
@@ -131,6 +134,8 @@ class Scheduler:
         self.rounds = 0  # rounds started
         self.last_ran: dict[Sequence, int] = {}  # the round each request last ran in (or joined)
         self.steps_per_block: dict[GroupKey, float] = {}  # a running mean of rounds' steps
+        self.joins = joins
+        self.joined = 0  # requests that started a block in a running round
         # padding waste over every forward so far: token slots fed, and the real ones among them
         self.fed = 0
         self.fed_real = 0
@@ -174,7 +179,30 @@ class Scheduler:
             ]
         if self.round.finished:
             updates += self._end_round()
+        elif self.joins and self.round.step_index % self.steps_per_check == 0:
+            self._join(self.round)
         return updates
+
+    def _join(self, round: BlockRound) -> None:
+        """At a host check: requests of the round's group at a block boundary (rows that left
+        it, other cohorts, new arrivals) start their block in it now instead of waiting for its
+        slowest row (BlockRound.joinable). If another group or a request that may not join is
+        waiting, the round takes no more rows from then on: it ends after its present rows,
+        and the others have their turn."""
+        self._admit()
+        key = self.round_key
+        inside = set(round.seqs)
+        ready = [s for s in self.running[key] if s not in inside and not s.aborted]
+        ready.sort(key=lambda s: self.last_ran.get(s, 0))  # the longest waiting first
+        joining = round.joinable(ready)
+        others = any(rows for k, rows in self.running.items() if k != key)
+        if others or len(joining) < len(ready):
+            round.closed = True
+        if joining:
+            round.join(joining)
+            self.joined += len(joining)
+            for seq in joining:
+                self.last_ran[seq] = self.rounds
 
     def _drop_aborted(self, round: BlockRound) -> list[StepUpdate | Finished]:
         """Aborted rows leave the round; returned: the others' updates if that ends it."""
@@ -274,8 +302,9 @@ class Scheduler:
         policy = self.policies[key]
         done = [f for seq in round.seqs if (f := self._end_block(seq, policy)) is not None]
         self._count(round)
-        mean = self.steps_per_block.get(key, float(round.step_index))
-        self.steps_per_block[key] = 0.75 * mean + 0.25 * round.step_index
+        steps = sum(round.block_steps) / max(len(round.block_steps), 1)
+        mean = self.steps_per_block.get(key, steps)
+        self.steps_per_block[key] = 0.75 * mean + 0.25 * steps
         self.running[key] = [s for s in self.running[key] if not s.finish_reason]
         self._keep_group(key)
         self.round = None
@@ -328,9 +357,11 @@ def denoise(
     stats: dict[str, float] | None = None,
     chunk_slots: int | None = None,
     cuda_graphs: bool | str | StepGraphs | None = None,
+    joins: bool = True,
 ) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order.
-    `stats`, if given, receives the run's padding waste and rounds (Scheduler.padding)."""
+    `stats`, if given, receives the run's padding waste, rounds and joins (Scheduler.padding,
+    Scheduler.joined)."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     scheduler = Scheduler(
         model,
@@ -341,6 +372,7 @@ def denoise(
         split_overhead=split_overhead,
         chunk_slots=chunk_slots,
         cuda_graphs=cuda_graphs,
+        joins=joins,
     )
     before = dict(scheduler.graphs.counts) if scheduler.graphs is not None else {}
     seqs = [
@@ -351,7 +383,7 @@ def denoise(
         while scheduler.has_work():
             scheduler.step()
     if stats is not None:
-        stats.update(scheduler.padding(), rounds=scheduler.rounds)
+        stats.update(scheduler.padding(), rounds=scheduler.rounds, joined=scheduler.joined)
         if scheduler.graphs is not None:
             counts = scheduler.graphs.counts.items()
             stats.update({f"steps_{k}": v - before[k] for k, v in counts})
