@@ -1,14 +1,15 @@
 """Requests arriving while others run: rows joining running rounds vs waiting for them to end.
 
-    python benchmarks/arrivals.py [--requests 64] [--every 2] [--gen-length 64] [--repeats 3]
+    python benchmarks/arrivals.py [--requests 64] [--rate 1] [--gen-length 64] [--repeats 3]
+    python benchmarks/arrivals.py --device cuda --decoder fixed --steps 32   # on a GPU
 
-A streaming Scheduler (what a worker serves with) over the bundled model (or --model) gets one
-held-out prompt every --every scheduler steps, default SamplingParams at --gen-length
-(--decoder to change it), and runs until all are done, with `joins` on (the default) and off,
-alternating --repeats times. Per request: steps and seconds from arrival to its first update
-(time to first token) and to its finish; for the run: scheduler steps, rounds, wall seconds and
-answer tokens per second (best of the repeats). Answers are checked identical. Steps do not
-depend on the machine's load; seconds do.
+A streaming Scheduler (what a worker serves with) over the bundled model (or --model) gets
+held-out prompts at --rate a scheduler step (prompt i before step i / rate), default
+SamplingParams at --gen-length (--decoder, --steps to change them), and runs until all are
+done, with `joins` on (the default) and off, alternating --repeats times. Per request: steps
+and seconds from arrival to its first update (time to first token) and to its finish; for the
+run: scheduler steps, rounds, wall seconds and answer tokens per second (best of the repeats).
+Answers are checked identical. Steps do not depend on the machine's load; seconds do.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from workers.bundled import tasks
 from workers.scheduler import Finished, StepUpdate
 
 
-def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams, every: int):
-    """One run: prompt i arrives before step i * every (or when the scheduler is idle)."""
+def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams, rate: float):
+    """One run: prompt i arrives before step i / rate (or when the scheduler is idle)."""
     sched = engine.new_scheduler()
     arrived: dict[int, tuple[int, float]] = {}
     first: dict[int, tuple[int, float]] = {}
@@ -37,7 +38,7 @@ def serve(engine: Engine, prompts: list[list[int]], params: SamplingParams, ever
     with torch.no_grad():
         while len(done) < len(prompts):
             while len(arrived) < len(prompts) and (
-                len(arrived) * every <= step or not sched.has_work()
+                len(arrived) <= step * rate or not sched.has_work()
             ):
                 i = len(arrived)
                 sched.add(i, prompts[i], params, i)
@@ -80,27 +81,33 @@ def main():
     )
     ap.add_argument("--model", default=None, help="a local model directory (default: bundled)")
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--every", type=int, default=2, help="scheduler steps between arrivals")
+    ap.add_argument("--rate", type=float, default=1.0, help="arrivals per scheduler step")
     ap.add_argument("--gen-length", type=int, default=64)
     ap.add_argument("--decoder", default="threshold")
+    ap.add_argument("--steps", type=int, default=None, help="decoding steps (fixed decoder)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (--device cpu)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine = Engine.from_pretrained(args.model)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     examples = tasks.held_out(-(-args.requests // len(tasks.TASKS)))[: args.requests]
     prompts = [engine.encode(messages=ex.messages) for ex in examples]
-    params = SamplingParams(gen_length=args.gen_length, decoder=args.decoder)
-    serve(engine, prompts[:8], params, args.every)  # warm up
+    extra = {} if args.steps is None else {"steps": args.steps}
+    params = SamplingParams(gen_length=args.gen_length, decoder=args.decoder, **extra)
+    serve(engine, prompts[:8], params, args.rate)  # warm up
     runs: dict[bool, list[dict]] = {True: [], False: []}
     for _ in range(args.repeats):
         for joins in (False, True):
             engine.joins = joins
-            runs[joins].append(serve(engine, prompts, params, args.every))
+            runs[joins].append(serve(engine, prompts, params, args.rate))
     same = all(r["answers"] == runs[False][0]["answers"] for rs in runs.values() for r in rs)
     print(
-        f"\n{args.requests} held-out prompts, one every {args.every} scheduler steps, "
-        f"{args.decoder} decoder, gen_length {args.gen_length}, {args.threads} threads, "
+        f"\n{args.requests} held-out prompts, {args.rate:g} a scheduler step, "
+        f"{args.decoder} decoder{'' if args.steps is None else f' ({args.steps} steps)'}, "
+        f"gen_length {args.gen_length}, {args.dtype}, "
+        f"{f'{args.threads} CPU threads' if args.device == 'cpu' else args.device}, "
         f"best of {args.repeats}; answers identical: {same}\n"
     )
     print(

@@ -7,15 +7,15 @@
 # on the CPU (small sizes, Triton interpreted), and `env -u TRITON_INTERPRET python
 # benchmarks/compile_check.py` compiles the new kernels for sm_90 without a GPU, so no lease is
 # spent on a typo or a compile error.
-# STEPS picks steps (default all: their limits add up to ~18 minutes, so a 10-minute command
+# STEPS picks steps (default all: their limits add up to ~19 minutes, so a 10-minute command
 # limit needs two calls, e.g. STEPS="kernels moe confidence" then STEPS="forward batch engine nosync
-# graphs").
+# joins graphs").
 # Opt-in (not in the default list): STEPS="ep", expert parallel on every GPU, up to 7 minutes.
 # A 15-minute lease (machine start included) fits about one call: run the unchecked code first,
 #     STEPS="graphs nosync moe" bash benchmarks/run_on_gpu.sh OUT    # limits add up to 9 minutes
-# then, if time is left, STEPS="confidence forward" (or "ep" on a machine with 2 or more GPUs).
+# then, if time is left, STEPS="joins confidence forward" (or "ep" on a machine with 2 or more GPUs).
 out=${1:?usage: run_on_gpu.sh OUTDIR}
-want() { [[ " ${STEPS:-kernels moe confidence forward batch engine nosync graphs} " == *" $1 "* ]]; }
+want() { [[ " ${STEPS:-kernels moe confidence forward batch engine nosync joins graphs} " == *" $1 "* ]]; }
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 # kernels/ is imported as dinfer_kernels (see pyproject.toml): install the tree in place first
@@ -54,6 +54,11 @@ fi
 want nosync && ( set -o pipefail; DINFER_SYNC_CHECK=1 timeout 90 $py benchmarks/engine_speed.py --device cuda \
     --prompts 10 --steps-per-check 4 --configs threshold:dual,fixed:dual,credit:vicinity,joint:none \
     2>&1 | tee "$out/engine_cuda_nosync.txt" || echo "nosync step failed (see $out/engine_cuda_nosync.txt)" )
+# issue 15 item 5a: requests joining running rounds (the default) vs waiting for them to end:
+# steps and seconds to first update and to finish, tokens/s, answers identical (bundled model)
+want joins && ( set -o pipefail; timeout 60 $py benchmarks/arrivals.py --device cuda --requests 64 \
+    --rate 1 --decoder fixed --steps 32 --repeats 2 2>&1 | tee "$out/arrivals_cuda.txt" \
+    || echo "joins step failed (see $out/arrivals_cuda.txt)" )
 # issue 15 item 1: graph-captured block steps (workers/graphs.py, opt-in): the CUDA replay test,
 # then the engine with cuda_graphs off vs on (tokens identical, ms per forward, tokens/s) on the
 # bundled model (float32, bfloat16) and the LLaDA-8B shape (random bf16 weights, batch 1 and 16);

@@ -62,7 +62,7 @@ def moves(monkeypatch):
 @pytest.mark.parametrize("decoder,cache", list(itertools.product(DECODERS, CACHES)))
 def test_joins_give_the_same_tokens(decoder, cache, moves):
     """Batch 6, prompts of 2 to 21 tokens, windows of 8 to 32 (so rows end blocks and finish at
-    different steps), with cohorts and row chunks, 1 and 2 steps per check: the tokens,
+    different steps), 1 and 2 steps per check, with row chunks, with cohorts: the tokens,
     forwards, commits and edits of rounds that take no rows."""
     model = tiny_model(21)
     prompts = random_prompts(21, [2, 21, 3, 19, 12, 7], 40, MASK)
@@ -70,7 +70,13 @@ def test_joins_give_the_same_tokens(decoder, cache, moves):
     want, alone = run(model, prompts, ps, joins=False)
     assert alone.joined == 0
     joined = []
-    for kw in (dict(), dict(steps_per_check=2), dict(split_overhead=4, chunk_slots=50)):
+    variants = (
+        dict(),
+        dict(steps_per_check=2),
+        dict(split_overhead=0, chunk_slots=50),
+        dict(split_overhead=4, chunk_slots=50),  # cohorts: the others wait for their turn
+    )
+    for kw in variants:
         got, sched = run(model, prompts, ps, joins=True, **kw)
         assert outcome(got) == outcome(want), kw
         joined.append(sched.joined)
@@ -81,7 +87,8 @@ def test_joins_give_the_same_tokens(decoder, cache, moves):
 
 def test_a_new_request_joins_at_the_next_check():
     """A request added while a long round runs starts at that round's next step (its first
-    update comes long before the round would have ended) with the tokens it gets alone."""
+    update comes with that step, long before the round would have ended) with the tokens it
+    gets alone."""
     model = tiny_model(22)
     slow = params("fixed", "dual", 16, steps=16, temperature=0.0, early_stop=False)
     fast = params("threshold", "dual", 16)
@@ -96,7 +103,7 @@ def test_a_new_request_joins_at_the_next_check():
         while sched.has_work():
             events.append(sched.step())
     first_b = next(i for i, out in enumerate(events) if any(u.seq is b for u in out))
-    assert first_b == 3, "b joined at the check of the step it arrived before, then stepped"
+    assert first_b == 2, "b joined the round at the next step"
     assert sched.joined >= 1
     finished = {u.seq.id: i for i, out in enumerate(events) for u in out if isinstance(u, Finished)}
     assert finished["fast"] < finished["slow"]
@@ -105,7 +112,7 @@ def test_a_new_request_joins_at_the_next_check():
         assert s.window == solo.window
 
 
-def test_a_row_aborted_before_its_first_step_leaves_the_others_alone():
+def test_a_joined_row_aborted_leaves_the_others_alone():
     model = tiny_model(23)
     p = params("fixed", "dual", 16, steps=16, temperature=0.0, early_stop=False)
     prompts = random_prompts(23, [4, 6], 40, MASK)
@@ -114,8 +121,8 @@ def test_a_row_aborted_before_its_first_step_leaves_the_others_alone():
     with torch.no_grad():
         sched.step()
         b = sched.add("b", prompts[1], p, 2)
-        sched.step()  # b joins at this check
-        assert b in sched.round.seqs and sched.round.fresh == 1
+        out = sched.step()  # b joins at this step's check and runs its first step
+        assert b in sched.round.seqs and [u.seq for u in out] == [a, b]
         sched.abort(b)
         while sched.has_work():
             out = sched.step()
@@ -127,8 +134,8 @@ def test_a_row_aborted_before_its_first_step_leaves_the_others_alone():
 
 def test_what_does_not_join():
     """Guided rows (cfg) never join nor take rows; a round takes no rows while another group
-    waits (it ends, and groups take turns); LLaDA2's block-causal policy keeps rows per round.
-    Tokens as without joins."""
+    or another cohort of its group waits (it ends, and they take turns); LLaDA2's block-causal
+    policy keeps rows per round. Tokens as without joins."""
     model = tiny_model(24)
     prompts = random_prompts(24, [5, 8, 3], 40, MASK)
     guided = [params("threshold", "dual", 16, cfg_scale=0.5)] * 3
@@ -143,10 +150,20 @@ def test_what_does_not_join():
     sched.add("c", prompts[1], other, 2)  # another group: block length 4
     with torch.no_grad():
         sched.step()
-        assert sched.round.closed
         late = sched.add("b", prompts[2], slow, 3)
         sched.step()
-        assert late not in sched.round.seqs
+        assert sched.round.closed and late not in sched.round.seqs
+
+    # a split group: the long prompt's cohort waits for its turn, so the round closes
+    sched = Scheduler(model, split_overhead=4)
+    for i, n in enumerate((2, 3, 30)):
+        sched.add(i, random_prompts(30 + i, [n], 40, MASK)[0], slow, i)
+    with torch.no_grad():
+        sched.step()
+        assert len(sched.round.seqs) == 2
+        sched.add("new", prompts[2], slow, 9)
+        sched.step()
+        assert sched.round.closed and len(sched.round.seqs) == 2
 
     llada2 = tiny_family_model("llada2_moe")
     family_prompts = random_prompts(25, [2, 17, 4, 15], 15, 15)

@@ -1,9 +1,11 @@
 """The iteration manager: one block of semi-autoregressive denoising over a batch of requests.
 
 A `BlockRound` lays the running requests out so their current blocks share columns, then steps:
-the cache policy picks what goes through the model, the decoders pick what to commit, until
-every row has finished its block. Rows may be at different blocks of different windows, with
-different prompts and decoding parameters; only the block length and cache policy are shared.
+the cache policy picks what goes through the model, the decoders pick what to commit, each row
+at its own step of its block. Rows done with their block leave at a host check; rows starting
+a block join there (`join`: the layout widens to hold them). Rows may be at different blocks of
+different windows, with different prompts and decoding parameters; only the block length and
+cache policy are shared.
 """
 
 from __future__ import annotations
@@ -451,7 +453,8 @@ def _ends_early(seq: Sequence) -> tuple[bool, bool]:
 
 
 class BlockRound:
-    """Runs one block for `seqs` (same block_length and cache policy), one forward per `step()`.
+    """Runs a block for each of `seqs` (same block_length and cache policy), one forward per
+    `step()`; rows leave when done with their block and others join starting theirs (`join`).
 
     The host looks at the rows only every `steps_per_check` steps (dInfer's loop unrolling):
     the steps in between are queued without a host sync (workers/nosync.py checks it; a row
@@ -571,6 +574,11 @@ class BlockRound:
             self._finish()
             return updates
         return []
+
+    @property
+    def checked(self) -> bool:
+        """The last step was a host check (rows may join now): not before the first step."""
+        return self.step_index > 0 and self.step_index % self.steps_per_check == 0
 
     def joinable(self, ready: list[Sequence]) -> list[Sequence]:
         """Those of `ready` (requests of this round's group, at a block boundary) that may

@@ -53,10 +53,14 @@ class KVCache:
             store[:, :present, :, moved + held : length] = 0
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Compact the cache to `rows` (in that order) in place; the rest is free for reuse."""
+        """Compact the cache to `rows` (in that order) in place; the rest is free for reuse.
+        Rows already in place (a leading run of rows[i] == i) are not copied."""
         n = len(rows)
-        self.k[:, :n] = self.k[:, rows]
-        self.v[:, :n] = self.v[:, rows]
+        index = rows.tolist()
+        first = next((i for i, r in enumerate(index) if r != i), n)
+        if first < n:
+            self.k[:, first:n] = self.k[:, rows[first:]]
+            self.v[:, first:n] = self.v[:, rows[first:]]
         self.rows = n
 
     def attention(

@@ -1,17 +1,18 @@
-"""Continuous batching at block granularity.
+"""Continuous batching at each request's block boundaries.
 
-Requests wait until a block boundary, then join a round with running requests of the same
-block length and cache policy (their prompts, windows, decoders and temperatures may differ).
-A round decodes one block for its rows, one forward per `step()`. A row done with its block
-leaves the round at the next host check and its block ends at once: a request whose block held
-EOS (with early_stop), or whose window is complete, finishes then, not when the round's slowest
-row is done; the others start their next block with a later round. Where rows of a group differ
-so much in layout (prompt lengths, blocks) that their padding costs more than a forward's fixed
-cost, the group is split into cohorts that take turns (workers/cohorts.py), and a round's full
-forwards run in row chunks over their own columns (Batch.run_full); `padding()` reports the
-padding waste of every step. Groups with different block lengths or cache policies take turns,
-one round each. Each group has one cache policy object for as long as it has requests; the
-scheduler tells it when a request leaves.
+A round decodes blocks for its rows, one forward per `step()`: requests of the same block
+length and cache policy (their prompts, windows, blocks, decoders and temperatures may differ).
+A row done with its block leaves the round at the next host check and its block ends at once: a
+request whose block held EOS (with early_stop), or whose window is complete, finishes then, not
+when the round's slowest row is done. At the next step the others start their next block in the
+same round, as new arrivals do (`joins`; BlockRound.join), while nothing else waits: another
+group, a row that may not join (guidance; a policy with per-round state), or another cohort.
+Where rows of a group differ so much in layout (prompt lengths, blocks) that their padding costs
+more than a forward's fixed cost, the group is split into cohorts that take turns
+(workers/cohorts.py), and a round's full forwards run in row chunks over their own columns
+(Batch.run_full); `padding()` reports the padding waste of every step. Groups with different
+block lengths or cache policies take turns, one round each. Each group has one cache policy
+object for as long as it has requests; the scheduler tells it when a request leaves.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class Scheduler:
         self.policies: dict[GroupKey, CachePolicy] = {}  # one per group in `running`
         self.round: BlockRound | None = None
         self.round_key: GroupKey = ()
+        self.apart: set[Sequence] = set()  # rows of the round's group in other cohorts
         if split_overhead is None:
             cpu = self.device.type == "cpu" and not model.block_causal
             split_overhead = CPU_FORWARD_OVERHEAD if cpu else 0
@@ -167,6 +169,8 @@ class Scheduler:
         if self.round is None and not self._start_round():
             return []
         assert self.round is not None
+        if self.joins and self.round.checked:
+            self._join(self.round)
         updates: list[StepUpdate | Finished] = [u for u in self.round.step() if not u.seq.aborted]
         policy = self.policies[self.round_key]
         for seq in self.round.left:  # done with the block before the slowest row: ends now
@@ -179,26 +183,27 @@ class Scheduler:
             ]
         if self.round.finished:
             updates += self._end_round()
-        elif self.joins and self.round.step_index % self.steps_per_check == 0:
-            self._join(self.round)
         return updates
 
     def _join(self, round: BlockRound) -> None:
-        """At a host check: requests of the round's group at a block boundary (rows that left
-        it, other cohorts, new arrivals) start their block in it now instead of waiting for its
-        slowest row (BlockRound.joinable). If another group or a request that may not join is
-        waiting, the round takes no more rows from then on: it ends after its present rows,
+        """Before a step, at a host check: requests of the round's group at a block boundary
+        (rows that left it, new arrivals) start their block in it now instead of waiting for
+        its slowest row (BlockRound.joinable); not the other cohorts of a split group (their
+        refresh is cheaper in their own round). If another group or a request that may not
+        join is waiting, the round takes no rows from then on: it ends after its present rows,
         and the others have their turn."""
         self._admit()
         key = self.round_key
+        if any(rows for k, rows in self.running.items() if k != key):
+            round.closed = True
         inside = set(round.seqs)
         ready = [s for s in self.running[key] if s not in inside and not s.aborted]
         ready.sort(key=lambda s: self.last_ran.get(s, 0))  # the longest waiting first
-        joining = round.joinable(ready)
-        others = any(rows for k, rows in self.running.items() if k != key)
-        if others or len(joining) < len(ready):
+        # rows the cohort split put apart from this round wait for their own
+        joining = round.joinable([s for s in ready if s not in self.apart])
+        if len(joining) < len(ready):  # the others go first
             round.closed = True
-        if joining:
+        elif joining:
             round.join(joining)
             self.joined += len(joining)
             for seq in joining:
@@ -263,6 +268,8 @@ class Scheduler:
             self.graphs,
         )
         self.rounds += 1
+        cohort = set(self.round.seqs)
+        self.apart = {s for s in seqs if s not in cohort}  # the group's other cohorts
         for seq in self.round.seqs:
             self.last_ran[seq] = self.rounds
         return True
