@@ -9,7 +9,10 @@ prompts through `Engine.generate` one at a time and --per-call at a time, with o
 round per block (split_overhead=0, the layout before issue 15), with cohorts and row chunks,
 and with those and rows joining running rounds (the default, Scheduler(joins=)),
 interleaved --repeats times (best time of each kept: the machine is shared), answers checked
-identical; padding waste is the fraction of token slots fed through the model that were padding.
+identical; padding waste is the fraction of token slots fed through the model that were padding;
+scheduler steps (one forward each, a refresh in row chunks on a CPU, plus the joining rows'
+first step where rows join) are what a GPU's time goes with, its block forwards being
+launch-bound: the two GPU-layout rows (its defaults, no cohorts or chunks) count them there.
 """
 
 from __future__ import annotations
@@ -109,12 +112,13 @@ def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None
 
     def calls(size: int, split: float | None, chunk: int | None, joins: bool):
         engine.split_overhead, engine.chunk_slots, engine.joins = split, chunk, joins
-        results, fed, real = [], 0, 0
+        results, fed, real, steps = [], 0, 0, 0
         for i in range(0, len(prompts), size):
             results += engine.generate(prompts[i : i + size], params)
             fed += engine.last_run["tokens_fed"]
             real += engine.last_run["tokens_real"]
-        return results, 1 - real / max(fed, 1)
+            steps += int(engine.last_run["steps"])
+        return results, 1 - real / max(fed, 1), steps
 
     modes = {
         "one at a time": (1, None, None, True),
@@ -123,16 +127,19 @@ def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None
         f"{n} per call, row-chunked full forwards only": (n, 0, None, False),
         f"{n} per call, cohorts + chunks, no joins (before)": (n, None, None, False),
         f"{n} per call, cohorts + chunks + joins (default)": (n, None, None, True),
+        f"{n} per call, GPU layout (no cohorts, no chunks), no joins": (n, 0, 0, False),
+        f"{n} per call, GPU layout, joins (GPU default)": (n, 0, 0, True),
     }
     best: dict[str, float] = {}
     cpu: dict[str, float] = {}
     waste: dict[str, float] = {}
+    steps: dict[str, int] = {}
     answers: dict[str, list[list[int]]] = {}
     tokens = 0
     for _ in range(args.repeats):
         for name, (size, split, chunk, joins) in modes.items():
             begin, begin_cpu = time.perf_counter(), time.process_time()
-            results, waste[name] = calls(size, split, chunk, joins)
+            results, waste[name], steps[name] = calls(size, split, chunk, joins)
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - begin)
             cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - begin_cpu)
             answers[name] = [r.token_ids for r in results]
@@ -146,14 +153,14 @@ def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None
     )
     print(
         "| mode | seconds | tokens/s | vs one at a time | CPU seconds | vs one at a time, CPU "
-        "| padding waste |"
+        "| padding waste | scheduler steps |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name in modes:
         print(
             f"| {name} | {best[name]:.2f} | {tokens / best[name]:.1f} | "
             f"{best[first] / best[name]:.2f}x | {cpu[name]:.2f} | {cpu[first] / cpu[name]:.2f}x "
-            f"| {100 * waste[name]:.1f}% |"
+            f"| {100 * waste[name]:.1f}% | {steps[name]} |"
         )
     assert same, "answers differ between modes"
 

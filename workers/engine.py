@@ -80,7 +80,7 @@ class Engine:
         $DINFER_CUDA_GRAPHS, off when unset); opt-in until checked on a GPU. joins: requests
         start their next block in a running round instead of waiting for its slowest row
         (workers.scheduler.Scheduler); results do not depend on it.
-        After `generate`, `last_run` holds that call's padding waste and rounds."""
+        After `generate`, `last_run` holds that call's padding waste, rounds, steps and joins."""
         check_parallel(tensor_parallel_size, expert_parallel)
         self.tensor_parallel: TensorParallel | None = None
         if tensor_parallel_size > 1:

@@ -134,6 +134,7 @@ class Scheduler:
             chunk_slots = CPU_CHUNK_SLOTS if self.device.type == "cpu" else 0
         self.chunk_slots = chunk_slots
         self.rounds = 0  # rounds started
+        self.steps = 0  # steps run (on a GPU, where block forwards are launch-bound: its time)
         self.last_ran: dict[Sequence, int] = {}  # the round each request last ran in (or joined)
         self.steps_per_block: dict[GroupKey, float] = {}  # a running mean of rounds' steps
         self.joins = joins
@@ -171,6 +172,7 @@ class Scheduler:
         assert self.round is not None
         if self.joins and self.round.checked:
             self._join(self.round)
+        self.steps += 1
         updates: list[StepUpdate | Finished] = [u for u in self.round.step() if not u.seq.aborted]
         policy = self.policies[self.round_key]
         for seq in self.round.left:  # done with the block before the slowest row: ends now
@@ -367,8 +369,8 @@ def denoise(
     joins: bool = True,
 ) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order.
-    `stats`, if given, receives the run's padding waste, rounds and joins (Scheduler.padding,
-    Scheduler.joined)."""
+    `stats`, if given, receives the run's padding waste, rounds, steps and joins
+    (Scheduler.padding, .rounds, .steps, .joined)."""
     per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     scheduler = Scheduler(
         model,
@@ -390,7 +392,12 @@ def denoise(
         while scheduler.has_work():
             scheduler.step()
     if stats is not None:
-        stats.update(scheduler.padding(), rounds=scheduler.rounds, joined=scheduler.joined)
+        stats.update(
+            scheduler.padding(),
+            rounds=scheduler.rounds,
+            steps=scheduler.steps,
+            joined=scheduler.joined,
+        )
         if scheduler.graphs is not None:
             counts = scheduler.graphs.counts.items()
             stats.update({f"steps_{k}": v - before[k] for k, v in counts})
