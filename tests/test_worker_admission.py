@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from dinfer_async import SamplingParams
 from dinfer_async import protocol as wire
 from tests.worker_peers import FAST, Peer
 from workers.worker import Worker
@@ -96,6 +97,50 @@ def test_the_wait_is_bounded_and_ends_with_the_tokenizations(engine, tmp_path):
         peer.submit("slow", prompt="SLOW")
         done = peer.finish("slow")
         assert isinstance(done, wire.Chunk) and done.finish_reason
+    finally:
+        worker.stop()
+        thread.join(60)
+        worker.close()
+        peer.close()
+
+
+def test_a_burst_arriving_mid_round_joins_it_in_one_step(engine, tmp_path):
+    """Requests sent while a long request runs join its round together, at one step (the
+    worker waits for their tokenizations before a step that may take rows), not one a step."""
+
+    class JoinWorker(RoundWorker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.joined: list[int] = []  # rows that joined at each step
+
+        def step(self) -> None:
+            before = self.scheduler.joined
+            super().step()
+            self.joined.append(self.scheduler.joined - before)
+
+    long = SamplingParams(
+        gen_length=64, block_length=8, decoder="fixed", steps=64, cache="dual", early_stop=False
+    )
+    burst = SamplingParams(gen_length=16, block_length=8, cache="dual")
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    worker = JoinWorker(engine, endpoint)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    peer = Peer(endpoint)
+    try:
+        assert isinstance(peer.hello(), wire.Welcome)
+        peer.submit("long", long, messages=[{"role": "user", "content": "reverse planet"}])
+        first = peer.recv()
+        assert isinstance(first, wire.Updates), first
+        for i, prompt in enumerate(PROMPTS[1:]):
+            peer.submit(str(i), burst, messages=[{"role": "user", "content": prompt}])
+        ended: set[str] = set()
+        while len(ended) < len(PROMPTS):
+            msg = peer.recv()
+            assert isinstance(msg, wire.Updates), msg
+            ended |= {c.request_id for c in msg.chunks if c.finish_reason}
+        assert worker.rounds[0] == 1, "the long request started alone"
+        assert sorted(worker.joined, reverse=True)[:2] == [len(PROMPTS) - 1, 0]
     finally:
         worker.stop()
         thread.join(60)

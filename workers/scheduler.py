@@ -160,6 +160,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return self.round is not None or self.active > 0
 
+    def takes_rows(self) -> bool:
+        """The next step starts a round or may take rows into the running one (joins)."""
+        round = self.round
+        return round is None or (self.joins and round.checked and not round.closed)
+
     def step(self) -> list[StepUpdate | Finished]:
         """One forward for the current round (starting one if needed)."""
         if self.round is not None and any(s.aborted for s in self.round.seqs):

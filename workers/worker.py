@@ -399,10 +399,12 @@ class Worker:
         step starts a round and there is room in it, first wait (up to `admit_window`) for the
         tokenizations in flight, draining the frames that arrive meanwhile: a burst of requests
         then starts in one round, as it would in one `Engine.generate` call, instead of the
-        first arrival running a round alone while the rest wait for the next block boundary."""
+        first arrival running a round alone while the rest wait for the next block boundary.
+        The same where the next step may take rows into the running round (Scheduler.joins):
+        a burst joins it in one step, with one refresh forward, not one straggler a step."""
         self._admit_tokenized()
-        if self.scheduler.round is not None or not self.pending:
-            return  # mid-round, requests join at the next round's start anyway
+        if not self.pending or not self.scheduler.takes_rows():
+            return
         deadline = time.perf_counter() + self.admit_window
         while self.pending and self.scheduler.active < self.scheduler.max_batch_size:
             left = deadline - time.perf_counter()
