@@ -42,13 +42,19 @@ def main():
     ap.add_argument("--per-call", type=int, default=16, help="prompts per Engine.generate call")
     ap.add_argument("--repeats", type=int, default=3, help="engine table: interleaved repeats")
     ap.add_argument("--engine-only", action="store_true", help="skip dinfer-batch")
+    ap.add_argument("--decoder", default=None, help="engine table: this decoder (else default)")
+    ap.add_argument("--steps", type=int, default=None, help="engine table: decoding steps")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     examples = tasks.held_out(-(-args.prompts // len(tasks.TASKS)))[: args.prompts]
     params = SamplingParams(gen_length=args.gen_length)
+    chosen = {"decoder": args.decoder, "steps": args.steps}
+    table_params = SamplingParams(
+        gen_length=args.gen_length, **{k: v for k, v in chosen.items() if v is not None}
+    )
 
     engine = Engine.from_pretrained(None)
-    engine_table(engine, examples, params, args)
+    engine_table(engine, examples, table_params, args)
     if args.engine_only:
         return
     begin = time.perf_counter()
@@ -148,7 +154,8 @@ def engine_table(engine: Engine, examples, params: SamplingParams, args) -> None
     same = all(a == answers[first] for a in answers.values())
     print(
         f"\nEngine.generate: {len(prompts)} held-out prompts, gen_length {args.gen_length}, "
-        f"default decoder/cache, {args.threads} CPU threads, best of {args.repeats}; "
+        f"decoder {params.decoder} (steps {params.steps}), cache {params.cache}, "
+        f"{args.threads} CPU threads, best of {args.repeats}; "
         f"answers identical in every mode: {same}\n"
     )
     print(
