@@ -4,6 +4,7 @@ answers."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -42,6 +43,24 @@ class RoundWorker(Worker):
     def tokenize(self, prompt, messages):
         time.sleep(0.05)
         return super().tokenize(prompt, messages)
+
+
+@contextlib.contextmanager
+def serving(worker_class, engine, tmp_path):
+    """(worker, peer): a worker of `worker_class` serving on a thread, a peer that said hello."""
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    worker = worker_class(engine, endpoint)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    peer = Peer(endpoint)
+    try:
+        assert isinstance(peer.hello(), wire.Welcome)
+        yield worker, peer
+    finally:
+        worker.stop()
+        thread.join(60)
+        worker.close()
+        peer.close()
 
 
 def test_a_burst_of_requests_starts_in_one_round(engine, tmp_path):
@@ -87,21 +106,10 @@ def test_the_wait_is_bounded_and_ends_with_the_tokenizations(engine, tmp_path):
             time.sleep(0.5)
             return super().tokenize(prompt, messages)
 
-    endpoint = f"ipc://{tmp_path}/w.sock"
-    worker = SlowTokenizer(engine, endpoint)
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    peer = Peer(endpoint)
-    try:
-        assert isinstance(peer.hello(), wire.Welcome)
+    with serving(SlowTokenizer, engine, tmp_path) as (_, peer):
         peer.submit("slow", prompt="SLOW")
         done = peer.finish("slow")
         assert isinstance(done, wire.Chunk) and done.finish_reason
-    finally:
-        worker.stop()
-        thread.join(60)
-        worker.close()
-        peer.close()
 
 
 def test_a_burst_arriving_mid_round_joins_it_in_one_step(engine, tmp_path):
@@ -122,13 +130,7 @@ def test_a_burst_arriving_mid_round_joins_it_in_one_step(engine, tmp_path):
         gen_length=64, block_length=8, decoder="fixed", steps=64, cache="dual", early_stop=False
     )
     burst = SamplingParams(gen_length=16, block_length=8, cache="dual")
-    endpoint = f"ipc://{tmp_path}/w.sock"
-    worker = JoinWorker(engine, endpoint)
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    peer = Peer(endpoint)
-    try:
-        assert isinstance(peer.hello(), wire.Welcome)
+    with serving(JoinWorker, engine, tmp_path) as (worker, peer):
         peer.submit("long", long, messages=[{"role": "user", "content": "reverse planet"}])
         first = peer.recv()
         assert isinstance(first, wire.Updates), first
@@ -141,8 +143,3 @@ def test_a_burst_arriving_mid_round_joins_it_in_one_step(engine, tmp_path):
             ended |= {c.request_id for c in msg.chunks if c.finish_reason}
         assert worker.rounds[0] == 1, "the long request started alone"
         assert sorted(worker.joined, reverse=True)[:2] == [len(PROMPTS) - 1, 0]
-    finally:
-        worker.stop()
-        thread.join(60)
-        worker.close()
-        peer.close()
