@@ -520,7 +520,7 @@ class BlockRound:
         self.fresh = 0  # rows [fresh, B) are at their block's first step (none: B)
         self.started = [0] * len(seqs)  # the step index at which each row began its block
         self.block_steps: list[int] = []  # steps the blocks that ended here took
-        self.closed = False  # takes no more rows (join)
+        self.closed = False  # takes no more rows (the Scheduler's decision)
         self.report = report
         self.steps_per_check = steps_per_check
         self.step_index = 0
@@ -569,6 +569,7 @@ class BlockRound:
         for name in self.row_state:
             setattr(self, name, getattr(self, name)[rows])
         if self.seqs and bool(self.row_done.all()):
+            self.block_steps += [self.step_index - s for s in self.started]
             self.finished = True
             updates = self._updates()
             self._finish()
@@ -588,7 +589,7 @@ class BlockRound:
         joining row alone: true of dual and vicinity, whose steps feed about the block; prefix
         and none feed to the layout's end, so a row joins those only where that costs nothing."""
         batch, K = self.batch, self.batch.block_length
-        if self.closed or not self.policy.joins or len(batch.guidance):
+        if not self.policy.joins or len(batch.guidance):
             return []
         width = self.policy.step_width
         present = width(batch.block_start, batch.length, K)

@@ -136,7 +136,7 @@ class Scheduler:
         self.rounds = 0  # rounds started
         self.steps = 0  # steps run (on a GPU, where block forwards are launch-bound: its time)
         self.last_ran: dict[Sequence, int] = {}  # the round each request last ran in (or joined)
-        self.steps_per_block: dict[GroupKey, float] = {}  # a running mean of rounds' steps
+        self.steps_per_block: dict[GroupKey, float] = {}  # a running mean of blocks' steps
         self.joins = joins
         self.joined = 0  # requests that started a block in a running round
         # padding waste over every forward so far: token slots fed, and the real ones among them
@@ -203,6 +203,8 @@ class Scheduler:
         key = self.round_key
         if any(rows for k, rows in self.running.items() if k != key):
             round.closed = True
+        if round.closed:
+            return
         inside = set(round.seqs)
         ready = [s for s in self.running[key] if s not in inside and not s.aborted]
         ready.sort(key=lambda s: self.last_ran.get(s, 0))  # the longest waiting first
@@ -316,9 +318,10 @@ class Scheduler:
         policy = self.policies[key]
         done = [f for seq in round.seqs if (f := self._end_block(seq, policy)) is not None]
         self._count(round)
-        steps = sum(round.block_steps) / max(len(round.block_steps), 1)
-        mean = self.steps_per_block.get(key, steps)
-        self.steps_per_block[key] = 0.75 * mean + 0.25 * steps
+        if round.block_steps:  # the steps its rows' blocks took (none if all were aborted)
+            steps = sum(round.block_steps) / len(round.block_steps)
+            mean = self.steps_per_block.get(key, steps)
+            self.steps_per_block[key] = 0.75 * mean + 0.25 * steps
         self.running[key] = [s for s in self.running[key] if not s.finish_reason]
         self._keep_group(key)
         self.round = None
