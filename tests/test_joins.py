@@ -210,3 +210,14 @@ def test_streamed_updates_of_joined_rows():
     want, want_finals, _ = stream(False)
     got, got_finals, joined = stream(True)
     assert got == want and got_finals == want_finals and joined > 0
+
+
+def test_joins_can_be_switched_off_by_the_environment(monkeypatch):
+    model = tiny_model(28)
+    monkeypatch.setenv("DINFER_JOINS", "0")
+    assert not Scheduler(model).joins and Scheduler(model, joins=True).joins
+    monkeypatch.setenv("DINFER_JOINS", "maybe")
+    with pytest.raises(ValueError, match="DINFER_JOINS"):
+        Scheduler(model)
+    monkeypatch.delenv("DINFER_JOINS")
+    assert Scheduler(model).joins

@@ -15,7 +15,7 @@ from dinfer_async.validation import check_input, check_parallel, check_token_ids
 from workers.graphs import StepGraphs, resolve_mode
 from workers.loader import load_model, resolve_dtype
 from workers.parallel.group import TensorParallel, join
-from workers.scheduler import Scheduler, denoise
+from workers.scheduler import Scheduler, default_joins, denoise
 from workers.tokenizer import chat_ids, load_tokenizer, text_ids
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ class Engine:
         split_overhead: float | None = None,
         chunk_slots: int | None = None,
         cuda_graphs: bool | str | None = None,
-        joins: bool = True,
+        joins: bool | None = None,
     ):
         """steps_per_check: how many decoding steps run between host checks of which requests
         are done (see workers.iteration.BlockRound; None: $DINFER_STEPS_PER_CHECK, else 1);
@@ -79,7 +79,8 @@ class Engine:
         eager steps elsewhere (workers/graphs.py; True/"on", "static", False/"off"; None:
         $DINFER_CUDA_GRAPHS, off when unset); opt-in until checked on a GPU. joins: requests
         start their next block in a running round instead of waiting for its slowest row
-        (workers.scheduler.Scheduler); results do not depend on it.
+        (workers.scheduler.Scheduler; None: $DINFER_JOINS, on when unset); results do not
+        depend on it.
         After `generate`, `last_run` holds that call's padding waste, rounds, steps and joins."""
         check_parallel(tensor_parallel_size, expert_parallel)
         self.tensor_parallel: TensorParallel | None = None
@@ -99,7 +100,7 @@ class Engine:
         self.steps_per_check = steps_per_check
         self.split_overhead = split_overhead
         self.chunk_slots = chunk_slots
-        self.joins = joins
+        self.joins = default_joins(joins)  # a bad $DINFER_JOINS fails here, not mid-run
         try:  # a bad value fails here, not mid-run
             mode = resolve_mode(cuda_graphs)
         except ValueError as e:

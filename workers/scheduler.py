@@ -63,6 +63,17 @@ def default_steps_per_check(value: int | None = None) -> int:
     return steps
 
 
+def default_joins(value: bool | None = None) -> bool:
+    """`value`, or $DINFER_JOINS when None (on when unset)."""
+    if value is not None:
+        return value
+    text = os.environ.get("DINFER_JOINS", "1").strip().lower()
+    named = {"": True, "1": True, "on": True, "0": False, "off": False}
+    if text not in named:
+        raise ValueError(f"DINFER_JOINS={text!r}: set 1 or 0, or unset it")
+    return named[text]
+
+
 def group_key(params: SamplingParams, block_causal: bool) -> GroupKey:
     """Requests that can share a forward: same block length and cache policy class, and the
     same parameters of that policy (its own `group_key`)."""
@@ -81,7 +92,7 @@ class Scheduler:
         split_overhead: float | None = None,
         chunk_slots: int | None = None,
         cuda_graphs: bool | str | StepGraphs | None = None,
-        joins: bool = True,
+        joins: bool | None = None,
     ):
         """report: produce a StepUpdate per request at each host check (streaming); without
         it, updates come only at block ends. steps_per_check: steps between host checks, see
@@ -99,7 +110,7 @@ class Scheduler:
         False/"off"; None: $DINFER_CUDA_GRAPHS, off when unset; a StepGraphs: those graphs and
         their KV storage, kept across schedulers). Opt-in: unchecked on a GPU. joins: requests
         of the round's group start their block in it at a host check (Scheduler._join); False:
-        only when a round starts."""
+        only when a round starts; None: $DINFER_JOINS, on when unset."""
         self.model = model
         self.max_batch_size = max_batch_size
         self.report = report
@@ -137,7 +148,7 @@ class Scheduler:
         self.steps = 0  # steps run (on a GPU, where block forwards are launch-bound: its time)
         self.last_ran: dict[Sequence, int] = {}  # the round each request last ran in (or joined)
         self.steps_per_block: dict[GroupKey, float] = {}  # a running mean of blocks' steps
-        self.joins = joins
+        self.joins = default_joins(joins)
         self.joined = 0  # requests that started a block in a running round
         # padding waste over every forward so far: token slots fed, and the real ones among them
         self.fed = 0
@@ -374,7 +385,7 @@ def denoise(
     stats: dict[str, float] | None = None,
     chunk_slots: int | None = None,
     cuda_graphs: bool | str | StepGraphs | None = None,
-    joins: bool = True,
+    joins: bool | None = None,
 ) -> list[Sequence]:
     """Run `prompts` to completion (params: one for all, or one per prompt); results in order.
     `stats`, if given, receives the run's padding waste, rounds, steps and joins
