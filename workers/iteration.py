@@ -444,6 +444,12 @@ class StepUpdate:
     confidence: list[float] | None = None
 
 
+def _by_layout(seqs: list[Sequence]) -> list[Sequence]:
+    """`seqs` by how many tokens they lay out before their block, most first: rows whose real
+    tokens start at nearby columns end up next to each other (and share Batch.run_full chunks)."""
+    return sorted(seqs, key=lambda s: -(len(s.prompt) + s.block * s.params.block_length))
+
+
 def _ends_early(seq: Sequence) -> tuple[bool, bool]:
     """Whether `seq`'s block may end once its answer part is final (BlockRound._answer_final):
     at an EOS (early stop), and as the window's last block; with an editing decoder only if no
@@ -499,8 +505,8 @@ class BlockRound:
         cfg = model.config
         device = model.lm_head_weight.device
         self.device = device
-        if chunk_slots > 0:  # rows whose real tokens start at similar columns share chunks
-            seqs = sorted(seqs, key=lambda s: -(len(s.prompt) + s.block * s.params.block_length))
+        if chunk_slots > 0:
+            seqs = _by_layout(seqs)
         self.seqs = seqs
         self.policy = policy
         self.mask_id: int = cfg.mask_token_id
@@ -606,8 +612,8 @@ class BlockRound:
     def join(self, seqs: list[Sequence]) -> None:
         """Requests `seqs` (joinable ones) start their current block in this round: they follow
         the present rows, and the next step is their first."""
-        if self.batch.chunk_slots > 0:  # as in __init__: similar layouts share chunks
-            seqs = sorted(seqs, key=lambda s: -(len(s.prompt) + s.block * s.params.block_length))
+        if self.batch.chunk_slots > 0:
+            seqs = _by_layout(seqs)
         present = len(self.seqs)
         moved = self.batch.join(seqs)
         self.policy.add_rows(self.batch, moved)
