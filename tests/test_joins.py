@@ -10,6 +10,7 @@ import torch
 
 from dinfer_async import SamplingParams
 from tests.tiny_models import random_prompts, tiny_family_model, tiny_model
+from workers import iteration
 from workers.iteration import Batch
 from workers.scheduler import Finished, Scheduler, StepUpdate
 
@@ -221,3 +222,35 @@ def test_joins_can_be_switched_off_by_the_environment(monkeypatch):
         Scheduler(model)
     monkeypatch.delenv("DINFER_JOINS")
     assert Scheduler(model).joins
+
+
+@pytest.mark.parametrize("bound", [2.0, 100.0])
+def test_a_round_whose_layout_would_widen_too_far_closes(bound, monkeypatch):
+    """A layout never narrows while its round runs, so a row joins only while the layout
+    stays within MAX_WIDENING times the longest present row's span; else the round closes and
+    the next one is laid out for the rows it has."""
+    monkeypatch.setattr(iteration, "MAX_WIDENING", bound)
+    model = tiny_model(29)
+    p = params("fixed", "dual", 8, steps=8, temperature=0.0)  # one block of 8 steps
+    q = params("fixed", "dual", 32, steps=32, temperature=0.0)  # four
+    prompts = random_prompts(29, [60, 2, 2], 40, MASK)
+    sched = Scheduler(model)
+    a = sched.add("a", prompts[0], p, 1)
+    with torch.no_grad():
+        sched.step()
+        b = sched.add("b", prompts[1], q, 2)
+        sched.step()
+        assert b in sched.round.seqs, "b's 34 columns in a 92-column layout (a's 60 + 8 + 24)"
+        while a.finish_reason is None:
+            sched.step()
+        c = sched.add("c", prompts[2], p, 3)
+        out = sched.step()
+        # a left: b's 34 and c's 10 columns in 92: beyond twice b's
+        assert any(u.seq is c for u in out) == (bound > 2.0)
+        if bound == 2.0:  # it closed (or ended with b's block), without c
+            assert sched.round is None or sched.round.closed
+        while sched.has_work():
+            sched.step()
+    for s, r, seed in ((a, p, 1), (b, q, 2), (c, p, 3)):
+        [solo], _ = run(model, [s.prompt], [r], joins=False, seeds=[seed])
+        assert s.window == solo.window

@@ -202,6 +202,11 @@ class Batch:
         left = seq.prompt + seq.window[: seq.block * self.block_length]
         return left, seq.seen_after_block(self.model.block_causal)
 
+    def span(self, seq: Sequence) -> int:
+        """The columns a row's real tokens take in a round."""
+        left, right = self._parts(seq)
+        return len(left) + self.block_length + len(right)
+
     def layout_with(self, seqs: list[Sequence], empty: bool = False) -> tuple[int, int]:
         """(block start, length) of this layout once rows `seqs` join it (`empty`: of a layout
         for them alone): the block start moves right as far as the longest left part needs."""
@@ -444,6 +449,10 @@ class StepUpdate:
     confidence: list[float] | None = None
 
 
+# a round takes rows while its layout stays within this many times its longest row's span
+MAX_WIDENING = 2.0
+
+
 def _by_layout(seqs: list[Sequence]) -> list[Sequence]:
     """`seqs` by how many tokens they lay out before their block, most first: rows whose real
     tokens start at nearby columns end up next to each other (and share Batch.run_full chunks)."""
@@ -592,21 +601,29 @@ class BlockRound:
         join now, in order: not with guidance (its copies' rows follow the batch's), not where
         the policy keeps per-round state (`joins`), and only where the widened layout costs no
         row more token slots a step (the policy's `step_width`) than before, or than the
-        joining row alone: true of dual and vicinity, whose steps feed about the block; prefix
-        and none feed to the layout's end, so a row joins those only where that costs nothing."""
+        joining row alone (true of dual and vicinity, whose steps feed about the block; prefix
+        and none feed to the layout's end, so a row joins those only where that costs nothing),
+        and stays within MAX_WIDENING times its longest row's span (a layout never narrows
+        while its round runs: beyond that, the round closes and the next one is laid out anew)."""
         batch, K = self.batch, self.batch.block_length
         if not self.policy.joins or len(batch.guidance):
             return []
         width = self.policy.step_width
         present = width(batch.block_start, batch.length, K)
+        longest = max(end - start for start, end in zip(batch.row_start, batch.row_end))
         joining: list[Sequence] = []
         for seq in ready:
             if seq.params.cfg_scale > 0:
                 continue
+            C, length = batch.layout_with([*joining, seq])
             alone = width(*batch.layout_with([seq], empty=True), K)
-            joined = width(*batch.layout_with([*joining, seq]), K)
-            if joined <= min(present, alone):
-                joining.append(seq)
+            span = batch.span(seq)
+            if width(C, length, K) > min(present, alone):
+                continue
+            if length > MAX_WIDENING * max(longest, span):
+                continue
+            joining.append(seq)
+            longest = max(longest, span)
         return joining
 
     def join(self, seqs: list[Sequence]) -> None:
