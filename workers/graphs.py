@@ -320,8 +320,7 @@ class StepGraphs:
 def _eligible(round: BlockRound) -> bool:
     groups = round.decoders.groups
     return (
-        round.step_index > 0
-        and round.fresh == len(round.seqs)  # no row at its block's first step
+        round.fresh == len(round.seqs)  # no row at its block's first step (nor the round's)
         and current() is None
         and len(groups) == 1
         and type(groups[0][1]).__name__ != "CreditDecoder"

@@ -186,7 +186,7 @@ class Scheduler:
         if self.round is None and not self._start_round():
             return []
         assert self.round is not None
-        if self.joins and self.round.checked:
+        if self.takes_rows():
             self._join(self.round)
         self.steps += 1
         updates: list[StepUpdate | Finished] = [u for u in self.round.step() if not u.seq.aborted]
